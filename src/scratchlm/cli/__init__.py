@@ -1,0 +1,55 @@
+"""The ``scratchlm`` command line: subcommands that map to library calls.
+
+Argument parsing lives only in this package. Each module here adds its subcommands with
+``add_parser(subparsers)`` and sets ``func`` to a function taking the parsed ``argparse.Namespace``.
+A :class:`~scratchlm.errors.ScratchLMError` (something the user can fix) is printed as one line,
+``error: ...``, with exit code 2; argparse usage errors exit with 2 as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from scratchlm import __version__
+from scratchlm.errors import ScratchLMError
+
+# subcommand modules, in the order `scratchlm --help` lists them
+_MODULES = ["train", "generate", "tokenizer", "data", "eval", "export", "plot"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scratchlm",
+        description="Train your own language model from scratch: tokenizer, data, model, training, generation.",
+    )
+    parser.add_argument("--version", action="version", version=f"scratchlm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _MODULES:
+        try:
+            module = importlib.import_module(f"scratchlm.cli.{name}")
+        except ModuleNotFoundError as e:  # a subcommand module still being written
+            if e.name != f"scratchlm.cli.{name}":
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``scratchlm`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ScratchLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

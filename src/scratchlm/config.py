@@ -1,0 +1,500 @@
+"""Typed configuration: dataclass sections, presets, YAML files and dotted CLI overrides.
+
+A run is described by one :class:`Config` with five sections (``model``, ``tokenizer``, ``data``, ``train``,
+``eval``). The dataclasses below are the single source of truth for every default; each field carries a
+one-line doc (``doc(...)``) that ``scratchlm train --help`` prints.
+
+Precedence, lowest to highest::
+
+    defaults  <  preset (``preset: NAME`` in YAML, or ``preset=NAME`` on the CLI)  <  YAML file  <  CLI overrides
+
+    scratchlm train configs/shakespeare-char.yaml model.n_layer=8 train.lr=3e-4
+
+Why a small loader of our own instead of tyro / jsonargparse / OmegaConf: the whole thing is ~250 lines
+with no dependency, it gives exactly the errors we want (``unknown key 'model.n_layerr' (did you mean
+'model.n_layer'?)``), it type-checks values against the dataclass annotations (``int``, ``float``,
+``bool``, ``str``, ``X | None``, ``list[str]``), and a learner can read it in one sitting. OmegaConf would
+add interpolation we do not need, and tyro/jsonargparse would take over argument parsing, which must
+stay in ``cli.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scratchlm.errors import ConfigError
+
+
+def doc(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a one-line doc (lists are copied per instance)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"doc": help})
+    return field(default=default, metadata={"doc": help})
+
+
+@dataclass
+class ModelConfig:
+    """The network: a decoder-only GPT (GPT-2 or Llama style) or the encoder-decoder Transformer."""
+
+    arch: str = doc("gpt", "gpt (decoder-only LM) | seq2seq (encoder-decoder for translation)")
+    vocab_size: int = doc(0, "vocabulary size; 0 = take it from the tokenizer")
+    context_length: int = doc(256, "maximum sequence length in tokens (seq2seq: source and target each)")
+    n_layer: int = doc(4, "transformer blocks (seq2seq: decoder blocks)")
+    n_encoder_layer: int | None = doc(None, "seq2seq encoder blocks; None = n_layer")
+    n_head: int = doc(4, "attention heads (query heads)")
+    n_kv_head: int | None = doc(None, "key/value heads: None = n_head (MHA), 1 = MQA, in between = GQA")
+    d_model: int = doc(128, "embedding / residual stream width")
+    d_ff: int | None = doc(None, "MLP hidden width; None = 4*d_model, or 8/3*d_model rounded up for swiglu")
+    multiple_of: int = doc(64, "swiglu hidden width is rounded up to a multiple of this")
+    norm: str = doc("layernorm", "layernorm | rmsnorm")
+    norm_eps: float = doc(1e-5, "epsilon inside the norms")
+    norm_position: str = doc("pre", "pre (GPT-2, Llama) | post (original Transformer: x = norm(x + f(x)))")
+    pos: str = doc("learned", "positions: learned | sinusoidal | rope | none")
+    rope_style: str = doc("half", "RoPE pairing: half (HF Llama, rotate_half) | interleaved (RoPE paper)")
+    rope_theta: float = doc(10000.0, "RoPE base frequency")
+    mlp: str = doc("gelu", "gelu | swiglu | relu2 | relu")
+    bias: bool = doc(True, "bias in linear layers and LayerNorm")
+    dropout: float = doc(0.0, "dropout probability (embeddings, attention, residual)")
+    tie_embeddings: bool = doc(True, "share the token embedding with the output head")
+    qk_norm: bool = doc(False, "normalise queries and keys per head before attention")
+    attention: str = doc("sdpa", "attention backend: sdpa | manual | flash_triton")
+    init_std: float = doc(0.02, "std of the normal init; residual projections get std/sqrt(2*n_layer)")
+    share_embeddings: bool = doc(True, "seq2seq: one embedding table for source and target")
+    label_smoothing: float = doc(0.0, "label smoothing of the cross-entropy (0.1 in the Transformer paper)")
+
+
+@dataclass
+class TokenizerConfig:
+    """How the tokenizer is obtained: trained here (byte-level BPE or char-level) or loaded from a file."""
+
+    kind: str = doc("bpe", "bpe (byte-level BPE trained here) | char (one token per character) | gpt2")
+    path: str | None = doc(None, "use this tokenizer.json (or a GPT-2 vocab dir) instead of training one")
+    vocab_size: int = doc(4096, "BPE vocabulary size: 256 bytes + special tokens + merges")
+    special_tokens: list[str] = doc(["<|endoftext|>"], "special tokens; the first is the end-of-text token")
+    pattern: str = doc("gpt2", "pre-tokenizer regex: gpt2 | gpt4")
+    num_workers: int | None = doc(None, "pre-tokenization processes; None = all cores")
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is split, sharded and batched."""
+
+    source: list[str] = doc([], "files, dirs, globs, *.jsonl, hf:NAME; empty = the built-in corpus")
+    val_source: list[str] = doc([], "explicit validation source; empty = split the source by val_fraction")
+    val_fraction: float = doc(0.1, "fraction of documents held out for validation")
+    text_field: str = doc("text", "field holding the text in jsonl/parquet/HF records")
+    data_dir: str | None = doc(None, "shard directory; None = a cache dir keyed by source and tokenizer")
+    num_workers: int | None = doc(None, "encoding processes for prepare; None = all cores")
+    loader: str = doc("random", "random (random windows, as nanoGPT) | sequential (each token once per epoch)")
+    doc_aligned: bool = doc(False, "rows start at document starts (short documents packed)")
+    src_lang: str = doc("de", "seq2seq: source language suffix of the parallel files")
+    tgt_lang: str = doc("en", "seq2seq: target language suffix of the parallel files")
+    max_pair_len: int = doc(128, "seq2seq: drop pairs longer than this many tokens on either side")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop, checkpoints and logging."""
+
+    run_dir: str | None = doc(None, "run directory; None = runs/<name>")
+    name: str = doc("default", "run name (used for the default run_dir)")
+    seed: int = doc(1337, "random seed for init, data order and sampling")
+    device: str = doc("auto", "auto | cpu | cuda | cuda:N | mps")
+    dtype: str = doc("auto", "auto (bf16 where supported) | float32 | bfloat16 | float16")
+    compile: bool = doc(False, "torch.compile the model (the saved state dict is always the plain module's)")
+    batch_size: int = doc(16, "micro-batch size (rows)")
+    tokens_per_step: int | None = doc(None, "tokens per optimizer step; None = batch_size * context (no accum)")
+    max_steps: int = doc(1000, "optimizer steps")
+    max_time: float | None = doc(None, "stop after this many seconds of training (schedule uses max_steps)")
+    optimizer: str = doc("adamw", "adamw | muon (Muon for hidden matrices, AdamW for the rest)")
+    lr: float = doc(1e-3, "peak learning rate (AdamW)")
+    min_lr: float = doc(1e-4, "learning rate at the end of the decay")
+    muon_lr: float = doc(0.02, "Muon learning rate for hidden weight matrices")
+    muon_momentum: float = doc(0.95, "Muon momentum")
+    weight_decay: float = doc(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = doc(0.9, "AdamW beta1")
+    beta2: float = doc(0.95, "AdamW beta2")
+    eps: float = doc(1e-8, "AdamW epsilon")
+    grad_clip: float = doc(1.0, "clip the global gradient norm to this (0 = off)")
+    schedule: str = doc("cosine", "cosine (warmup + cosine) | wsd (warmup-stable-decay) | constant")
+    warmup_steps: int = doc(100, "linear warmup steps")
+    decay_fraction: float = doc(0.2, "wsd: fraction of steps spent in the final decay")
+    log_interval: int = doc(10, "log metrics every N steps")
+    ckpt_interval: int = doc(500, "write a checkpoint every N steps (and at the end)")
+    keep_last: int = doc(2, "keep this many recent checkpoints (best/ is kept apart)")
+    resume: str = doc("auto", "auto (continue the run in run_dir if it has a checkpoint) | never")
+    early_stopping_patience: int | None = doc(None, "stop after N evals without val improvement")
+    max_nan_skips: int = doc(0, "skip up to N steps with a NaN/Inf loss before stopping (0 = stop)")
+    deterministic: bool = doc(False, "use deterministic algorithms (exact resume tests)")
+    tensorboard: bool = doc(False, "write TensorBoard event files (needs the tensorboard extra)")
+    progress: bool = doc(True, "show a progress bar")
+
+
+@dataclass
+class EvalConfig:
+    """Validation and samples written during and after training."""
+
+    interval: int = doc(250, "evaluate on the validation split every N steps (and at the end)")
+    batches: int = doc(20, "validation batches per evaluation")
+    num_samples: int = doc(1, "samples written to samples.txt at each evaluation")
+    sample_prompt: str = doc("", "prompt of those samples ('' = start after an end-of-text token)")
+    sample_tokens: int = doc(128, "tokens per sample")
+    temperature: float = doc(0.8, "sampling temperature for those samples")
+    top_k: int | None = doc(50, "top-k for those samples (None = off)")
+
+
+@dataclass
+class Config:
+    """A whole run. ``preset`` names the preset it started from (for the record)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    preset: str | None = doc(None, "preset the config started from (see `scratchlm presets`)")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.run_dir or Path("runs") / self.train.name)
+
+
+SECTIONS = ("model", "tokenizer", "data", "train", "eval")
+
+# Presets: nested dicts applied on top of the defaults. They hold only what differs.
+_GPT2 = dict(n_layer=12, n_head=12, d_model=768, context_length=1024, vocab_size=50257, norm="layernorm",
+             pos="learned", mlp="gelu", bias=True, tie_embeddings=True)
+
+
+def _llama(d_model: int, n_layer: int, n_head: int, n_kv_head: int | None = None) -> dict[str, Any]:
+    # Llama-2 style at TinyStories sizes (llama2.c): RMSNorm, RoPE (HF half-split), SwiGLU, no bias, untied.
+    return dict(d_model=d_model, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, norm="rmsnorm",
+                pos="rope", rope_style="half", mlp="swiglu", multiple_of=32, bias=False, tie_embeddings=False,
+                context_length=256, norm_eps=1e-5)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # the main job: a small GPT on the built-in corpus that trains in a few minutes on 2 CPU cores
+    "cpu-small": {
+        "model": dict(n_layer=4, n_head=4, d_model=192, context_length=128, pos="rope", norm="rmsnorm",
+                      mlp="swiglu", bias=False, tie_embeddings=True),
+        "tokenizer": dict(vocab_size=4096),
+        "train": dict(batch_size=16, max_steps=600, lr=2e-3, min_lr=2e-4, warmup_steps=50, max_time=300.0),
+        "eval": dict(interval=200, batches=10, sample_prompt="def "),
+    },
+    # seconds-long runs for tests and smoke checks
+    "cpu-tiny": {
+        "model": dict(n_layer=2, n_head=2, d_model=32, context_length=32),
+        "tokenizer": dict(vocab_size=320),
+        "train": dict(batch_size=4, max_steps=20, warmup_steps=2, log_interval=5, ckpt_interval=10,
+                      progress=False),
+        "eval": dict(interval=10, batches=2, sample_tokens=16),
+    },
+    "gpt2": {"model": dict(_GPT2), "tokenizer": dict(kind="gpt2")},
+    "gpt2-medium": {"model": dict(_GPT2, n_layer=24, n_head=16, d_model=1024), "tokenizer": dict(kind="gpt2")},
+    "llama-15m": {"model": _llama(288, 6, 6), "tokenizer": dict(vocab_size=32000)},
+    "llama-42m": {"model": _llama(512, 8, 8), "tokenizer": dict(vocab_size=32000)},
+    "llama-110m": {"model": _llama(768, 12, 12), "tokenizer": dict(vocab_size=32000)},
+    "llama-gqa-tiny": {"model": _llama(128, 4, 4, n_kv_head=2)},
+    # "Attention Is All You Need" base model: post-LN, sinusoidal positions, shared embeddings
+    "transformer-base": {
+        "model": dict(arch="seq2seq", n_layer=6, n_head=8, d_model=512, d_ff=2048, pos="sinusoidal",
+                      norm_position="post", mlp="relu", dropout=0.1, label_smoothing=0.1, context_length=256),
+    },
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading, merging, validation
+
+
+def field_docs(section: str | None = None) -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, doc) for every option, in declaration order (for --help)."""
+    rows = []
+    for sec in SECTIONS if section is None else (section,):
+        for f in dataclasses.fields(_section_class(sec)):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f"{sec}.{f.name}", _type_name(_hints(_section_class(sec))[f.name]), default,
+                         f.metadata.get("doc", "")))
+    return rows
+
+
+def _section_class(name: str) -> type:
+    return _SECTION_TYPES[name]
+
+
+_SECTION_TYPES: dict[str, type] = {"model": ModelConfig, "tokenizer": TokenizerConfig, "data": DataConfig,
+                                   "train": TrainConfig, "eval": EvalConfig}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if typing.get_origin(tp) is list:
+        return f"list[{_type_name(args[0])}]"
+    return "None" if tp is type(None) else tp.__name__
+
+
+def _closest(key: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else f" (valid: {', '.join(options)})"
+
+
+def _all_keys() -> list[str]:
+    return [row[0] for row in field_docs()] + ["preset"]
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against annotation ``tp``; strings from the CLI are parsed as YAML scalars first."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null", "~") and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value else []
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(key, v, args[0]) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
+        if isinstance(value, float) and value.is_integer():  # 1e3 -> 1000
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+
+
+def _merge(cfg: dict[str, dict[str, Any]], updates: dict[str, Any], where: str) -> None:
+    """Merge a nested dict of section -> {field: value} into ``cfg`` after checking keys and types."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections ({', '.join(SECTIONS)}), got {updates!r}")
+    for sec, values in updates.items():
+        if sec == "preset":
+            continue
+        if sec not in SECTIONS:
+            raise ConfigError(f"{where}: unknown section '{sec}'{_closest(str(sec), list(SECTIONS))}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: section '{sec}' must be a mapping of options, got {values!r}")
+        hints = _hints(_SECTION_TYPES[sec])
+        for k, v in values.items():
+            key = f"{sec}.{k}"
+            if k not in hints:
+                raise ConfigError(f"{where}: unknown key '{key}'{_closest(key, _all_keys())}")
+            cfg[sec][k] = _coerce(key, v, hints[k])
+
+
+def _apply_preset(cfg: dict[str, dict[str, Any]], name: str, where: str) -> None:
+    if name not in PRESETS:
+        raise ConfigError(f"{where}: unknown preset '{name}'{_closest(name, sorted(PRESETS))}")
+    _merge(cfg, PRESETS[name], f"preset {name}")
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["model.n_layer=8", "train.lr=3e-4"]`` -> ``{"model": {"n_layer": "8"}, "train": {"lr": "3e-4"}}``.
+
+    Values stay strings here; :func:`_coerce` parses them against the field's type.
+    """
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value (e.g. model.n_layer=8)")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if key == "preset":
+            out["preset"] = value
+            continue
+        if key.count(".") != 1:
+            raise ConfigError(f"override key '{key}' must be section.key{_closest(key, _all_keys())}")
+        sec, name = key.split(".")
+        if sec not in SECTIONS:
+            raise ConfigError(f"unknown key '{key}'{_closest(key, _all_keys())}")
+        out.setdefault(sec, {})[name] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                preset: str | None = None) -> Config:
+    """Resolve a :class:`Config`: defaults < preset < YAML file < dotted overrides.
+
+    The preset is taken from (highest first) ``preset=`` in the overrides, the argument, or ``preset:`` in
+    the YAML file. Raises :class:`ConfigError` naming the key for unknown keys, wrong types, bad values or
+    a missing file.
+    """
+    file_values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' not found (give a YAML file, e.g. configs/cpu-small.yaml)")
+        try:
+            file_values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(file_values, dict):
+            raise ConfigError(f"config file '{p}' must be a mapping of sections, got {type(file_values).__name__}")
+    cli_values = parse_overrides(overrides or [])
+
+    chosen = cli_values.get("preset") or preset or file_values.get("preset")
+    cfg: dict[str, dict[str, Any]] = {sec: {} for sec in SECTIONS}
+    if chosen:
+        _apply_preset(cfg, str(chosen), "preset")
+    _merge(cfg, file_values, str(path))
+    _merge(cfg, cli_values, "command line")
+    config = Config(**{sec: _SECTION_TYPES[sec](**cfg[sec]) for sec in SECTIONS}, preset=chosen or None)
+    validate(config)
+    return config
+
+
+_CHOICES = {
+    "model.arch": ("gpt", "seq2seq"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.norm_position": ("pre", "post"),
+    "model.pos": ("learned", "sinusoidal", "rope", "none"),
+    "model.rope_style": ("half", "interleaved"),
+    "model.mlp": ("gelu", "swiglu", "relu2", "relu"),
+    "model.attention": ("sdpa", "manual", "flash_triton"),
+    "tokenizer.kind": ("bpe", "char", "gpt2"),
+    "tokenizer.pattern": ("gpt2", "gpt4"),
+    "data.loader": ("random", "sequential"),
+    "train.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "train.optimizer": ("adamw", "muon"),
+    "train.schedule": ("cosine", "wsd", "constant"),
+    "train.resume": ("auto", "never"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Check values (choices, ranges, divisibility) once, with errors that name the key."""
+    for key, choices in _CHOICES.items():
+        sec, name = key.split(".")
+        value = getattr(getattr(cfg, sec), name)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}{_closest(str(value), list(choices))}")
+    m, t = cfg.model, cfg.train
+    positive = {"model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.d_model": m.d_model,
+                "model.context_length": m.context_length, "train.batch_size": t.batch_size,
+                "train.max_steps": t.max_steps, "eval.interval": cfg.eval.interval,
+                "train.log_interval": t.log_interval, "train.ckpt_interval": t.ckpt_interval,
+                "tokenizer.vocab_size": cfg.tokenizer.vocab_size, "eval.batches": cfg.eval.batches}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if m.d_model % m.n_head:
+        raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_head={m.n_head}")
+    n_kv = m.n_kv_head or m.n_head
+    if n_kv <= 0 or m.n_head % n_kv:
+        raise ConfigError(f"model.n_kv_head={m.n_kv_head} must divide model.n_head={m.n_head}")
+    if m.pos == "rope" and (m.d_model // m.n_head) % 2:
+        raise ConfigError(f"model.pos=rope needs an even head size, got d_model/n_head={m.d_model // m.n_head}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if not 0.0 <= m.label_smoothing < 1.0:
+        raise ConfigError(f"model.label_smoothing must be in [0, 1), got {m.label_smoothing}")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+        raise ConfigError(f"train.lr must be > 0 and 0 <= train.min_lr <= train.lr (got lr={t.lr}, min_lr={t.min_lr})")
+    if t.warmup_steps < 0 or t.grad_clip < 0 or t.keep_last < 1:
+        raise ConfigError("train.warmup_steps and train.grad_clip must be >= 0 and train.keep_last >= 1")
+    if t.tokens_per_step is not None:
+        micro = t.batch_size * m.context_length
+        if t.tokens_per_step <= 0 or t.tokens_per_step % micro:
+            raise ConfigError(f"train.tokens_per_step={t.tokens_per_step} must be a positive multiple of "
+                              f"batch_size*context_length={micro}")
+    if not 0.0 < t.decay_fraction <= 1.0:
+        raise ConfigError(f"train.decay_fraction must be in (0, 1], got {t.decay_fraction}")
+    if t.max_time is not None and t.max_time <= 0:
+        raise ConfigError(f"train.max_time must be positive seconds or None, got {t.max_time}")
+    specials = cfg.tokenizer.special_tokens
+    if len(set(specials)) != len(specials):
+        raise ConfigError(f"tokenizer.special_tokens lists a token twice: {specials}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (de)serialisation
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """A plain nested dict (YAML/JSON friendly)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict[str, Any], where: str = "config") -> Config:
+    """Rebuild a Config from :func:`to_dict` output (e.g. a run's config.yaml), checking keys and types."""
+    cfg: dict[str, dict[str, Any]] = {sec: {} for sec in SECTIONS}
+    _merge(cfg, {k: v for k, v in values.items() if k != "preset"}, where)
+    config = Config(**{sec: _SECTION_TYPES[sec](**cfg[sec]) for sec in SECTIONS}, preset=values.get("preset"))
+    validate(config)
+    return config
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically: temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The resolved config saved in a run directory."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"'{run_dir}' is not a ScratchLM run directory (no config.yaml); train one first")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return from_dict(values or {}, str(path))

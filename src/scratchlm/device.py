@@ -1,0 +1,70 @@
+"""Device and precision choice, shared by training, evaluation and generation.
+
+``auto`` picks CUDA when present, else MPS where it works, else CPU. Mixed precision is bf16 autocast where
+the hardware supports it (CPU included); on CUDA GPUs without bf16 it is fp16 (the trainer adds a GradScaler).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+
+import torch
+
+from scratchlm.errors import ConfigError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps`` -> a torch.device that exists on this machine."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device={name!r} is not a device (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device={name!r} but MPS is not available here; use train.device=cpu or auto")
+    return device
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast is worth using on ``device`` (CPU: yes; CUDA: Ampere and newer)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu"
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bf16 where supported, fp16 on older CUDA GPUs, else fp32; explicit names are checked."""
+    if name == "auto":
+        if bf16_supported(device):
+            return torch.bfloat16
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ConfigError(f"train.dtype={name!r} is not one of auto, {', '.join(_DTYPES)}")
+    dtype = _DTYPES[name]
+    if dtype == torch.bfloat16 and not bf16_supported(device):
+        _warn_once(f"bfloat16 is not supported on {device}; falling back to float32")
+        return torch.float32
+    return dtype
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed-precision autocast for bf16/fp16, a no-op for fp32. Weights stay fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
