@@ -249,8 +249,14 @@ def _type_name(tp: Any) -> str:
 
 
 def _closest(key: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else f" (valid: {', '.join(options)})"
+    """`` (did you mean 'x'?)`` for the closest option; a known section's own keys are tried first."""
+    sec, _, name = key.partition(".")
+    same_section = [o for o in options if o.startswith(sec + ".")] if name else []
+    match = difflib.get_close_matches(key, same_section, n=1, cutoff=0.6) or difflib.get_close_matches(
+        key, options, n=1, cutoff=0.5)
+    if match:
+        return f" (did you mean '{match[0]}'?)"
+    return f" (valid: {', '.join(options)})" if len(options) <= 12 else " (see `scratchlm train --help`)"
 
 
 def _all_keys() -> list[str]:

@@ -1,0 +1,213 @@
+"""The main job, stage by stage: text source -> tokenizer -> shards -> trainer -> run directory.
+
+Each stage is a plain function so it can be run and tested alone::
+
+    source    = training_sources(cfg)                 # corpus.py
+    tokenizer = get_tokenizer(cfg, source)            # trained here, or reused from the cache
+    data_dir  = get_shards(cfg, tokenizer, source)    # data/prepare.py, reused when up to date
+    run_dir   = start_run(cfg, tokenizer)             # config.yaml + tokenizer.json
+    result    = train_model(cfg, run_dir, tokenizer, data_dir)   # train/trainer.py
+
+Tokenizers and shards are cached under ``$SCRATCHLM_CACHE`` (default ``~/.cache/scratchlm``), keyed by the
+source fingerprint and the tokenizer settings, so a second ``scratchlm train`` skips straight to training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scratchlm.config import Config, load_run_config, save_config, to_dict
+from scratchlm.errors import ConfigError
+
+SEQ2SEQ_SPECIALS = ["<|endoftext|>", "<|bos|>", "<|pad|>"]
+
+
+def cache_dir() -> Path:
+    """Where cached tokenizers and shards live (``$SCRATCHLM_CACHE`` or ``~/.cache/scratchlm``)."""
+    return Path(os.environ.get("SCRATCHLM_CACHE", Path.home() / ".cache" / "scratchlm"))
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Sources:
+    """The text a run learns from: a train source and an optional explicit validation source."""
+
+    train: Any
+    val: Any | None
+    description: str
+
+    @property
+    def fingerprint(self) -> str:
+        return _key(self.train.fingerprint, self.val.fingerprint if self.val is not None else None)
+
+
+def training_sources(cfg: Config) -> Sources:
+    """The built-in corpus (split by file) when ``data.source`` is empty, else the user's sources."""
+    from scratchlm.corpus import builtin_corpus, resolve_source
+
+    if not cfg.data.source or cfg.data.source == ["builtin"]:
+        corpus = builtin_corpus(cfg.data.val_fraction)
+        return Sources(corpus.train, corpus.val, corpus.train.description.rsplit(",", 1)[0])
+    train = resolve_source(cfg.data.source, text_field=cfg.data.text_field)
+    val = resolve_source(cfg.data.val_source, text_field=cfg.data.text_field) if cfg.data.val_source else None
+    return Sources(train, val, train.description)
+
+
+def get_tokenizer(cfg: Config, sources: Sources | None = None, progress: bool = True):
+    """Load ``tokenizer.path``, or train one on the training source (cached by fingerprint + settings)."""
+    from scratchlm.tokenizer import CharTokenizer, load_tokenizer, train_bpe, train_bpe_from_iterator
+
+    tc = cfg.tokenizer
+    if tc.path:
+        return load_tokenizer(tc.path)
+    if tc.kind == "gpt2":
+        raise ConfigError("tokenizer.kind=gpt2 needs tokenizer.path=DIR holding GPT-2's vocab.json and merges.txt")
+    if sources is None:
+        sources = training_sources(cfg)
+    specials = list(tc.special_tokens)
+    if cfg.model.arch == "seq2seq":
+        specials += [s for s in SEQ2SEQ_SPECIALS if s not in specials]
+    settings = dict(kind=tc.kind, vocab_size=tc.vocab_size, specials=specials, pattern=tc.pattern, v=1)
+    path = cache_dir() / "tokenizers" / _key(sources.train.fingerprint, settings) / "tokenizer.json"
+    if path.is_file():
+        print(f"tokenizer: reusing {path}")
+        return load_tokenizer(path)
+    print(f"tokenizer: training {tc.kind} (vocab {tc.vocab_size}) on {sources.description}")
+    if tc.kind == "char":
+        tok = CharTokenizer.train(sources.train.documents(), special_tokens=specials)
+    elif getattr(sources.train, "paths", None):
+        tok = train_bpe(sources.train.paths, tc.vocab_size, special_tokens=specials, pattern=tc.pattern,
+                        num_workers=tc.num_workers, progress=progress)
+    else:
+        tok = train_bpe_from_iterator(sources.train.documents(), tc.vocab_size, special_tokens=specials,
+                                      pattern=tc.pattern, num_workers=tc.num_workers, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("tokenizer.json.tmp")
+    tok.save(tmp)
+    tmp.replace(path)
+    return tok
+
+
+def get_shards(cfg: Config, tokenizer, sources: Sources | None = None, progress: bool = True) -> Path:
+    """Encode the sources into ``data.data_dir`` (or a cache dir) unless up-to-date shards are there."""
+    from scratchlm.data.prepare import prepare
+
+    if sources is None:
+        sources = training_sources(cfg)
+    if cfg.data.data_dir:
+        out = Path(cfg.data.data_dir)
+    else:
+        out = cache_dir() / "shards" / _key(sources.fingerprint, tokenizer.fingerprint, cfg.data.val_fraction)
+    prepare(sources.train, tokenizer, out, val_source=sources.val, val_fraction=cfg.data.val_fraction,
+            num_workers=cfg.data.num_workers, progress=progress)
+    return out
+
+
+def resolved(cfg: Config, tokenizer) -> Config:
+    """The config with derived values filled in (the vocabulary size comes from the tokenizer)."""
+    if cfg.model.vocab_size and cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} tokens; leave it at 0 to take it from the tokenizer")
+    vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step_*"))
+
+
+def start_run(cfg: Config, tokenizer) -> Path:
+    """Create (or re-enter, when resuming) the run directory with config.yaml and tokenizer.json.
+
+    A run directory that already holds checkpoints is only re-entered to resume the same run: with
+    ``train.resume=never``, or with a different model or tokenizer, it is an error (nothing is overwritten).
+    """
+    run_dir = cfg.run_dir
+    if has_checkpoint(run_dir):
+        if cfg.train.resume == "never":
+            raise ConfigError(f"run directory {run_dir} already holds checkpoints; pick another train.name "
+                              "(or train.run_dir), or resume it with train.resume=auto")
+        saved = load_run_config(run_dir)
+        if to_dict(saved)["model"] != to_dict(cfg)["model"]:
+            raise ConfigError(f"run directory {run_dir} holds a run with another model config; resume it with "
+                              f"`scratchlm train --resume {run_dir}` or pick another train.name")
+        saved_tok = run_dir / "tokenizer.json"
+        if saved_tok.is_file():
+            from scratchlm.tokenizer import load_tokenizer
+
+            if load_tokenizer(saved_tok).fingerprint != tokenizer.fingerprint:
+                raise ConfigError(f"run directory {run_dir} was trained with another tokenizer; "
+                                  "pick another train.name")
+        print(f"resuming the run in {run_dir}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    tmp = run_dir / "tokenizer.json.tmp"
+    tokenizer.save(tmp)
+    tmp.replace(run_dir / "tokenizer.json")
+    return run_dir
+
+
+def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
+    """Everything the main job does: tokenizer, shards (decoder models), training. Returns the summary."""
+    from scratchlm.train.trainer import train_model
+
+    if cfg.model.arch == "seq2seq":
+        sources = None
+        tokenizer = _seq2seq_tokenizer(cfg, progress)
+        data_dir = None
+    else:
+        sources = training_sources(cfg)
+        tokenizer = get_tokenizer(cfg, sources, progress)
+        data_dir = get_shards(cfg, tokenizer, sources, progress)
+    cfg = resolved(cfg, tokenizer)
+    run_dir = start_run(cfg, tokenizer)
+    return train_model(cfg, run_dir, tokenizer, data_dir)
+
+
+def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
+    """The saved config of ``run_dir`` (plus overrides such as a longer ``train.max_steps``), set to resume."""
+    from scratchlm.config import from_dict, parse_overrides
+
+    run_dir = Path(run_dir)
+    if not has_checkpoint(run_dir):
+        raise ConfigError(f"nothing to resume in {run_dir}: no checkpoints/step_* directory")
+    values = to_dict(load_run_config(run_dir))
+    for sec, kv in parse_overrides(overrides or []).items():
+        if sec == "preset":
+            raise ConfigError("preset= cannot change a run being resumed; override single keys instead")
+        values[sec].update(kv)
+    values["train"].update(run_dir=str(run_dir), resume="auto")
+    return from_dict(values, f"{run_dir}/config.yaml + overrides")
+
+
+def _seq2seq_tokenizer(cfg: Config, progress: bool):
+    """One tokenizer shared by source and target, trained on both sides of the parallel training files."""
+    from scratchlm.data.pairs import pair_files
+    from scratchlm.tokenizer import load_tokenizer, train_bpe
+
+    if cfg.tokenizer.path:
+        return load_tokenizer(cfg.tokenizer.path)
+    files = pair_files(cfg.data)
+    key = _key([str(Path(f).resolve()) for f in files], [Path(f).stat().st_mtime_ns for f in files],
+               cfg.tokenizer.vocab_size, cfg.tokenizer.pattern, SEQ2SEQ_SPECIALS)
+    path = cache_dir() / "tokenizers" / key / "tokenizer.json"
+    if path.is_file():
+        return load_tokenizer(path)
+    specials = list(cfg.tokenizer.special_tokens) + [s for s in SEQ2SEQ_SPECIALS
+                                                     if s not in cfg.tokenizer.special_tokens]
+    tok = train_bpe(files, cfg.tokenizer.vocab_size, special_tokens=specials, pattern=cfg.tokenizer.pattern,
+                    num_workers=cfg.tokenizer.num_workers, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(path.with_name("tokenizer.json.tmp"))
+    path.with_name("tokenizer.json.tmp").replace(path)
+    return tok
+

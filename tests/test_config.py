@@ -1,0 +1,130 @@
+"""Config: precedence, errors that name the key, round trip through a run's config.yaml."""
+
+from __future__ import annotations
+
+import pytest
+
+from scratchlm.cli import main
+from scratchlm.config import (
+    PRESETS,
+    Config,
+    field_docs,
+    from_dict,
+    load_config,
+    load_run_config,
+    save_config,
+    to_dict,
+)
+from scratchlm.errors import ConfigError
+
+
+def test_defaults_are_valid_and_every_field_is_documented():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    rows = field_docs()
+    assert len(rows) > 60
+    assert all(doc for _, _, _, doc in rows), [k for k, _, _, d in rows if not d]
+
+
+def test_precedence_defaults_preset_yaml_cli(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("preset: cpu-tiny\nmodel:\n  n_layer: 3\n  d_model: 48\ntrain:\n  lr: 0.005\n")
+    cfg = load_config(path, ["model.n_layer=5", "train.max_time=12"])
+    assert cfg.preset == "cpu-tiny"
+    assert cfg.model.n_head == PRESETS["cpu-tiny"]["model"]["n_head"]  # preset over default
+    assert cfg.model.d_model == 48  # YAML over preset
+    assert cfg.model.n_layer == 5  # CLI over YAML
+    assert cfg.train.lr == 0.005 and cfg.train.max_time == 12.0
+    assert cfg.model.norm_eps == Config().model.norm_eps  # untouched default
+    # a preset on the command line wins over the YAML's preset
+    assert load_config(path, ["preset=cpu-small"]).preset == "cpu-small"
+
+
+def test_cli_values_are_typed():
+    cfg = load_config(overrides=["model.bias=false", "model.n_kv_head=2", "train.lr=3e-4",
+                                 "model.d_ff=None", "tokenizer.special_tokens=<|a|>,<|b|>"])
+    assert cfg.model.bias is False and cfg.model.n_kv_head == 2 and cfg.train.lr == 3e-4
+    assert cfg.model.d_ff is None and cfg.tokenizer.special_tokens == ["<|a|>", "<|b|>"]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.n_layerr=4", "model.n_layer"),
+        ("modle.n_layer=4", "model.n_layer"),
+        ("train.warmup=10", "train.warmup_steps"),
+    ],
+)
+def test_unknown_key_names_the_closest(override, expected):
+    with pytest.raises(ConfigError, match=f"did you mean '{expected}'"):
+        load_config(overrides=[override])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.n_layer=four", "model.n_layer must be an integer"),
+        ("train.lr=fast", "train.lr must be a number"),
+        ("model.bias=maybe", "model.bias must be true or false"),
+        ("model.norm=batchnorm", "model.norm='batchnorm' is not one of"),
+        ("model.n_head=5", "divisible by model.n_head"),
+        ("model.n_kv_head=3", "must divide model.n_head"),
+        ("train.batch_size=0", "train.batch_size must be positive"),
+        ("train.tokens_per_step=100", "multiple of batch_size"),
+        ("nosection", "section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_yaml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("model:\n  n_layers: 2\n")
+    with pytest.raises(ConfigError, match=r"wrong.yaml: unknown key 'model.n_layers'.*model.n_layer"):
+        load_config(wrong)
+    with pytest.raises(ConfigError, match="unknown preset 'cpu-smal'.*cpu-small"):
+        load_config(overrides=["preset=cpu-smal"])
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(overrides=["preset=llama-gqa-tiny", "train.name=x", "data.source=a.txt,b.txt"])
+    (tmp_path / "run").mkdir()
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_run_config(tmp_path / "run")
+    assert to_dict(again) == to_dict(cfg)
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_every_preset_is_valid():
+    for name in PRESETS:
+        assert load_config(preset=name).preset == name
+
+
+def test_cli_unknown_key_exits_2(capsys):
+    assert main(["train", "model.n_layerr=4", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "model.n_layer" in err and len(err.splitlines()) == 1
+
+
+def test_cli_wrong_type_and_missing_file_exit_2(capsys, tmp_path):
+    assert main(["train", "train.lr=fast", "--dry-run"]) == 2
+    assert "train.lr must be a number" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "nope.yaml"), "--dry-run"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_train_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for key, _, _, doc in field_docs():
+        assert key in out and doc in out
