@@ -41,8 +41,15 @@ def test_precedence_defaults_preset_yaml_cli(tmp_path):
 
 
 def test_cli_values_are_typed():
-    cfg = load_config(overrides=["model.bias=false", "model.n_kv_head=2", "train.lr=3e-4",
-                                 "model.d_ff=None", "tokenizer.special_tokens=<|a|>,<|b|>"])
+    cfg = load_config(
+        overrides=[
+            "model.bias=false",
+            "model.n_kv_head=2",
+            "train.lr=3e-4",
+            "model.d_ff=None",
+            "tokenizer.special_tokens=<|a|>,<|b|>",
+        ]
+    )
     assert cfg.model.bias is False and cfg.model.n_kv_head == 2 and cfg.train.lr == 3e-4
     assert cfg.model.d_ff is None and cfg.tokenizer.special_tokens == ["<|a|>", "<|b|>"]
 

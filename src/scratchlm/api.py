@@ -1,10 +1,10 @@
 """The public Python API: train a model, load a finished run, generate with it.
 
-    import scratchlm
-    cfg = scratchlm.load_config(overrides=["preset=cpu-tiny", "train.name=demo"])
-    run_dir = scratchlm.train(cfg)
-    lm = scratchlm.load(run_dir)
-    print(lm.generate("def ", max_new_tokens=40, temperature=0.8))
+import scratchlm
+cfg = scratchlm.load_config(overrides=["preset=cpu-tiny", "train.name=demo"])
+run_dir = scratchlm.train(cfg)
+lm = scratchlm.load(run_dir)
+print(lm.generate("def ", max_new_tokens=40, temperature=0.8))
 """
 
 from __future__ import annotations
@@ -93,8 +93,10 @@ def load(run_dir: str | Path, which: str = "best", device: str | torch.device | 
     missing, unexpected = model.load_state_dict(load_model_state(ckpt), strict=False)
     tied = {"lm_head.weight"} if cfg.model.tie_embeddings else set()
     if unexpected or set(missing) - tied:
-        raise CheckpointError(f"{ckpt}/model.safetensors does not match config.yaml "
-                              f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        raise CheckpointError(
+            f"{ckpt}/model.safetensors does not match config.yaml "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
     dev = resolve_device(str(device) if device is not None else "auto")
     model.to(dev).eval()
     return LoadedModel(model, tokenizer, cfg, ckpt)

@@ -20,6 +20,7 @@ stay in ``cli.py``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -93,7 +94,9 @@ class DataConfig:
     text_field: str = doc("text", "field holding the text in jsonl/parquet/HF records")
     data_dir: str | None = doc(None, "shard directory; None = a cache dir keyed by source and tokenizer")
     num_workers: int | None = doc(None, "encoding processes for prepare; None = all cores")
-    loader: str = doc("random", "random (random windows, as nanoGPT) | sequential (each token once per epoch)")
+    loader: str = doc(
+        "random", "random (random windows, as nanoGPT) | sequential (each token once per epoch)"
+    )
     doc_aligned: bool = doc(False, "rows start at document starts (short documents packed)")
     src_lang: str = doc("de", "seq2seq: source language suffix of the parallel files")
     tgt_lang: str = doc("en", "seq2seq: target language suffix of the parallel files")
@@ -111,7 +114,9 @@ class TrainConfig:
     dtype: str = doc("auto", "auto (bf16 where supported) | float32 | bfloat16 | float16")
     compile: bool = doc(False, "torch.compile the model (the saved state dict is always the plain module's)")
     batch_size: int = doc(16, "micro-batch size (rows)")
-    tokens_per_step: int | None = doc(None, "tokens per optimizer step; None = batch_size * context (no accum)")
+    tokens_per_step: int | None = doc(
+        None, "tokens per optimizer step; None = batch_size * context (no accum)"
+    )
     max_steps: int = doc(1000, "optimizer steps")
     max_time: float | None = doc(None, "stop after this many seconds of training (schedule uses max_steps)")
     optimizer: str = doc("adamw", "adamw | muon (Muon for hidden matrices, AdamW for the rest)")
@@ -170,22 +175,53 @@ class Config:
 SECTIONS = ("model", "tokenizer", "data", "train", "eval")
 
 # Presets: nested dicts applied on top of the defaults. They hold only what differs.
-_GPT2 = dict(n_layer=12, n_head=12, d_model=768, context_length=1024, vocab_size=50257, norm="layernorm",
-             pos="learned", mlp="gelu", bias=True, tie_embeddings=True)
+_GPT2 = dict(
+    n_layer=12,
+    n_head=12,
+    d_model=768,
+    context_length=1024,
+    vocab_size=50257,
+    norm="layernorm",
+    pos="learned",
+    mlp="gelu",
+    bias=True,
+    tie_embeddings=True,
+)
 
 
 def _llama(d_model: int, n_layer: int, n_head: int, n_kv_head: int | None = None) -> dict[str, Any]:
     # Llama-2 style at TinyStories sizes (llama2.c): RMSNorm, RoPE (HF half-split), SwiGLU, no bias, untied.
-    return dict(d_model=d_model, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, norm="rmsnorm",
-                pos="rope", rope_style="half", mlp="swiglu", multiple_of=32, bias=False, tie_embeddings=False,
-                context_length=256, norm_eps=1e-5)
+    return dict(
+        d_model=d_model,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_kv_head=n_kv_head,
+        norm="rmsnorm",
+        pos="rope",
+        rope_style="half",
+        mlp="swiglu",
+        multiple_of=32,
+        bias=False,
+        tie_embeddings=False,
+        context_length=256,
+        norm_eps=1e-5,
+    )
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the main job: a small GPT on the built-in corpus that trains in a few minutes on 2 CPU cores
     "cpu-small": {
-        "model": dict(n_layer=4, n_head=4, d_model=192, context_length=128, pos="rope", norm="rmsnorm",
-                      mlp="swiglu", bias=False, tie_embeddings=True),
+        "model": dict(
+            n_layer=4,
+            n_head=4,
+            d_model=192,
+            context_length=128,
+            pos="rope",
+            norm="rmsnorm",
+            mlp="swiglu",
+            bias=False,
+            tie_embeddings=True,
+        ),
         "tokenizer": dict(vocab_size=4096),
         "train": dict(batch_size=16, max_steps=600, lr=2e-3, min_lr=2e-4, warmup_steps=50, max_time=300.0),
         "eval": dict(interval=200, batches=10, sample_prompt="def "),
@@ -194,20 +230,35 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-tiny": {
         "model": dict(n_layer=2, n_head=2, d_model=32, context_length=32),
         "tokenizer": dict(vocab_size=320),
-        "train": dict(batch_size=4, max_steps=20, warmup_steps=2, log_interval=5, ckpt_interval=10,
-                      progress=False),
+        "train": dict(
+            batch_size=4, max_steps=20, warmup_steps=2, log_interval=5, ckpt_interval=10, progress=False
+        ),
         "eval": dict(interval=10, batches=2, sample_tokens=16),
     },
     "gpt2": {"model": dict(_GPT2), "tokenizer": dict(kind="gpt2")},
-    "gpt2-medium": {"model": dict(_GPT2, n_layer=24, n_head=16, d_model=1024), "tokenizer": dict(kind="gpt2")},
+    "gpt2-medium": {
+        "model": dict(_GPT2, n_layer=24, n_head=16, d_model=1024),
+        "tokenizer": dict(kind="gpt2"),
+    },
     "llama-15m": {"model": _llama(288, 6, 6), "tokenizer": dict(vocab_size=32000)},
     "llama-42m": {"model": _llama(512, 8, 8), "tokenizer": dict(vocab_size=32000)},
     "llama-110m": {"model": _llama(768, 12, 12), "tokenizer": dict(vocab_size=32000)},
     "llama-gqa-tiny": {"model": _llama(128, 4, 4, n_kv_head=2)},
     # "Attention Is All You Need" base model: post-LN, sinusoidal positions, shared embeddings
     "transformer-base": {
-        "model": dict(arch="seq2seq", n_layer=6, n_head=8, d_model=512, d_ff=2048, pos="sinusoidal",
-                      norm_position="post", mlp="relu", dropout=0.1, label_smoothing=0.1, context_length=256),
+        "model": dict(
+            arch="seq2seq",
+            n_layer=6,
+            n_head=8,
+            d_model=512,
+            d_ff=2048,
+            pos="sinusoidal",
+            norm_position="post",
+            mlp="relu",
+            dropout=0.1,
+            label_smoothing=0.1,
+            context_length=256,
+        ),
     },
 }
 
@@ -222,8 +273,14 @@ def field_docs(section: str | None = None) -> list[tuple[str, str, Any, str]]:
     for sec in SECTIONS if section is None else (section,):
         for f in dataclasses.fields(_section_class(sec)):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((f"{sec}.{f.name}", _type_name(_hints(_section_class(sec))[f.name]), default,
-                         f.metadata.get("doc", "")))
+            rows.append(
+                (
+                    f"{sec}.{f.name}",
+                    _type_name(_hints(_section_class(sec))[f.name]),
+                    default,
+                    f.metadata.get("doc", ""),
+                )
+            )
     return rows
 
 
@@ -231,8 +288,13 @@ def _section_class(name: str) -> type:
     return _SECTION_TYPES[name]
 
 
-_SECTION_TYPES: dict[str, type] = {"model": ModelConfig, "tokenizer": TokenizerConfig, "data": DataConfig,
-                                   "train": TrainConfig, "eval": EvalConfig}
+_SECTION_TYPES: dict[str, type] = {
+    "model": ModelConfig,
+    "tokenizer": TokenizerConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -253,7 +315,8 @@ def _closest(key: str, options: list[str]) -> str:
     sec, _, name = key.partition(".")
     same_section = [o for o in options if o.startswith(sec + ".")] if name else []
     match = difflib.get_close_matches(key, same_section, n=1, cutoff=0.6) or difflib.get_close_matches(
-        key, options, n=1, cutoff=0.5)
+        key, options, n=1, cutoff=0.5
+    )
     if match:
         return f" (did you mean '{match[0]}'?)"
     return f" (valid: {', '.join(options)})" if len(options) <= 12 else " (see `scratchlm train --help`)"
@@ -294,10 +357,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if tp is int:
         if isinstance(value, str):
-            try:
+            with contextlib.suppress(yaml.YAMLError):
                 value = yaml.safe_load(value)
-            except yaml.YAMLError:
-                pass
         if isinstance(value, float) and value.is_integer():  # 1e3 -> 1000
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -367,8 +428,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                preset: str | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, preset: str | None = None
+) -> Config:
     """Resolve a :class:`Config`: defaults < preset < YAML file < dotted overrides.
 
     The preset is taken from (highest first) ``preset=`` in the overrides, the argument, or ``preset:`` in
@@ -385,7 +447,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(file_values, dict):
-            raise ConfigError(f"config file '{p}' must be a mapping of sections, got {type(file_values).__name__}")
+            raise ConfigError(
+                f"config file '{p}' must be a mapping of sections, got {type(file_values).__name__}"
+            )
     cli_values = parse_overrides(overrides or [])
 
     chosen = cli_values.get("preset") or preset or file_values.get("preset")
@@ -423,13 +487,23 @@ def validate(cfg: Config) -> None:
         sec, name = key.split(".")
         value = getattr(getattr(cfg, sec), name)
         if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}{_closest(str(value), list(choices))}")
+            raise ConfigError(
+                f"{key}={value!r} is not one of {', '.join(choices)}{_closest(str(value), list(choices))}"
+            )
     m, t = cfg.model, cfg.train
-    positive = {"model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.d_model": m.d_model,
-                "model.context_length": m.context_length, "train.batch_size": t.batch_size,
-                "train.max_steps": t.max_steps, "eval.interval": cfg.eval.interval,
-                "train.log_interval": t.log_interval, "train.ckpt_interval": t.ckpt_interval,
-                "tokenizer.vocab_size": cfg.tokenizer.vocab_size, "eval.batches": cfg.eval.batches}
+    positive = {
+        "model.n_layer": m.n_layer,
+        "model.n_head": m.n_head,
+        "model.d_model": m.d_model,
+        "model.context_length": m.context_length,
+        "train.batch_size": t.batch_size,
+        "train.max_steps": t.max_steps,
+        "eval.interval": cfg.eval.interval,
+        "train.log_interval": t.log_interval,
+        "train.ckpt_interval": t.ckpt_interval,
+        "tokenizer.vocab_size": cfg.tokenizer.vocab_size,
+        "eval.batches": cfg.eval.batches,
+    }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
@@ -439,7 +513,9 @@ def validate(cfg: Config) -> None:
     if n_kv <= 0 or m.n_head % n_kv:
         raise ConfigError(f"model.n_kv_head={m.n_kv_head} must divide model.n_head={m.n_head}")
     if m.pos == "rope" and (m.d_model // m.n_head) % 2:
-        raise ConfigError(f"model.pos=rope needs an even head size, got d_model/n_head={m.d_model // m.n_head}")
+        raise ConfigError(
+            f"model.pos=rope needs an even head size, got d_model/n_head={m.d_model // m.n_head}"
+        )
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if not 0.0 <= m.label_smoothing < 1.0:
@@ -447,14 +523,18 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
-        raise ConfigError(f"train.lr must be > 0 and 0 <= train.min_lr <= train.lr (got lr={t.lr}, min_lr={t.min_lr})")
+        raise ConfigError(
+            f"train.lr must be > 0 and 0 <= train.min_lr <= train.lr (got lr={t.lr}, min_lr={t.min_lr})"
+        )
     if t.warmup_steps < 0 or t.grad_clip < 0 or t.keep_last < 1:
         raise ConfigError("train.warmup_steps and train.grad_clip must be >= 0 and train.keep_last >= 1")
     if t.tokens_per_step is not None:
         micro = t.batch_size * m.context_length
         if t.tokens_per_step <= 0 or t.tokens_per_step % micro:
-            raise ConfigError(f"train.tokens_per_step={t.tokens_per_step} must be a positive multiple of "
-                              f"batch_size*context_length={micro}")
+            raise ConfigError(
+                f"train.tokens_per_step={t.tokens_per_step} must be a positive multiple of "
+                f"batch_size*context_length={micro}"
+            )
     if not 0.0 < t.decay_fraction <= 1.0:
         raise ConfigError(f"train.decay_fraction must be in (0, 1], got {t.decay_fraction}")
     if t.max_time is not None and t.max_time <= 0:

@@ -28,11 +28,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device={name!r} is not a device (use auto, cpu, cuda, cuda:N or mps)") from None
+        raise ConfigError(
+            f"train.device={name!r} is not a device (use auto, cpu, cuda, cuda:N or mps)"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu or auto")
+        raise ConfigError(
+            f"train.device={name!r} but CUDA is not available here; use train.device=cpu or auto"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"train.device={name!r} but MPS is not available here; use train.device=cpu or auto")
+        raise ConfigError(
+            f"train.device={name!r} but MPS is not available here; use train.device=cpu or auto"
+        )
     return device
 
 

@@ -70,7 +70,9 @@ def get_tokenizer(cfg: Config, sources: Sources | None = None, progress: bool = 
     if tc.path:
         return load_tokenizer(tc.path)
     if tc.kind == "gpt2":
-        raise ConfigError("tokenizer.kind=gpt2 needs tokenizer.path=DIR holding GPT-2's vocab.json and merges.txt")
+        raise ConfigError(
+            "tokenizer.kind=gpt2 needs tokenizer.path=DIR holding GPT-2's vocab.json and merges.txt"
+        )
     if sources is None:
         sources = training_sources(cfg)
     specials = list(tc.special_tokens)
@@ -85,11 +87,23 @@ def get_tokenizer(cfg: Config, sources: Sources | None = None, progress: bool = 
     if tc.kind == "char":
         tok = CharTokenizer.train(sources.train.documents(), special_tokens=specials)
     elif getattr(sources.train, "paths", None):
-        tok = train_bpe(sources.train.paths, tc.vocab_size, special_tokens=specials, pattern=tc.pattern,
-                        num_workers=tc.num_workers, progress=progress)
+        tok = train_bpe(
+            sources.train.paths,
+            tc.vocab_size,
+            special_tokens=specials,
+            pattern=tc.pattern,
+            num_workers=tc.num_workers,
+            progress=progress,
+        )
     else:
-        tok = train_bpe_from_iterator(sources.train.documents(), tc.vocab_size, special_tokens=specials,
-                                      pattern=tc.pattern, num_workers=tc.num_workers, progress=progress)
+        tok = train_bpe_from_iterator(
+            sources.train.documents(),
+            tc.vocab_size,
+            special_tokens=specials,
+            pattern=tc.pattern,
+            num_workers=tc.num_workers,
+            progress=progress,
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name("tokenizer.json.tmp")
     tok.save(tmp)
@@ -107,16 +121,25 @@ def get_shards(cfg: Config, tokenizer, sources: Sources | None = None, progress:
         out = Path(cfg.data.data_dir)
     else:
         out = cache_dir() / "shards" / _key(sources.fingerprint, tokenizer.fingerprint, cfg.data.val_fraction)
-    prepare(sources.train, tokenizer, out, val_source=sources.val, val_fraction=cfg.data.val_fraction,
-            num_workers=cfg.data.num_workers, progress=progress)
+    prepare(
+        sources.train,
+        tokenizer,
+        out,
+        val_source=sources.val,
+        val_fraction=cfg.data.val_fraction,
+        num_workers=cfg.data.num_workers,
+        progress=progress,
+    )
     return out
 
 
 def resolved(cfg: Config, tokenizer) -> Config:
     """The config with derived values filled in (the vocabulary size comes from the tokenizer)."""
     if cfg.model.vocab_size and cfg.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"{tokenizer.vocab_size} tokens; leave it at 0 to take it from the tokenizer")
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size} tokens; leave it at 0 to take it from the tokenizer"
+        )
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
@@ -134,19 +157,24 @@ def start_run(cfg: Config, tokenizer) -> Path:
     run_dir = cfg.run_dir
     if has_checkpoint(run_dir):
         if cfg.train.resume == "never":
-            raise ConfigError(f"run directory {run_dir} already holds checkpoints; pick another train.name "
-                              "(or train.run_dir), or resume it with train.resume=auto")
+            raise ConfigError(
+                f"run directory {run_dir} already holds checkpoints; pick another train.name "
+                "(or train.run_dir), or resume it with train.resume=auto"
+            )
         saved = load_run_config(run_dir)
         if to_dict(saved)["model"] != to_dict(cfg)["model"]:
-            raise ConfigError(f"run directory {run_dir} holds a run with another model config; resume it with "
-                              f"`scratchlm train --resume {run_dir}` or pick another train.name")
+            raise ConfigError(
+                f"run directory {run_dir} holds a run with another model config; resume it with "
+                f"`scratchlm train --resume {run_dir}` or pick another train.name"
+            )
         saved_tok = run_dir / "tokenizer.json"
         if saved_tok.is_file():
             from scratchlm.tokenizer import load_tokenizer
 
             if load_tokenizer(saved_tok).fingerprint != tokenizer.fingerprint:
-                raise ConfigError(f"run directory {run_dir} was trained with another tokenizer; "
-                                  "pick another train.name")
+                raise ConfigError(
+                    f"run directory {run_dir} was trained with another tokenizer; pick another train.name"
+                )
         print(f"resuming the run in {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
@@ -168,6 +196,7 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
         sources = training_sources(cfg)
         tokenizer = get_tokenizer(cfg, sources, progress)
         data_dir = get_shards(cfg, tokenizer, sources, progress)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=str(data_dir)))
     cfg = resolved(cfg, tokenizer)
     run_dir = start_run(cfg, tokenizer)
     return train_model(cfg, run_dir, tokenizer, data_dir)
@@ -197,17 +226,28 @@ def _seq2seq_tokenizer(cfg: Config, progress: bool):
     if cfg.tokenizer.path:
         return load_tokenizer(cfg.tokenizer.path)
     files = pair_files(cfg.data)
-    key = _key([str(Path(f).resolve()) for f in files], [Path(f).stat().st_mtime_ns for f in files],
-               cfg.tokenizer.vocab_size, cfg.tokenizer.pattern, SEQ2SEQ_SPECIALS)
+    key = _key(
+        [str(Path(f).resolve()) for f in files],
+        [Path(f).stat().st_mtime_ns for f in files],
+        cfg.tokenizer.vocab_size,
+        cfg.tokenizer.pattern,
+        SEQ2SEQ_SPECIALS,
+    )
     path = cache_dir() / "tokenizers" / key / "tokenizer.json"
     if path.is_file():
         return load_tokenizer(path)
-    specials = list(cfg.tokenizer.special_tokens) + [s for s in SEQ2SEQ_SPECIALS
-                                                     if s not in cfg.tokenizer.special_tokens]
-    tok = train_bpe(files, cfg.tokenizer.vocab_size, special_tokens=specials, pattern=cfg.tokenizer.pattern,
-                    num_workers=cfg.tokenizer.num_workers, progress=progress)
+    specials = list(cfg.tokenizer.special_tokens) + [
+        s for s in SEQ2SEQ_SPECIALS if s not in cfg.tokenizer.special_tokens
+    ]
+    tok = train_bpe(
+        files,
+        cfg.tokenizer.vocab_size,
+        special_tokens=specials,
+        pattern=cfg.tokenizer.pattern,
+        num_workers=cfg.tokenizer.num_workers,
+        progress=progress,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(path.with_name("tokenizer.json.tmp"))
     path.with_name("tokenizer.json.tmp").replace(path)
     return tok
-

@@ -35,13 +35,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=_options_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [section.key=value ...]",
-                   help="a YAML config file and/or dotted overrides, e.g. model.n_layer=8 train.lr=3e-4")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config, parameter count, memory, FLOPs and an estimated time; "
-                   "write nothing")
-    p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR exactly where it stopped (overrides may extend it)")
+    p.add_argument(
+        "args",
+        nargs="*",
+        metavar="[CONFIG.yaml] [section.key=value ...]",
+        help="a YAML config file and/or dotted overrides, e.g. model.n_layer=8 train.lr=3e-4",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, parameter count, memory, FLOPs and an estimated time; write nothing",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR exactly where it stopped (overrides may extend it)",
+    )
     p.set_defaults(func=run_train)
 
     c = sub.add_parser("corpus", help="the built-in corpus (Python standard library source)")
@@ -64,7 +73,9 @@ def split_args(args: list[str]) -> tuple[str | None, list[str]]:
         elif config is None:
             config = a
         else:
-            raise ConfigError(f"unexpected argument '{a}': give one CONFIG.yaml, then section.key=value overrides")
+            raise ConfigError(
+                f"unexpected argument '{a}': give one CONFIG.yaml, then section.key=value overrides"
+            )
     return config, overrides
 
 
@@ -74,7 +85,9 @@ def run_train(args: argparse.Namespace) -> int:
     config_path, overrides = split_args(args.args)
     if args.resume:
         if config_path:
-            raise ConfigError("--resume takes the config saved in the run directory; drop the CONFIG argument")
+            raise ConfigError(
+                "--resume takes the config saved in the run directory; drop the CONFIG argument"
+            )
         cfg = resume_config(args.resume, overrides)
     else:
         has_preset = any(o.startswith("preset=") for o in overrides)
@@ -106,8 +119,13 @@ def _print_sample(run_dir, cfg) -> None:
         return
     lm = load(run_dir)
     prompt = cfg.eval.sample_prompt
-    text = lm.generate(prompt, max_new_tokens=min(200, cfg.model.context_length), temperature=0.8, top_k=50,
-                       seed=cfg.train.seed)
+    text = lm.generate(
+        prompt,
+        max_new_tokens=min(200, cfg.model.context_length),
+        temperature=0.8,
+        top_k=50,
+        seed=cfg.train.seed,
+    )
     print("\n--- sample ---")
     print(prompt + text)
     print("--- end of sample ---")

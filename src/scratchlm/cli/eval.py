@@ -1,0 +1,68 @@
+"""``scratchlm eval RUN_DIR``: validation loss, perplexity and bits per byte of a trained decoder."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+from scratchlm.errors import ConfigError, DataError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="validation loss, perplexity and bits per byte of a finished run",
+        description="Evaluate a run's model on held-out tokens: loss (nats/token), perplexity, "
+        "and bits per byte (independent of the tokenizer).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `scratchlm train`")
+    p.add_argument("--which", choices=["best", "latest"], default="best", help="checkpoint to evaluate")
+    p.add_argument("--split", choices=["val", "train"], default="val", help="shard split to evaluate on")
+    p.add_argument("--data-dir", help="shard directory (default: the one recorded in the run's config)")
+    p.add_argument("--batches", type=int, default=50, help="batches to evaluate (sequential, from the start)")
+    p.add_argument("--batch-size", type=int, help="rows per batch (default: the run's train.batch_size)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from scratchlm.api import load
+    from scratchlm.data.loader import TokenLoader
+    from scratchlm.device import resolve_dtype
+    from scratchlm.eval import evaluate_lm, token_byte_lengths
+
+    if args.batches <= 0:
+        raise ConfigError(f"--batches must be positive, got {args.batches}")
+    lm = load(args.run_dir, which=args.which, device=args.device)
+    cfg = lm.config
+    if cfg.model.arch != "gpt":
+        raise ConfigError("scratchlm eval measures decoder LMs; translation models are scored by their BLEU")
+    data_dir = Path(args.data_dir or cfg.data.data_dir or "")
+    if not (data_dir / "meta.json").is_file():
+        raise DataError(f"no shards at '{data_dir}'; pass --data-dir DIR (made by `scratchlm data prepare`)")
+    loader = TokenLoader(
+        data_dir,
+        split=args.split,
+        batch_size=args.batch_size or cfg.train.batch_size,
+        context_length=cfg.model.context_length,
+        mode="sequential",
+        device=lm.device,
+    )
+    batches = (loader.next_batch() for _ in itertools.count())
+    dtype = resolve_dtype(cfg.train.dtype, lm.device)
+    result = evaluate_lm(
+        lm.model, itertools.islice(batches, args.batches), token_byte_lengths(lm.tokenizer), dtype=dtype
+    )
+    result["checkpoint"] = str(lm.checkpoint)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"checkpoint: {lm.checkpoint}")
+        print(f"{args.split} tokens: {int(result['tokens']):,}")
+        print(f"loss: {result['loss']:.4f} nats/token   perplexity: {result['perplexity']:.2f}")
+        if "bits_per_byte" in result:
+            print(f"bits per byte: {result['bits_per_byte']:.4f}")
+    return 0

@@ -1,0 +1,89 @@
+"""End to end: tokenizer -> shards -> training -> run directory -> sample, through the CLI and the API."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import scratchlm
+from scratchlm.cli import main
+from scratchlm.corpus import builtin_corpus
+
+
+@pytest.fixture
+def small_corpus(tmp_path, monkeypatch):
+    """30 stdlib files as a local source, and a private cache dir."""
+    monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, p in enumerate(builtin_corpus().train.paths[:30]):
+        shutil.copy(p, src / f"{i:02d}_{p.name}")
+    return src
+
+
+def _overrides(tmp_path, src, name):
+    return [
+        "preset=cpu-tiny",
+        f"data.source={src}",
+        f"train.run_dir={tmp_path / name}",
+        "train.max_steps=12",
+        "eval.interval=6",
+        "eval.sample_prompt=def ",
+    ]
+
+
+def test_cli_end_to_end(tmp_path, small_corpus, capsys):
+    run_dir = tmp_path / "cli-run"
+    assert main(["train", *_overrides(tmp_path, small_corpus, "cli-run")]) == 0
+    out = capsys.readouterr().out
+    assert "# resolved config" in out and "--- sample ---" in out and "final validation loss" in out
+    for name in ("config.yaml", "tokenizer.json", "metrics.jsonl", "checkpoints/LATEST"):
+        assert (run_dir / name).exists(), name
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r for r in records)
+
+    assert main(["sample", str(run_dir), "--prompt", "def ", "--max-new-tokens", "8", "--seed", "1"]) == 0
+    first = capsys.readouterr().out
+    assert main(["sample", str(run_dir), "--prompt", "def ", "--max-new-tokens", "8", "--seed", "1"]) == 0
+    assert capsys.readouterr().out == first and first.strip()
+
+
+def test_api_end_to_end(tmp_path, small_corpus):
+    cfg = scratchlm.load_config(overrides=_overrides(tmp_path, small_corpus, "api-run"))
+    run_dir = scratchlm.train(cfg)
+    assert run_dir == tmp_path / "api-run"
+    lm = scratchlm.load(run_dir)
+    assert lm.config.model.vocab_size == lm.tokenizer.vocab_size
+    text = lm.generate("def ", max_new_tokens=10, temperature=0.0)
+    assert isinstance(text, str)
+    assert "".join(lm.stream("def ", max_new_tokens=10, temperature=0.0)) == text
+    # a second run with the same sources reuses the cached tokenizer and shards
+    cfg2 = scratchlm.load_config(overrides=_overrides(tmp_path, small_corpus, "api-run2"))
+    assert scratchlm.train(cfg2) == tmp_path / "api-run2"
+    assert (tmp_path / "api-run" / "tokenizer.json").read_text() == (
+        tmp_path / "api-run2" / "tokenizer.json"
+    ).read_text()
+
+
+def test_dry_run_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
+    assert main(["train", "--dry-run", "preset=cpu-tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "# resolved config" in out and "param" in out.lower()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_of_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    top = capsys.readouterr().out
+    for command in ("train", "sample", "generate", "chat", "tokenizer", "data", "corpus", "export", "plot"):
+        assert command in top
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0
+        assert capsys.readouterr().out.startswith("usage: scratchlm " + command)
