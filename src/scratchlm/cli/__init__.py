@@ -16,7 +16,7 @@ from scratchlm import __version__
 from scratchlm.errors import ScratchLMError
 
 # subcommand modules, in the order `scratchlm --help` lists them
-_MODULES = ["train", "generate", "tokenizer", "data", "eval", "export", "plot"]
+_MODULES = ["train", "generate", "tokenizer", "data", "eval", "export", "plot", "explain"]
 
 
 def build_parser() -> argparse.ArgumentParser:
