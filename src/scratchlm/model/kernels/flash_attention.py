@@ -1,0 +1,298 @@
+"""FlashAttention-2 in Triton as a differentiable PyTorch op: ``flash_attention(q, k, v, causal=True)``.
+
+The kernels are in ``flash_kernels.py`` and the algorithm is derived, in plain PyTorch with the same tiles,
+in ``flash_reference.py``. This module chooses tile configurations (autotuned on a GPU, one fixed small
+configuration under the CPU interpreter), launches the four kernels and wraps them in a
+``torch.autograd.Function`` that saves only q, k, v, O and the fp32 log-sum-exp.
+
+Triton is optional: this module imports it lazily, and ``flash_available(device)`` says whether the kernels
+can run on a device (CUDA, compute capability >= 8.0, Triton installed). Models call ``flash_attention`` only
+when it can; the tests run the kernels on the CPU with ``TRITON_INTERPRET=1`` set before the kernels are
+defined (tests/model/kernels/conftest.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import warnings
+from types import ModuleType
+
+import torch
+
+from scratchlm.errors import ConfigError
+from scratchlm.model.kernels.flash_reference import flash_attention_reference
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# One fixed configuration for the CPU interpreter (small tiles: the interpreter runs each program in numpy).
+# flash_reference.py uses the same tiles. Forward and dQ: (BLOCK_M, BLOCK_N); dK/dV: (BLOCK_M, BLOCK_N).
+INTERPRETER_TILES = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16), "preprocess": 32}
+
+# H100 candidates (fwd and dQ need BLOCK_M % BLOCK_N == 0, dK/dV needs BLOCK_N % BLOCK_M == 0).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Configurations that do not fit in shared memory are skipped.
+FWD_CONFIGS = [
+    (128, 64, 4, 3),
+    (128, 64, 8, 3),
+    (128, 64, 4, 4),
+    (128, 128, 8, 3),
+    (128, 128, 8, 2),
+    (64, 64, 4, 3),
+    (64, 64, 4, 4),
+]
+DKDV_CONFIGS = [
+    (32, 128, 4, 3),
+    (32, 128, 8, 3),
+    (64, 128, 8, 3),
+    (64, 128, 8, 2),
+    (32, 64, 4, 4),
+    (64, 64, 4, 3),
+]
+DQ_CONFIGS = [
+    (128, 32, 4, 3),
+    (128, 32, 8, 3),
+    (128, 64, 8, 3),
+    (128, 64, 8, 2),
+    (64, 32, 4, 4),
+    (64, 64, 4, 3),
+]
+TUNING_KEY = ["HEAD_DIM", "CAUSAL", "GROUP", "T_BUCKET", "PRECISION"]
+
+
+def _triton_missing() -> str | None:
+    """None when Triton imports, else the reason with an install hint."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed (pip install 'scratchlm[triton]')"
+    return None
+
+
+def flash_available(device: torch.device | str) -> tuple[bool, str]:
+    """Whether the Triton kernels can run on ``device``: (True, "") or (False, why).
+
+    Needs a CUDA device of compute capability >= 8.0 (Ampere or newer: bf16 tensor cores) and Triton.
+    On the CPU it is always False: models then use SDPA; tests call the kernels under the interpreter.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, f"flash_triton runs on CUDA GPUs only (device is {device.type})"
+    if not torch.cuda.is_available():
+        return False, "flash_triton needs CUDA, which is not available here"
+    missing = _triton_missing()
+    if missing:
+        return False, missing
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return False, f"flash_triton needs compute capability >= 8.0, this GPU has {major}.{minor}"
+    if _kernels().INTERPRETED:
+        return False, "TRITON_INTERPRET=1 is set: the kernels would run in the slow CPU interpreter"
+    return True, ""
+
+
+def _kernels() -> ModuleType:
+    """The kernel module, looked up on every call (tests may re-import it under the interpreter)."""
+    return importlib.import_module("scratchlm.model.kernels.flash_kernels")
+
+
+@functools.cache
+def _tuned(name: str, configs: tuple[tuple[int, int, int, int], ...]):
+    """Autotuned wrapper of kernel ``name`` over ``configs`` (built once per kernel; GPU only)."""
+    import triton
+
+    kernel = getattr(_kernels(), name)
+    candidates = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in configs
+    ]
+    return triton.autotune(candidates, key=TUNING_KEY)(kernel)
+
+
+def _launch(name: str, tiles: str, configs: list, grid_of, *args, **meta) -> None:
+    """Run kernel ``name``: fixed tiles under the interpreter, autotuned tiles on a GPU.
+
+    ``grid_of(block_m, block_n)`` gives the launch grid; ``args`` and ``meta`` are the kernel arguments.
+    """
+    kernels = _kernels()
+    if kernels.INTERPRETED:
+        bm, bn = INTERPRETER_TILES[tiles]
+        getattr(kernels, name)[grid_of(bm, bn)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
+    else:
+        _tuned(name, tuple(configs))[lambda m: grid_of(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """Batch, head and time strides of a (B, H, T, D) tensor whose last dimension is contiguous."""
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, precision: str) -> dict:
+    """Constexpr arguments shared by the kernels."""
+    upcast = _kernels().INTERPRETED and q.dtype == torch.bfloat16  # numpy has no bf16 matmul
+    if q.dtype != torch.float32:
+        precision = "tf32"  # Triton's default; it only affects fp32 inputs
+    return dict(
+        GROUP=q.shape[1] // k.shape[1], HEAD_DIM=q.shape[3], CAUSAL=causal, UPCAST=upcast, PRECISION=precision
+    )
+
+
+def _forward(q, k, v, causal: bool, scale: float, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """O (like q) and LSE (B, Hq, T) fp32."""
+    import triton
+
+    B, H, T, _ = q.shape
+    o = torch.empty_like(q)
+    lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    _launch(
+        "attn_fwd_kernel",
+        "fwd",
+        FWD_CONFIGS,
+        lambda bm, bn: (triton.cdiv(T, bm), B * H),
+        q,
+        k,
+        v,
+        o,
+        lse,
+        scale,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(o),
+        H,
+        T,
+        triton.next_power_of_2(T),
+        **_meta(q, k, causal, precision),
+    )
+    return o, lse
+
+
+def _backward(q, k, v, o, lse, do, causal: bool, scale: float, precision: str):
+    """dQ, dK, dV: preprocessing (D = rowsum(dO * O)), then the dK/dV pass, then the dQ pass."""
+    import triton
+
+    kernels = _kernels()
+    B, H, T, D = q.shape
+    n_kv = k.shape[1]
+    delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    pre_block = INTERPRETER_TILES["preprocess"] if kernels.INTERPRETED else 128
+    kernels.attn_bwd_preprocess_kernel[(triton.cdiv(T, pre_block), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_M=pre_block
+    )
+
+    meta = _meta(q, k, causal, precision)
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), H, T, triton.next_power_of_2(T))
+    dk = torch.empty((B, n_kv, T, D), device=k.device, dtype=k.dtype)
+    dv = torch.empty((B, n_kv, T, D), device=v.device, dtype=v.dtype)
+    _launch(
+        "attn_bwd_dkdv_kernel",
+        "dkdv",
+        DKDV_CONFIGS,
+        lambda bm, bn: (triton.cdiv(T, bn), B * n_kv),
+        q,
+        k,
+        v,
+        do,
+        dk,
+        dv,
+        lse,
+        delta,
+        scale,
+        *common,
+        **meta,
+    )
+    dq = torch.empty((B, H, T, D), device=q.device, dtype=q.dtype)
+    _launch(
+        "attn_bwd_dq_kernel",
+        "dq",
+        DQ_CONFIGS,
+        lambda bm, bn: (triton.cdiv(T, bm), B * H),
+        q,
+        k,
+        v,
+        do,
+        dq,
+        lse,
+        delta,
+        scale,
+        *common,
+        **meta,
+    )
+    return dq, dk, dv
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """O = softmax(scale * Q K^T [+ causal mask]) V; saves q, k, v, O and the fp32 LSE (no T x T tensor)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, scale: float, precision: str):  # noqa: D102
+        o, lse = _forward(q, k, v, causal, scale, precision)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.scale, ctx.precision = causal, scale, precision
+        return o
+
+    @staticmethod
+    def backward(ctx, do):  # noqa: D102
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, o, lse, do.contiguous(), ctx.causal, ctx.scale, ctx.precision)
+        return dq, dk, dv, None, None, None
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise one clear error for shapes, dtypes or head sizes the kernels do not handle."""
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(
+            f"flash_attention wants q (B, Hq, T, D), k = v (B, Hkv, T, D); got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    B, H, T, D = q.shape
+    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D or H % k.shape[1] != 0:
+        raise ValueError(
+            f"flash_attention: k/v {tuple(k.shape)} do not match q {tuple(q.shape)} "
+            "(same B, T, D; Hq a multiple of Hkv)"
+        )
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ConfigError(
+            f"attention=flash_triton supports head_dim in {SUPPORTED_HEAD_DIMS}, got {D} "
+            "(d_model / n_head); change the model shape or use model.attention=sdpa"
+        )
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"flash_attention wants q, k, v of one dtype among fp32/fp16/bf16; got "
+            f"{q.dtype}, {k.dtype}, {v.dtype}"
+        )
+
+
+@functools.cache
+def _say_fallback_once(reason: str) -> None:
+    warnings.warn(f"flash_attention: {reason}; using the plain-PyTorch tiled reference instead", stacklevel=3)
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    input_precision: str = "ieee",
+) -> torch.Tensor:
+    """Differentiable FlashAttention-2: q (B, Hq, T, D), k/v (B, Hkv, T, D) -> (B, Hq, T, D) like q.
+
+    Grouped-query attention when Hkv < Hq (query head h reads kv head h // (Hq // Hkv)). D in {16, 32, 64,
+    128}; fp32, fp16 or bf16 with fp32 softmax statistics and accumulators. ``softmax_scale`` defaults to
+    1/sqrt(D). ``input_precision`` for fp32 inputs: "ieee" (exact, like PyTorch's default) or "tf32" (faster
+    on tensor cores, ~1e-3 relative error). Where the kernels cannot run (no Triton; CPU tensors without
+    TRITON_INTERPRET=1 set before import) it says so once and runs ``flash_attention_reference``.
+    """
+    _check_inputs(q, k, v)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    missing = _triton_missing()
+    if missing is None and q.device.type == "cpu" and not _kernels().INTERPRETED:
+        missing = "the Triton kernels were defined without TRITON_INTERPRET=1, so they cannot run on the CPU"
+    if missing is not None:
+        _say_fallback_once(missing)
+        return flash_attention_reference(q, k, v, causal, scale)
+    if input_precision not in ("ieee", "tf32"):
+        raise ValueError(f"input_precision must be 'ieee' or 'tf32', got {input_precision!r}")
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    return FlashAttentionFunction.apply(q, k, v, causal, scale, input_precision)

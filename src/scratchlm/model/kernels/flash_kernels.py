@@ -1,0 +1,605 @@
+"""FlashAttention-2 as Triton kernels: the forward pass and the three backward passes.
+
+Only the ``@triton.jit`` kernels live here; the launchers, the autograd Function and the tile configurations
+are in ``flash_attention.py``, and ``flash_reference.py`` is the same algorithm in plain PyTorch (read it first:
+its docstrings derive every line below).
+
+Notation for one (batch, query head) pair, all tiles in fp32 registers::
+
+    S  = Q K^T * scale                       (BLOCK_M, BLOCK_N) scores of one query tile vs one key tile
+    m  = running row max of S, l = running sum of exp(S - m), acc = running sum of exp(S - m) V
+    O  = acc / l,  LSE = m + log(l)          saved for the backward (LSE in fp32, natural log)
+    P  = exp(S - LSE)                        recomputed in the backward, never stored in HBM
+    D  = rowsum(dO * O)                      preprocessing pass
+    dV = P^T dO,  dP = dO V^T,  dS = P * (dP - D),  dQ = dS K * scale,  dK = dS^T Q * scale
+
+The kernels work in base 2 (``exp2``/``log2`` are the hardware instructions): ``S2 = S * log2(e)``, so
+``exp(S - m) = exp2(S2 - m2)``. Queries of head ``h`` read key/value head ``h // GROUP`` (grouped-query
+attention); the dK/dV kernel owns one key tile and loops over all ``GROUP`` query heads that read it, so every
+gradient is written exactly once (no atomics, bitwise deterministic).
+
+Constexpr flags: ``CAUSAL`` (query i sees keys j <= i), ``UPCAST`` (cast tiles to fp32 before ``tl.dot``:
+the CPU interpreter cannot multiply bf16), ``PRECISION`` (``tl.dot`` input precision: "ieee" is exact fp32,
+"tf32" is the fast tensor-core path; ignored for fp16/bf16).
+
+Decorated at import time: set ``TRITON_INTERPRET=1`` before importing this module to run it on the CPU.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # log2(e)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln(2)
+
+
+@triton.jit
+def _round_fp32_for_bf16(x, UPCAST: tl.constexpr):
+    """Under the interpreter (UPCAST), round fp32 x to the nearest bf16 value in its bits: the interpreter's
+    fp32 -> bf16 cast truncates, where GPUs round to nearest even. A no-op on the GPU."""
+    if UPCAST:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
+def _fwd_tile_loop(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_ptrs,
+    v_ptrs,
+    stride_kt,
+    stride_vt,
+    offs_m,
+    offs_n,
+    lo,
+    hi,
+    T,
+    qk_scale2,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Online softmax over key tiles [lo, hi): update (acc, m_i, l_i) of one query tile."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:  # diagonal or tail tile: bounds-checked loads and a mask on the scores
+            k = tl.load(k_ptrs + start_n * stride_kt, mask=cols[:, None] < T, other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vt, mask=cols[:, None] < T, other=0.0)
+        else:  # interior tile: every key exists and is visible
+            k = tl.load(k_ptrs + start_n * stride_kt)
+            v = tl.load(v_ptrs + start_n * stride_vt)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2  # (BLOCK_M, BLOCK_N), base 2
+        if MASKED:
+            visible = cols[None, :] < T
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet: no NaN
+        alpha = tl.math.exp2(m_i - m_safe)  # rescales what was accumulated under the old max
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def attn_fwd_kernel(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    softmax_scale,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    H,
+    T,
+    T_BUCKET,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """O, LSE for one query tile of one (batch, head). Grid: (cdiv(T, BLOCK_M), B * H).
+
+    Q, O: (B, H, T, HEAD_DIM); K, V: (B, H // GROUP, T, HEAD_DIM); LSE: (B, H, T) fp32 contiguous.
+    ``T_BUCKET`` (next power of two of T) is only an autotuning key. Needs BLOCK_M % BLOCK_N == 0.
+    """
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kv_h = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    k_ptrs = K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < T, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    qk_scale2 = softmax_scale * LOG2E
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # Phase 1: key tiles that need no mask. Causal: every tile left of this query tile's diagonal block.
+    # Non-causal: every full tile. Phase 2: the diagonal block (causal) or the ragged tail (non-causal).
+    if CAUSAL:
+        interior_end = start_m
+        masked_end = tl.minimum(start_m + BLOCK_M, T)
+    else:
+        interior_end = (T // BLOCK_N) * BLOCK_N
+        masked_end = T
+    acc, m_i, l_i = _fwd_tile_loop(
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_ptrs,
+        v_ptrs,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_n,
+        0,
+        interior_end,
+        T,
+        qk_scale2,
+        False,
+        CAUSAL,
+        UPCAST,
+        PRECISION,
+        BLOCK_N,
+    )
+    acc, m_i, l_i = _fwd_tile_loop(
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_ptrs,
+        v_ptrs,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_n,
+        interior_end,
+        masked_end,
+        T,
+        qk_scale2,
+        True,
+        CAUSAL,
+        UPCAST,
+        PRECISION,
+        BLOCK_N,
+    )
+
+    # A row that saw no key (l = 0) gets O = 0 and LSE = +inf, so the backward's P = exp(S - LSE) is 0.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(o_ptrs, _round_fp32_for_bf16(acc, UPCAST).to(O.dtype.element_ty), mask=offs_m[:, None] < T)
+    tl.store(LSE + bh * T + offs_m, lse, mask=offs_m < T)
+
+
+@triton.jit
+def attn_bwd_preprocess_kernel(
+    O,
+    DO,
+    DELTA,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    H,
+    T,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """DELTA = rowsum(dO * O) in fp32, (B, H, T) contiguous. Grid: (cdiv(T, BLOCK_M), B * H)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m[:, None] < T
+    o = tl.load(
+        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+        mask=row_ok,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+        mask=row_ok,
+        other=0.0,
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * T + offs_m, delta, mask=offs_m < T)
+
+
+@triton.jit
+def _dkdv_tile_loop(
+    dk,
+    dv,
+    k,
+    v,
+    q_ptrs,
+    do_ptrs,
+    lse_ptr,
+    delta_ptr,
+    stride_qt,
+    stride_dot,
+    offs_n,
+    offs_m_base,
+    lo,
+    hi,
+    T,
+    qk_scale2,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Accumulate dK, dV of one key tile over query tiles [lo, hi) of one query head (transposed tiles)."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m_base
+        row_ok = offs_m < T
+        q = tl.load(q_ptrs + start_m * stride_qt, mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_ptrs + start_m * stride_dot, mask=row_ok[:, None], other=0.0)
+        lse2 = tl.load(lse_ptr + offs_m, mask=row_ok, other=float("inf")) * LOG2E  # missing row: P = 0
+        delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale2  # (BLOCK_N, BLOCK_M) = S^T
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        if MASKED:
+            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)  # dV += P^T dO
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # dP^T = V dO^T
+        ds_t = p_t * (dp_t - delta[None, :])  # dS^T = P^T * (dP^T - D)
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)  # dK += dS^T Q (scale applied later)
+    return dk, dv
+
+
+@triton.jit
+def attn_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV,
+    LSE,
+    DELTA,
+    softmax_scale,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    H,
+    T,
+    T_BUCKET,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dK, dV of one key tile of one (batch, kv head). Grid: (cdiv(T, BLOCK_N), B * H // GROUP).
+
+    Loops over the GROUP query heads that share this kv head and over their query tiles; DK, DV are
+    contiguous (B, H // GROUP, T, HEAD_DIM). Needs BLOCK_N % BLOCK_M == 0.
+    """
+    start_n = tl.program_id(0) * BLOCK_N
+    bkv = tl.program_id(1)
+    H_KV = H // GROUP
+    b = bkv // H_KV
+    kv_h = bkv % H_KV
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m_base = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n[:, None] < T
+    k = tl.load(
+        K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+        mask=col_ok,
+        other=0.0,
+    )
+    v = tl.load(
+        V + b * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+        mask=col_ok,
+        other=0.0,
+    )
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    qk_scale2 = softmax_scale * LOG2E
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    # Causal: query tiles before start_n see none of these keys; the BLOCK_N rows from start_n straddle the
+    # diagonal (masked); the rows after see all of them. Non-causal: every query tile, no mask.
+    if CAUSAL:
+        diag_lo = start_n
+        diag_hi = tl.minimum(start_n + BLOCK_N, T)
+    else:
+        diag_lo = 0
+        diag_hi = 0
+    rest_lo = diag_hi  # causal: the rows below the diagonal block; non-causal: every row
+    for g in range(GROUP):
+        h = kv_h * GROUP + g
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m_base[:, None] * stride_qt + offs_d[None, :]
+        do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m_base[:, None] * stride_dot + offs_d[None, :]
+        lse_ptr = LSE + (b * H + h) * T
+        delta_ptr = DELTA + (b * H + h) * T
+        dk, dv = _dkdv_tile_loop(
+            dk,
+            dv,
+            k,
+            v,
+            q_ptrs,
+            do_ptrs,
+            lse_ptr,
+            delta_ptr,
+            stride_qt,
+            stride_dot,
+            offs_n,
+            offs_m_base,
+            diag_lo,
+            diag_hi,
+            T,
+            qk_scale2,
+            True,
+            CAUSAL,
+            UPCAST,
+            PRECISION,
+            BLOCK_M,
+        )
+        dk, dv = _dkdv_tile_loop(
+            dk,
+            dv,
+            k,
+            v,
+            q_ptrs,
+            do_ptrs,
+            lse_ptr,
+            delta_ptr,
+            stride_qt,
+            stride_dot,
+            offs_n,
+            offs_m_base,
+            rest_lo,
+            T,
+            T,
+            qk_scale2,
+            False,
+            CAUSAL,
+            UPCAST,
+            PRECISION,
+            BLOCK_M,
+        )
+
+    dk *= softmax_scale
+    out = bkv * T * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out, _round_fp32_for_bf16(dk, UPCAST).to(DK.dtype.element_ty), mask=col_ok)
+    tl.store(DV + out, _round_fp32_for_bf16(dv, UPCAST).to(DV.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _dq_tile_loop(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_ptrs,
+    v_ptrs,
+    stride_kt,
+    stride_vt,
+    offs_m,
+    offs_n_base,
+    lo,
+    hi,
+    T,
+    qk_scale2,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Accumulate dQ of one query tile over key tiles [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n_base
+        if MASKED:
+            k = tl.load(k_ptrs + start_n * stride_kt, mask=cols[:, None] < T, other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vt, mask=cols[:, None] < T, other=0.0)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kt)
+            v = tl.load(v_ptrs + start_n * stride_vt)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASKED:
+            visible = cols[None, :] < T
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None])
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def attn_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    LSE,
+    DELTA,
+    softmax_scale,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    H,
+    T,
+    T_BUCKET,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dQ of one query tile of one (batch, head). Grid: (cdiv(T, BLOCK_M), B * H).
+
+    DQ is contiguous (B, H, T, HEAD_DIM). Needs BLOCK_M % BLOCK_N == 0.
+    """
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kv_h = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n_base = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    lse2 = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=float("inf")) * LOG2E
+    delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    k_ptrs = K + b * stride_kb + kv_h * stride_kh + offs_n_base[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + kv_h * stride_vh + offs_n_base[:, None] * stride_vt + offs_d[None, :]
+    qk_scale2 = softmax_scale * LOG2E
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    if CAUSAL:
+        interior_end = start_m
+        masked_end = tl.minimum(start_m + BLOCK_M, T)
+    else:
+        interior_end = (T // BLOCK_N) * BLOCK_N
+        masked_end = T
+    dq = _dq_tile_loop(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_ptrs,
+        v_ptrs,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_n_base,
+        0,
+        interior_end,
+        T,
+        qk_scale2,
+        False,
+        CAUSAL,
+        UPCAST,
+        PRECISION,
+        BLOCK_N,
+    )
+    dq = _dq_tile_loop(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_ptrs,
+        v_ptrs,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_n_base,
+        interior_end,
+        masked_end,
+        T,
+        qk_scale2,
+        True,
+        CAUSAL,
+        UPCAST,
+        PRECISION,
+        BLOCK_N,
+    )
+
+    dq *= softmax_scale
+    tl.store(
+        DQ + bh * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+        _round_fp32_for_bf16(dq, UPCAST).to(DQ.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+
+
+# True when the kernels above were defined under TRITON_INTERPRET=1 (they then run on CPU tensors, in numpy).
+INTERPRETED: bool = type(attn_fwd_kernel).__name__ == "InterpretedFunction"
