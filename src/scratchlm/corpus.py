@@ -14,11 +14,13 @@ of the relative path (stable when files are added or removed elsewhere).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from scratchlm.errors import DataError
 
@@ -103,7 +105,9 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
                 files.append(Path(dirpath) / name)
     files.sort(key=lambda p: p.relative_to(root).as_posix())
     if not files:
-        raise DataError(f"no Python source found under {root}; pass data.source=PATH to train on your own text")
+        raise DataError(
+            f"no Python source found under {root}; pass data.source=PATH to train on your own text"
+        )
     return files
 
 
@@ -119,3 +123,285 @@ def builtin_corpus(val_fraction: float = 0.1, root: Path | None = None) -> Built
         train=FileSource(train, f"{desc}, train split", root),
         val=FileSource(val, f"{desc}, validation split", root),
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bring-your-own sources: text files, jsonl, parquet, HF datasets. ``resolve_source`` turns CLI/config specs
+# into one of these. Each yields documents lazily (a 1 GB source never sits in memory) and fingerprints
+# cheaply: local files by (path, size, mtime), HF datasets by (name, config, split, field).
+
+BINARY_SNIFF_BYTES = 8192
+
+
+@dataclass
+class TextFileSource(FileSource):
+    """Whole text files as documents (like :class:`FileSource`), refusing files that look binary."""
+
+    def documents(self) -> Iterator[str]:
+        """Each file decoded as UTF-8 (bad bytes become U+FFFD); a NUL byte means binary -> DataError."""
+        for p in self.paths:
+            data = p.read_bytes()
+            if b"\0" in data[:BINARY_SNIFF_BYTES]:
+                raise DataError(
+                    f"'{p}' looks like a binary file (NUL bytes); give text files, .jsonl or .parquet"
+                )
+            yield data.decode("utf-8", errors="replace")
+
+
+@dataclass
+class JsonlSource:
+    """One document per line of JSON-lines files: the string in ``text_field`` of each object."""
+
+    paths: list[Path]
+    text_field: str = "text"
+
+    def documents(self) -> Iterator[str]:
+        for p in self.paths:
+            with open(p, encoding="utf-8", errors="replace") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        msg = f"{p}:{lineno}: not valid JSON ({e.msg}); each line must be one object"
+                        raise DataError(msg) from None
+                    yield _field(record, self.text_field, f"{p}:{lineno}")
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.paths)
+
+    @property
+    def fingerprint(self) -> str:
+        return _files_fingerprint(self.paths, f"jsonl:{self.text_field}")
+
+    @property
+    def description(self) -> str:
+        return f"{_describe_paths(self.paths)} (jsonl, field '{self.text_field}')"
+
+
+@dataclass
+class ParquetSource:
+    """One document per row of parquet files: column ``text_field``, read in batches (needs pyarrow)."""
+
+    paths: list[Path]
+    text_field: str = "text"
+
+    def documents(self) -> Iterator[str]:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError("reading .parquet needs pyarrow: pip install 'scratchlm[parquet]'") from None
+        for p in self.paths:
+            try:
+                pf = pq.ParquetFile(p)
+            except Exception as e:  # pyarrow raises several types for corrupt files
+                raise DataError(f"'{p}' is not a readable parquet file ({type(e).__name__}: {e})") from None
+            names = pf.schema_arrow.names
+            if self.text_field not in names:
+                raise DataError(
+                    f"'{p}' has no column '{self.text_field}' (columns: {', '.join(names)}); "
+                    f"pass --text-field NAME"
+                )
+            for batch in pf.iter_batches(batch_size=1024, columns=[self.text_field]):
+                for value in batch.column(0).to_pylist():
+                    if value is not None and not isinstance(value, str):
+                        kind = type(value).__name__
+                        raise DataError(f"'{p}' column '{self.text_field}' holds {kind}, not text")
+                    yield value or ""
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.paths)
+
+    @property
+    def fingerprint(self) -> str:
+        return _files_fingerprint(self.paths, f"parquet:{self.text_field}")
+
+    @property
+    def description(self) -> str:
+        return f"{_describe_paths(self.paths)} (parquet, column '{self.text_field}')"
+
+
+@dataclass
+class HFSource:
+    """A Hugging Face dataset read with ``streaming=True`` (nothing is downloaded up front).
+
+    ``name`` is a hub id (``roneneldan/TinyStories``) or a builder (``json``, ``text``, ``parquet``) used with
+    ``data_files``; the latter is how this path is tested offline. Hub datasets are fingerprinted by name,
+    config, split and field: pin ``revision`` to notice upstream changes.
+    """
+
+    name: str
+    split: str = "train"
+    config: str | None = None
+    text_field: str = "text"
+    data_files: list[str] | None = None
+    revision: str | None = None
+
+    def documents(self) -> Iterator[str]:
+        try:
+            import datasets
+        except ImportError:
+            raise DataError("hf: sources need the datasets library: pip install 'scratchlm[hf]'") from None
+        try:
+            ds = datasets.load_dataset(
+                self.name,
+                self.config,
+                split=self.split,
+                streaming=True,
+                data_files=self.data_files,
+                revision=self.revision,
+            )
+        except Exception as e:  # offline, unknown name, bad split: datasets raises many types
+            raise DataError(
+                f"cannot open HF dataset '{self.name}' split '{self.split}': "
+                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            ) from None
+        for i, record in enumerate(ds):
+            yield _field(record, self.text_field, f"HF dataset '{self.name}' record {i}")
+
+    @property
+    def fingerprint(self) -> str:
+        key = f"hf:{self.name}:{self.config}:{self.split}:{self.text_field}:{self.revision}"
+        if self.data_files:
+            key += ":" + _files_fingerprint([Path(f) for f in self.data_files], "")
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    @property
+    def description(self) -> str:
+        cfg = f" ({self.config})" if self.config else ""
+        return f"HF dataset {self.name}{cfg} split '{self.split}', field '{self.text_field}'"
+
+
+@dataclass
+class ConcatSource:
+    """Several sources one after another (what ``scratchlm data prepare a.txt b.jsonl`` builds)."""
+
+    parts: list[Any]
+
+    def documents(self) -> Iterator[str]:
+        for part in self.parts:
+            yield from part.documents()
+
+    @property
+    def num_bytes(self) -> int | None:
+        sizes = [getattr(p, "num_bytes", None) for p in self.parts]
+        return None if any(s is None for s in sizes) else sum(sizes)
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(":".join(p.fingerprint for p in self.parts).encode()).hexdigest()[:16]
+
+    @property
+    def description(self) -> str:
+        return " + ".join(p.description for p in self.parts)
+
+
+def _field(record: Any, name: str, where: str) -> str:
+    if not isinstance(record, dict) or name not in record:
+        fields = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+        raise DataError(
+            f"{where}: no field '{name}' (has: {fields}); pass --text-field NAME (data.text_field)"
+        )
+    value = record[name]
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{name}' is {type(value).__name__}, not text; pick a text field")
+    return value
+
+
+def _files_fingerprint(paths: list[Path], salt: str) -> str:
+    h = hashlib.sha256(salt.encode())
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _describe_paths(paths: list[Path]) -> str:
+    return str(paths[0]) if len(paths) == 1 else f"{len(paths)} files ({paths[0]}, ...)"
+
+
+def _expand(spec: str) -> list[Path]:
+    """A file, a directory (every file below it, sorted, hidden files skipped) or a glob -> sorted files."""
+    p = Path(spec).expanduser()
+    if any(c in spec for c in "*?["):
+        root = Path(p.anchor) if p.is_absolute() else Path()
+        pattern = str(p.relative_to(root)) if p.is_absolute() else spec
+        files = sorted(f for f in root.glob(pattern) if f.is_file())
+        if not files:
+            raise DataError(f"data source glob '{spec}' matches no files; check the pattern")
+        return files
+    if p.is_dir():
+        files = sorted(
+            f
+            for f in p.rglob("*")
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+        )
+        if not files:
+            raise DataError(f"data source directory '{spec}' holds no files")
+        return files
+    if p.is_file():
+        return [p]
+    raise DataError(
+        f"data source '{spec}' not found (give files, directories, globs, *.jsonl, *.parquet, "
+        f"hf:NAME[:split[:config]] or builtin)"
+    )
+
+
+def _parse_hf(spec: str, text_field: str) -> HFSource:
+    parts = spec[3:].split(":")
+    if not parts[0]:
+        raise DataError(
+            f"bad HF source '{spec}': write hf:NAME[:split[:config]] (e.g. hf:roneneldan/TinyStories)"
+        )
+    return HFSource(
+        name=parts[0],
+        split=parts[1] if len(parts) > 1 and parts[1] else "train",
+        config=parts[2] if len(parts) > 2 and parts[2] else None,
+        text_field=text_field,
+    )
+
+
+def resolve_source(specs: list[str] | str, text_field: str = "text", val_fraction: float = 0.1):
+    """CLI / config specs -> one source with ``documents()``, ``fingerprint`` and ``description``.
+
+    ``[]`` or ``["builtin"]``: the built-in corpus' train split. ``hf:NAME[:split[:config]]``: a streamed HF
+    dataset. Otherwise files, directories and globs; files are grouped by kind (``.jsonl``/``.json``,
+    ``.parquet``, anything else is a text file = one document). Several specs are concatenated in order.
+    Raises DataError naming the spec for missing paths or empty globs.
+    """
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    if not specs or specs == ["builtin"]:
+        return builtin_corpus(val_fraction).train
+    parts: list[Any] = []
+    for spec in specs:
+        if spec == "builtin":
+            parts.append(builtin_corpus(val_fraction).train)
+        elif spec.startswith("hf:"):
+            parts.append(_parse_hf(spec, text_field))
+        else:
+            for kind, group in _group_by_kind(_expand(spec)):
+                if kind == "jsonl":
+                    parts.append(JsonlSource(group, text_field))
+                elif kind == "parquet":
+                    parts.append(ParquetSource(group, text_field))
+                else:
+                    parts.append(TextFileSource(group, _describe_paths(group) + " (text files)"))
+    return parts[0] if len(parts) == 1 else ConcatSource(parts)
+
+
+def _group_by_kind(files: list[Path]) -> list[tuple[str, list[Path]]]:
+    """Consecutive runs of files of the same kind (keeps the order, makes one source per run)."""
+    groups: list[tuple[str, list[Path]]] = []
+    for f in files:
+        suffix = f.suffix.lower()
+        kind = "jsonl" if suffix in (".jsonl", ".json") else "parquet" if suffix == ".parquet" else "text"
+        if groups and groups[-1][0] == kind:
+            groups[-1][1].append(f)
+        else:
+            groups.append((kind, [f]))
+    return groups
