@@ -135,3 +135,12 @@ def test_train_help_lists_every_option(capsys):
     out = capsys.readouterr().out
     for key, _, _, doc in field_docs():
         assert key in out and doc in out
+
+
+def test_every_config_file_loads():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert files
+    for path in files:
+        load_config(path)

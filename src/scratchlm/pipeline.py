@@ -220,12 +220,22 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Co
 
 def _seq2seq_tokenizer(cfg: Config, progress: bool):
     """One tokenizer shared by source and target, trained on both sides of the parallel training files."""
-    from scratchlm.data.pairs import pair_files
+    from scratchlm.data.pairs import load_pairs
     from scratchlm.tokenizer import load_tokenizer, train_bpe
 
     if cfg.tokenizer.path:
         return load_tokenizer(cfg.tokenizer.path)
-    files = pair_files(cfg.data)
+    if not cfg.data.source:
+        raise ConfigError(
+            "model.arch=seq2seq needs data.source=PREFIX of line-aligned files (e.g. "
+            "../shared/data/multi30k/train with data.src_lang=de data.tgt_lang=en) or a .tsv file"
+        )
+    prefix = cfg.data.source[0]
+    if prefix.lower().endswith(".tsv"):
+        files = [prefix]
+    else:
+        files = [f"{prefix}.{cfg.data.src_lang}", f"{prefix}.{cfg.data.tgt_lang}"]
+    load_pairs(prefix, cfg.data.src_lang, cfg.data.tgt_lang)  # checks the files exist and line up
     key = _key(
         [str(Path(f).resolve()) for f in files],
         [Path(f).stat().st_mtime_ns for f in files],
