@@ -190,7 +190,8 @@ _GPT2 = dict(
 
 
 def _llama(d_model: int, n_layer: int, n_head: int, n_kv_head: int | None = None) -> dict[str, Any]:
-    # Llama-2 style at TinyStories sizes (llama2.c): RMSNorm, RoPE (HF half-split), SwiGLU, no bias, untied.
+    # Llama-2 style at TinyStories sizes (llama2.c): RMSNorm, RoPE (HF half-split), SwiGLU, no bias. Tied
+    # embeddings as in llama2.c's stories15M/42M/110M, so the names match the parameter counts.
     return dict(
         d_model=d_model,
         n_layer=n_layer,
@@ -202,7 +203,7 @@ def _llama(d_model: int, n_layer: int, n_head: int, n_kv_head: int | None = None
         mlp="swiglu",
         multiple_of=32,
         bias=False,
-        tie_embeddings=False,
+        tie_embeddings=True,
         context_length=256,
         norm_eps=1e-5,
     )
