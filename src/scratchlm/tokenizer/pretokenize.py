@@ -1,0 +1,245 @@
+"""Pre-tokenization: split text into pre-tokens (the units BPE never merges across) and count them.
+
+Byte-level BPE never merges across a *pre-token* boundary: text is first cut by a regex into words,
+numbers, punctuation runs and whitespace runs, and merges happen only inside those pieces. Special tokens
+(``<|endoftext|>``) are cut out even before that, so no merge ever crosses them either.
+
+Training only needs ``Counter[pre-token] -> count``; this module computes it in parallel worker processes
+over chunks of the input that are cut at document and special-token boundaries, streaming files block
+by block, so memory grows with the number of *unique* pre-tokens, not with the corpus size.
+The chunks depend only on the input (never on the number of workers), and counting is a sum, so the
+result is identical for any ``num_workers``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import multiprocessing
+import os
+import re
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
+from pathlib import Path
+
+import regex
+
+from scratchlm.errors import ConfigError, DataError
+
+# The GPT-2 pattern (same matches as OpenAI's original
+# 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+ ; written with possessive
+# quantifiers, which regex engines execute faster). HF's ByteLevel(use_regex=True) uses the original.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# The GPT-4 (cl100k) pattern: case-insensitive contractions, digits in groups of at most 3,
+# punctuation keeps its trailing newlines, newlines are split from the following indentation.
+# (tiktoken writes \p{N}{1,3}+; the Oniguruma engine of HF tokenizers reads "{1,3}+" as "({1,3})+",
+# so we drop that "+", which changes nothing: nothing follows the digits in that alternative.)
+GPT4_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+
+# Counting shortcut: cut text into "units" at points that are always pre-token boundaries, count the units
+# with the stdlib `re` (faster than `regex` on this simple pattern), then pre-tokenize each *unique* unit
+# once. Boundaries: GPT-2 - every non-space -> space transition (no alternative spans it and matching
+# restarts from scratch there); GPT-4 - every non-space -> space transition except into \r or \n
+# (punctuation keeps its trailing newlines). `_WS` is exactly regex's \s (Unicode White_Space), which
+# differs from re's \s (that one also has U+001C..U+001F).
+_WS = "[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+_NWS = "[^" + _WS[1:]
+_UNIT_PATTERNS = {
+    GPT2_PATTERN: f"{_WS}*{_NWS}+|{_WS}+",
+    GPT4_PATTERN: f"{_WS}*{_NWS}+(?:[\r\n]{_WS}*{_NWS}+)*(?:[\r\n]{_WS}*\\Z)?|{_WS}+",
+}
+
+CHUNK_CHARS = 1 << 20  # ~1 MB of text per worker task: big enough to amortise IPC, small enough to stream
+
+
+def resolve_pattern(pattern: str) -> str:
+    """``"gpt2"`` / ``"gpt4"`` -> the regex; any other string is taken as a regex itself (and compiled)."""
+    if pattern in PATTERNS:
+        return PATTERNS[pattern]
+    try:
+        regex.compile(pattern)
+    except regex.error as e:
+        raise ConfigError(
+            f"tokenizer pattern {pattern!r} is neither gpt2/gpt4 nor a valid regex ({e})"
+        ) from e
+    return pattern
+
+
+def pattern_name(pat: str) -> str:
+    """The short name of a known pattern regex, else the regex itself."""
+    for name, p in PATTERNS.items():
+        if p == pat:
+            return name
+    return pat
+
+
+def special_splitter(special_tokens: Iterable[str]) -> regex.Pattern | None:
+    """A regex matching any special token, longest first (so ``<|a|><|a|>`` beats ``<|a|>``); None if none."""
+    specials = sorted(set(special_tokens), key=lambda s: (-len(s), s))
+    if not specials:
+        return None
+    return regex.compile("|".join(regex.escape(s) for s in specials))
+
+
+def count_pretokens(texts: Sequence[str], pattern: str, special_tokens: Sequence[str]) -> Counter[str]:
+    """Count the pre-tokens of ``texts`` (each a document); special tokens are dropped, not counted.
+
+    Runs in worker processes: a top-level function with picklable arguments (spawn-safe).
+    """
+    pat = regex.compile(pattern)
+    splitter = special_splitter(special_tokens)
+    unit_pattern = _UNIT_PATTERNS.get(pattern)
+    finder = re.compile(unit_pattern).findall if unit_pattern else pat.findall
+    counts: Counter[str] = Counter()
+    for text in texts:
+        pieces = splitter.split(text) if splitter is not None else (text,)
+        for piece in pieces:
+            counts.update(finder(piece))
+    if unit_pattern is None:
+        return counts
+    pretokens: Counter[str] = Counter()
+    for unit, n in counts.items():
+        for piece in pat.findall(unit):
+            pretokens[piece] += n
+    return pretokens
+
+
+def _safe_cut(buf: str) -> int:
+    """The last position where ``buf`` can be cut without changing its pre-tokenization, or -1.
+
+    For both the GPT-2 and the GPT-4 pattern these are pre-token boundaries whose left side tokenizes
+    the same whether the text goes on or ends there, and whose right side starts a fresh match:
+    - before a space that follows a non-space (no alternative carries a non-space into a following space);
+    - after a newline that follows a non-space and precedes a letter (no alternative joins a newline to a
+      following letter).
+    ``str.isspace`` is a superset of the patterns' ``\\s``, so testing "not isspace" is conservative.
+    """
+    cut = -1
+    i = len(buf) - 1
+    while i > 0:
+        i = buf.rfind(" ", 1, i + 1)
+        if i > 0 and not buf[i - 1].isspace():
+            cut = i
+            break
+        i -= 1
+    i = len(buf) - 2
+    while i > max(cut - 1, 0):
+        i = buf.rfind("\n", max(cut, 1), i + 1)
+        if i <= 0:
+            break
+        if buf[i + 1].isalpha() and not buf[i - 1].isspace():
+            return max(cut, i + 1)
+        i -= 1
+    return cut
+
+
+def iter_file_chunks(
+    paths: Sequence[Path], special_tokens: Sequence[str], chunk_chars: int = CHUNK_CHARS
+) -> Iterator[list[str]]:
+    """Stream ``paths`` as lists of independent texts of about ``chunk_chars`` characters.
+
+    Each file is a document. A file larger than ``chunk_chars`` is read in blocks and cut after the last
+    special token of a block (or, lacking one, at a safe point, see :func:`_safe_cut`), so a
+    multi-GB file is never loaded whole. Undecodable bytes become U+FFFD (counted, see :func:`replaced_bytes`).
+    """
+    splitter = special_splitter(special_tokens)
+    # a safe cut could fall inside a special token that contains whitespace: then cut at specials only
+    spaced_special = any(any(c.isspace() for c in s) for s in special_tokens)
+    batch: list[str] = []
+    size = 0
+    for path in paths:
+        with open(path, encoding="utf-8", errors="scratchlm_replace", newline="") as f:
+            tail = ""
+            while True:
+                block = f.read(chunk_chars)
+                if not block:
+                    break
+                buf = tail + block
+                cut = -1
+                if splitter is not None:
+                    ends = [m.end() for m in splitter.finditer(buf)]
+                    cut = ends[-1] if ends else -1
+                if cut < 0 and not spaced_special:
+                    cut = _safe_cut(buf)
+                if cut < 0:  # no boundary yet: keep reading (a huge special-free, newline-free document)
+                    tail = buf
+                    continue
+                batch.append(buf[:cut])
+                size += cut
+                tail = buf[cut:]
+                if size >= chunk_chars:
+                    yield batch
+                    batch, size = [], 0
+            if tail:
+                batch.append(tail)
+                size += len(tail)
+        if size >= chunk_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def iter_text_chunks(texts: Iterable[str], chunk_chars: int = CHUNK_CHARS) -> Iterator[list[str]]:
+    """Group an iterable of documents into lists of about ``chunk_chars`` characters."""
+    batch: list[str] = []
+    size = 0
+    for text in texts:
+        if not isinstance(text, str):
+            raise DataError(f"training texts must be str, got {type(text).__name__}; decode your data first")
+        batch.append(text)
+        size += len(text)
+        if size >= chunk_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def parallel_count(
+    chunks: Iterable[list[str]],
+    pattern: str,
+    special_tokens: Sequence[str],
+    num_workers: int | None = None,
+    start_method: str | None = None,
+) -> Counter[str]:
+    """Sum :func:`count_pretokens` over ``chunks`` using ``num_workers`` processes (None = all cores).
+
+    ``start_method``: multiprocessing start method (None = the platform default; "spawn" works too).
+    """
+    num_workers = num_workers or os.cpu_count() or 1
+    job = partial(count_pretokens, pattern=pattern, special_tokens=list(special_tokens))
+    total: Counter[str] = Counter()
+    if num_workers <= 1:
+        for chunk in chunks:
+            total.update(job(chunk))
+        return total
+    with multiprocessing.get_context(start_method).Pool(num_workers) as pool:
+        # at most 2 chunks per worker in flight: the input is streamed, never queued whole
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(job, (chunk,)))
+            if len(pending) >= 2 * num_workers:
+                total.update(pending.popleft().get())
+        while pending:
+            total.update(pending.popleft().get())
+    return total
+
+
+def _replace_and_count(err: UnicodeDecodeError) -> tuple[str, int]:
+    """Decode error handler: like ``errors="replace"`` (one U+FFFD per bad sequence), counting the bytes."""
+    _REPLACED_BYTES[0] += err.end - err.start
+    return "\ufffd", err.end
+
+
+_REPLACED_BYTES = [0]
+codecs.register_error("scratchlm_replace", _replace_and_count)
+
+
+def replaced_bytes() -> int:
+    """Undecodable bytes replaced by U+FFFD so far by :func:`iter_file_chunks` in this process."""
+    return _REPLACED_BYTES[0]
