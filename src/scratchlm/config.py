@@ -132,6 +132,9 @@ class TrainConfig:
     schedule: str = doc("cosine", "cosine (warmup + cosine) | wsd (warmup-stable-decay) | constant")
     warmup_steps: int = doc(100, "linear warmup steps")
     decay_fraction: float = doc(0.2, "wsd: fraction of steps spent in the final decay")
+    schedule_clock: str = doc(
+        "steps", "lr schedule progress: steps (step/max_steps) | time (elapsed/max_time)"
+    )
     log_interval: int = doc(10, "log metrics every N steps")
     ckpt_interval: int = doc(500, "write a checkpoint every N steps (and at the end)")
     keep_last: int = doc(2, "keep this many recent checkpoints (best/ is kept apart)")
@@ -478,6 +481,7 @@ _CHOICES = {
     "train.dtype": ("auto", "float32", "bfloat16", "float16"),
     "train.optimizer": ("adamw", "muon"),
     "train.schedule": ("cosine", "wsd", "constant"),
+    "train.schedule_clock": ("steps", "time"),
     "train.resume": ("auto", "never"),
 }
 
@@ -540,6 +544,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.decay_fraction must be in (0, 1], got {t.decay_fraction}")
     if t.max_time is not None and t.max_time <= 0:
         raise ConfigError(f"train.max_time must be positive seconds or None, got {t.max_time}")
+    if t.schedule_clock == "time" and t.max_time is None:
+        raise ConfigError(
+            "train.schedule_clock=time needs train.max_time (seconds); or use schedule_clock=steps"
+        )
     specials = cfg.tokenizer.special_tokens
     if len(set(specials)) != len(specials):
         raise ConfigError(f"tokenizer.special_tokens lists a token twice: {specials}")

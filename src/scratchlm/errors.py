@@ -31,3 +31,7 @@ class CheckpointError(ScratchLMError):
 
 class GenerationError(ScratchLMError):
     """A generation request cannot be served (prompt too long for the context, bad sampling option)."""
+
+
+class TrainingError(ScratchLMError):
+    """Training cannot go on (a NaN/Inf loss): the message names the step and the last good checkpoint."""

@@ -125,6 +125,7 @@ def _print_sample(run_dir, cfg) -> None:
         temperature=0.8,
         top_k=50,
         seed=cfg.train.seed,
+        context="slide",  # prompt + 200 tokens may exceed a small context window
     )
     print("\n--- sample ---")
     print(prompt + text)

@@ -1,0 +1,95 @@
+"""Where batches come from and how a batch becomes a loss, for both model kinds.
+
+- decoder LM (``model.arch=gpt``): :class:`~scratchlm.data.loader.TokenLoader` over the prepared shards;
+  a batch is ``(x, y)``, both (B, T) long, and the loss is ``model(x, y)``.
+- encoder-decoder (``model.arch=seq2seq``): :class:`~scratchlm.data.pairs.PairLoader` over the parallel
+  files; a batch is a dict ``src, src_mask, tgt_in, targets`` and the loss is ``model(**batch)``.
+
+Tokens counted for throughput and ``tokens seen`` are the predicted targets (``targets != -100``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scratchlm.config import Config
+from scratchlm.errors import ConfigError
+
+Batch = tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]
+
+
+def batch_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy of the model on one batch (scalar)."""
+    if isinstance(batch, dict):
+        src, tgt_in, targets = batch["src"], batch["tgt_in"], batch["targets"]
+        return model(src, tgt_in, targets, src_mask=batch.get("src_mask"))[1]
+    x, y = batch
+    return model(x, y)[1]
+
+
+def batch_tokens(batch: Batch) -> int:
+    """Number of predicted tokens in a batch (padding excluded)."""
+    if isinstance(batch, dict):
+        return int((batch["targets"] != -100).sum())
+    return batch[1].numel()
+
+
+def make_loaders(
+    cfg: Config, tokenizer: Any, data_dir: Path | None, device: torch.device
+) -> tuple[Any, Callable[[], Any] | None]:
+    """(train loader, factory of a fresh sequential validation loader or None when there is no val split).
+
+    Every loader has ``next_batch()``, ``state_dict()`` and ``load_state_dict()``.
+    """
+    tc, dc = cfg.train, cfg.data
+    if cfg.model.arch == "seq2seq":
+        return _pair_loaders(cfg, tokenizer, device)
+    if data_dir is None:
+        raise ConfigError("model.arch=gpt needs prepared shards (data.data_dir); run scratchlm data prepare")
+    from scratchlm.data.loader import TokenLoader
+
+    T = cfg.model.context_length
+    train = TokenLoader(
+        data_dir,
+        split="train",
+        batch_size=tc.batch_size,
+        context_length=T,
+        mode=dc.loader,
+        doc_aligned=dc.doc_aligned,
+        seed=tc.seed,
+        device=device,
+    )
+    if not _has_val(data_dir):
+        return train, None
+
+    def val_loader():
+        return TokenLoader(
+            data_dir,
+            split="val",
+            batch_size=tc.batch_size,
+            context_length=T,
+            mode="sequential",
+            doc_aligned=False,
+            seed=tc.seed,
+            device=device,
+        )
+
+    return train, val_loader
+
+
+def _has_val(data_dir: Path) -> bool:
+    from scratchlm.data.shards import read_meta
+
+    return read_meta(data_dir)["splits"]["val"]["tokens"] > 1
+
+
+def _pair_loaders(cfg: Config, tokenizer: Any, device: torch.device):
+    from scratchlm.data.pairs import build_pair_loaders
+
+    return build_pair_loaders(
+        cfg.data, tokenizer, cfg.train.batch_size, cfg.model.context_length, cfg.train.seed, device
+    )

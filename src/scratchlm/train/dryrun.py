@@ -1,0 +1,165 @@
+"""``scratchlm train --dry-run``: what a run will cost, measured on two steps, without writing anything.
+
+Reported: parameter count, an estimate of the training memory, tokens and FLOPs per optimizer step, and
+the expected wall time of ``max_steps`` from the second of two real optimizer steps (the first warms up
+allocators and ``torch.compile``) on random tokens. Nothing touches the disk: no run dir, no data, no
+tokenizer training. The vocabulary size comes from ``model.vocab_size`` or the tokenizer settings.
+
+Memory estimate (bytes), with N parameters, L layers, micro-batch B x T, width C, vocabulary V::
+
+    weights 4N + gradients 4N + optimizer state (AdamW: 8 per parameter, Muon: 4 per matrix parameter)
+    + activations ~ L * B * T * C * 34 (16-bit; x2 in fp32)   (Korthikanti et al. 2022, with fused
+      attention, i.e. without the B*heads*T^2 score matrices)
+    + logits B * T * V * 12 (fp32 logits, their float copy for the loss, and the gradient)
+
+It is an estimate (allocator overheads and temporaries vary by +-30%); the measured step is exact.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from scratchlm.config import Config
+from scratchlm.device import resolve_device, resolve_dtype
+from scratchlm.model import build_model
+from scratchlm.train.metrics import peak_flops
+from scratchlm.train.optim import build_optimizers, param_groups, set_lr
+from scratchlm.train.trainer import micro_steps, train_step
+
+# measure with fewer rows when one micro-batch would take more than this many FLOPs (CPU: ~seconds)
+_MEASURE_FLOPS_BUDGET = {"cpu": 3e11, "mps": 3e12, "cuda": 1e30}
+
+
+def _vocab_size(cfg: Config) -> tuple[int, str]:
+    if cfg.model.vocab_size:
+        return cfg.model.vocab_size, ""
+    tk = cfg.tokenizer
+    if tk.kind == "gpt2":
+        return 50257, " (GPT-2 tokenizer)"
+    if tk.kind == "char":
+        return 256, " (char tokenizer: assumed 256, the real size comes from the text)"
+    return tk.vocab_size, " (tokenizer.vocab_size)"
+
+
+def estimate_memory(cfg: Config, model: torch.nn.Module, dtype: torch.dtype) -> dict[str, float]:
+    """Bytes of weights, gradients, optimizer state and activations (see the module docstring)."""
+    m = cfg.model
+    n = sum(p.numel() for p in model.parameters())
+    groups = param_groups(model, cfg.train.optimizer)
+    n_muon = sum(p.numel() for p in groups["muon"])
+    B, T = cfg.train.batch_size, m.context_length
+    layers = m.n_layer + (m.n_encoder_layer or m.n_layer if m.arch == "seq2seq" else 0)
+    act_bytes = 34 * (2 if dtype == torch.float32 else 1)
+    return {
+        "weights": 4 * n,
+        "gradients": 4 * n,
+        "optimizer": 8 * (n - n_muon) + 4 * n_muon,
+        "activations": layers * B * T * m.d_model * act_bytes + B * T * m.vocab_size * 12,
+    }
+
+
+def _random_batch(cfg: Config, rows: int, device: torch.device, gen: torch.Generator):
+    V, T = cfg.model.vocab_size, cfg.model.context_length
+    x = torch.randint(0, V, (rows, T + 1), generator=gen).to(device)
+    if cfg.model.arch == "seq2seq":
+        return {
+            "src": x[:, :T],
+            "src_mask": torch.ones(rows, T, dtype=torch.bool, device=device),
+            "tgt_in": x[:, :T],
+            "targets": x[:, 1:],
+        }
+    return x[:, :T], x[:, 1:]
+
+
+def dry_run(cfg: Config) -> str:
+    """A plain-text report (see the module docstring); writes nothing."""
+    vocab, vocab_note = _vocab_size(cfg)
+    cfg = cfg.__class__(
+        **{**cfg.__dict__, "model": cfg.model.__class__(**{**cfg.model.__dict__, "vocab_size": vocab})}
+    )
+    tc, m = cfg.train, cfg.model
+    device = resolve_device(tc.device)
+    dtype = resolve_dtype(tc.dtype, device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tc.seed)
+        model = build_model(m).to(device)
+        model.train()
+        n = model.num_params()
+        n_body = model.num_params(non_embedding=True)
+        accum = micro_steps(cfg)
+        tokens_per_step = accum * tc.batch_size * m.context_length
+        flops_per_token = model.flops_per_token()
+        mem = estimate_memory(cfg, model, dtype)
+
+        # time two real optimizer steps (the first one warms up); scale down the rows on slow devices
+        rows = tc.batch_size
+        budget = _MEASURE_FLOPS_BUDGET.get(device.type, 1e30)
+        while rows > 1 and flops_per_token * rows * m.context_length > budget:
+            rows //= 2
+        optimizers = build_optimizers(model, tc)
+        forward_model = torch.compile(model) if tc.compile else model
+        gen = torch.Generator().manual_seed(tc.seed)
+        scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+        times = []
+        for step in range(2):
+            set_lr(optimizers, step, tc)
+            batches = [_random_batch(cfg, rows, device, gen) for _ in range(accum)]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            train_step(
+                forward_model,
+                model,
+                optimizers,
+                batches,
+                grad_clip=tc.grad_clip,
+                device=device,
+                dtype=dtype,
+                scaler=scaler,
+            )
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    step_time = times[1] * tc.batch_size / rows
+    tokens_per_s = tokens_per_step / step_time
+    peak = peak_flops(device, dtype)
+    mfu = (
+        f"{100 * flops_per_token * tokens_per_s / peak:.1f}%"
+        if peak
+        else "n/a (no known peak for this device)"
+    )
+    total = tc.max_steps * step_time
+    capped = (
+        f" (train.max_time caps it at {_duration(tc.max_time)})"
+        if tc.max_time and tc.max_time < total
+        else ""
+    )
+    scaled = f"; measured on {rows} of {tc.batch_size} rows and scaled" if rows != tc.batch_size else ""
+    gb = lambda b: f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"
+    kind = "autocast" if dtype != torch.float32 else ""
+    lines = [
+        "# dry run (nothing written)",
+        f"model:           {type(model).__name__}, {m.n_layer} layers, d_model {m.d_model}, vocab {vocab:,}{vocab_note}",
+        f"parameters:      {n:,} ({n_body:,} non-embedding)",
+        f"device / dtype:  {device} / {str(dtype).removeprefix('torch.')} {kind}".rstrip(),
+        f"tokens per step: {tokens_per_step:,} (batch {tc.batch_size} x context {m.context_length} x "
+        f"{accum} micro-batch{'es' if accum > 1 else ''})",
+        f"FLOPs per step:  {flops_per_token * tokens_per_step:.3g} ({flops_per_token:.3g} per token: 6N + attention)",
+        "memory (est.):   "
+        + " + ".join(f"{k} {gb(v)}" for k, v in mem.items())
+        + f" = {gb(sum(mem.values()))}",
+        f"measured step:   {step_time:.3f} s (second of two steps on random tokens{scaled}; first {times[0]:.3f} s)",
+        f"throughput:      {tokens_per_s:,.0f} tokens/s, MFU {mfu}",
+        f"expected time:   {tc.max_steps:,} steps x {step_time:.3f} s = {_duration(total)}{capped}, plus evaluation",
+    ]
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

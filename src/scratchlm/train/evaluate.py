@@ -1,0 +1,136 @@
+"""Validation loss and the samples written to samples.txt during training.
+
+Validation: the mean cross-entropy (nats per predicted token) over ``eval.batches`` batches of a *fresh*
+sequential validation loader, so every evaluation sees the same tokens and numbers are comparable across
+steps and across resumed runs. Perplexity = ``exp(val_loss)``; bits per byte = ``val_loss / ln 2 * tokens /
+bytes`` when the shard metadata records the validation split's byte count.
+
+Samples use a small temperature/top-k sampler with its *own* ``torch.Generator`` seeded from
+``(train.seed, step)``: writing samples never touches the global RNG, so it cannot change the training run
+(a requirement of exact resume).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scratchlm.config import Config
+from scratchlm.device import autocast
+from scratchlm.train.batches import batch_loss
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    make_val_loader: Callable[[], Any],
+    batches: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> float:
+    """Mean validation loss over ``batches`` batches (model put back in train mode afterwards)."""
+    loader = make_val_loader()
+    model.eval()
+    total = 0.0
+    for _ in range(batches):
+        with autocast(device, dtype):
+            total += batch_loss(model, loader.next_batch()).item()
+    model.train()
+    return total / batches
+
+
+def eval_record(step: int, val_loss: float, data_meta: dict[str, Any] | None) -> dict[str, Any]:
+    """The metrics.jsonl record of one evaluation (perplexity, and bits per byte when bytes are known)."""
+    record: dict[str, Any] = {
+        "kind": "eval",
+        "step": step,
+        "val_loss": val_loss,
+        "val_ppl": math.exp(min(val_loss, 50.0)),
+    }
+    val = (data_meta or {}).get("splits", {}).get("val", {})
+    if val.get("bytes") and val.get("tokens"):
+        record["val_bpb"] = val_loss / math.log(2) * val["tokens"] / val["bytes"]
+    return record
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    idx: torch.Tensor,
+    new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator,
+    context_length: int,
+) -> torch.Tensor:
+    """Append ``new_tokens`` sampled tokens to idx (B, T) -> (B, T + new_tokens); no KV cache (simplest).
+
+    p(next) = softmax(logits[-1] / temperature) restricted to the top_k logits; temperature 0 = greedy.
+    """
+    for _ in range(new_tokens):
+        logits, _ = model(idx[:, -context_length:])
+        logits = logits[:, -1].float()  # (B, V)
+        if temperature <= 0:
+            nxt = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+        idx = torch.cat([idx, nxt], dim=1)
+    return idx
+
+
+@torch.no_grad()
+def write_samples(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    cfg: Config,
+    run_dir: Path,
+    step: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    make_val_loader: Callable[[], Any] | None,
+) -> None:
+    """Append ``eval.num_samples`` generations to run_dir/samples.txt (GPT: from the prompt; seq2seq:
+    greedy translations of the first validation sources)."""
+    ec = cfg.eval
+    if ec.num_samples <= 0 or tokenizer is None:
+        return
+    model.eval()
+    lines = [f"=== step {step} ==="]
+    with autocast(device, dtype):
+        if cfg.model.arch == "seq2seq":
+            if make_val_loader is None:
+                model.train()
+                return
+            batch = make_val_loader().next_batch()
+            n = min(ec.num_samples, batch["src"].size(0))
+            bos = tokenizer.special_tokens.get("<|bos|>", tokenizer.eot_id)
+            out = model.greedy_decode(
+                batch["src"][:n], batch["src_mask"][:n], bos, tokenizer.eot_id, ec.sample_tokens
+            )
+            for i in range(n):
+                src = batch["src"][i][batch["src_mask"][i]].tolist()
+                hyp = out[i].tolist()
+                hyp = hyp[: hyp.index(tokenizer.eot_id)] if tokenizer.eot_id in hyp else hyp
+                lines.append(f"src: {tokenizer.decode([t for t in src if t != tokenizer.eot_id])}")
+                lines.append(f"out: {tokenizer.decode(hyp)}")
+        else:
+            gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + step)
+            prompt = tokenizer.encode(ec.sample_prompt) if ec.sample_prompt else [tokenizer.eot_id]
+            idx = torch.tensor([prompt] * ec.num_samples, dtype=torch.long, device=device)
+            out = sample(
+                model, idx, ec.sample_tokens, ec.temperature, ec.top_k, gen, cfg.model.context_length
+            )
+            for row in out.tolist():
+                text = tokenizer.decode(row[len(prompt) :])
+                lines.append((ec.sample_prompt + text).rstrip() + "\n---")
+    model.train()
+    with open(Path(run_dir) / "samples.txt", "a", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n\n")

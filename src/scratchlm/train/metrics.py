@@ -1,0 +1,206 @@
+"""Training telemetry: console progress bar, metrics.jsonl, TensorBoard, PNG plots.
+
+``metrics.jsonl`` holds one JSON object per line: ``{"kind": "train", "step", "loss", "lr", "grad_norm",
+"tokens", "tokens_per_s", "mfu", "time"}`` every ``train.log_interval`` steps and ``{"kind": "eval", "step",
+"val_loss", "val_ppl", "val_bpb"?}`` at each evaluation. It is the single source for the plots; TensorBoard
+files (``train.tensorboard``) carry the same scalars.
+
+MFU (model FLOPs utilisation) = ``flops_per_token * tokens_per_s / peak_flops``, where ``flops_per_token`` is
+the model's forward+backward count (6N + attention, PaLM appendix B) and the peak is the device's dense
+bf16/fp16 tensor-core figure from :data:`PEAK_FLOPS` (fp32: the TF32 figure). CPUs have no reliable
+published peak, so MFU is reported as ``n/a`` there unless ``SCRATCHLM_PEAK_FLOPS`` gives one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# dense (no sparsity) peak FLOP/s by device-name substring: (bf16/fp16, fp32 via TF32)
+PEAK_FLOPS: dict[str, tuple[float, float]] = {
+    "H200": (989e12, 494e12),
+    "H100 NVL": (835e12, 418e12),
+    "H100 PCIe": (756e12, 378e12),
+    "H100": (989e12, 494e12),  # SXM
+    "A100": (312e12, 156e12),
+    "A10G": (125e12, 62.5e12),
+    "L4": (121e12, 60e12),
+    "L40S": (362e12, 183e12),
+    "RTX 4090": (165e12, 82.6e12),
+    "RTX 3090": (71e12, 35.6e12),
+    "V100": (125e12, 15.7e12),
+    "T4": (65e12, 8.1e12),
+}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Peak FLOP/s of ``device`` at ``dtype`` from :data:`PEAK_FLOPS`, or None when unknown (CPU, MPS).
+
+    ``SCRATCHLM_PEAK_FLOPS`` (a number, e.g. ``2e12``) overrides the table, e.g. for a CPU's nominal peak.
+    """
+    if os.environ.get("SCRATCHLM_PEAK_FLOPS"):
+        return float(os.environ["SCRATCHLM_PEAK_FLOPS"])
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (half, fp32) in PEAK_FLOPS.items():
+        if key in name:
+            return fp32 if dtype == torch.float32 else half
+    return None
+
+
+class MetricsLogger:
+    """Writes records to metrics.jsonl (+ TensorBoard) and drives the tqdm progress bar."""
+
+    def __init__(self, run_dir: Path, *, max_steps: int, start_step: int, progress: bool, tensorboard: bool):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a")  # noqa: SIM115 (closed in close())
+        self.writer = _tensorboard_writer(Path(run_dir) / "tensorboard") if tensorboard else None
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=max_steps,
+            initial=start_step,
+            disable=not progress,
+            unit="step",
+            dynamic_ncols=True,
+            leave=True,
+        )
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append ``record`` (needs ``kind`` and ``step``) and show it on the bar."""
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for k, v in record.items():
+                if k not in ("kind", "step") and isinstance(v, int | float) and v is not None:
+                    self.writer.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+        if record["kind"] == "train":
+            mfu = record.get("mfu")
+            self.bar.set_postfix_str(
+                f"loss {record['loss']:.4f} lr {record['lr']:.2e} gnorm {record['grad_norm']:.2f} "
+                f"tok/s {record['tokens_per_s']:,.0f} mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}",
+                refresh=False,
+            )
+        elif record["kind"] == "eval":
+            self.bar.write(f"step {record['step']}: val loss {record['val_loss']:.4f}")
+
+    def advance(self, steps: int = 1) -> None:
+        self.bar.update(steps)
+
+    def message(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _tensorboard_writer(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from scratchlm.errors import ConfigError
+
+        raise ConfigError(
+            "train.tensorboard=true needs tensorboard: pip install 'scratchlm[tensorboard]' "
+            "(or set train.tensorboard=false)"
+        ) from None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of ``run_dir/metrics.jsonl`` (a torn last line from a crash is skipped)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """On resume from ``step``: drop records logged after it (the resumed run logs them again)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Write plots/loss.png, plots/lr.png and plots/throughput.png from metrics.jsonl; returns the paths."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from scratchlm.errors import ConfigError
+
+        raise ConfigError("plots need matplotlib: pip install 'scratchlm[viz]'") from None
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    if not records:
+        from scratchlm.errors import CheckpointError
+
+        raise CheckpointError(
+            f"{run_dir / 'metrics.jsonl'} is missing or empty; nothing to plot (train first)"
+        )
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval" and r.get("val_loss") is not None]
+    out_dir = run_dir / "plots"
+    out_dir.mkdir(exist_ok=True)
+    paths = []
+
+    def figure(name: str, draw) -> None:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        draw(ax)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+
+    def loss(ax):
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=1)
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
+        finite = [r["loss"] for r in train if math.isfinite(r["loss"])]
+        if finite:
+            ax.set_ylim(top=min(max(finite), 2 * sorted(finite)[len(finite) // 2] + 1))
+        ax.set_ylabel("loss (nats/token)")
+        ax.legend()
+
+    figure("loss.png", loss)
+    figure(
+        "lr.png",
+        lambda ax: (
+            ax.plot([r["step"] for r in train], [r["lr"] for r in train]),
+            ax.set_ylabel("learning rate"),
+        ),
+    )
+    figure(
+        "throughput.png",
+        lambda ax: (
+            ax.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train]),
+            ax.set_ylabel("tokens / s"),
+        ),
+    )
+    return paths
