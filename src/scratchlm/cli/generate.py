@@ -1,0 +1,206 @@
+"""``scratchlm generate`` (alias ``sample``) and ``scratchlm chat``: text from a trained run.
+
+scratchlm generate runs/demo --prompt "def " --max-new-tokens 80 --temperature 0.8 --top-p 0.95 --stats
+scratchlm generate runs/demo --prompts-file prompts.txt --out results.jsonl --temperature 0
+scratchlm chat runs/demo --temperature 0.7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from scratchlm.errors import GenerationError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    gen = subparsers.add_parser(
+        "generate",
+        aliases=["sample"],
+        help="generate text from a trained run (KV cache, batched)",
+        description="Complete prompts with a trained run's model. One --prompt, or --prompts-file for a "
+        "batch (written to --out as JSON lines).",
+    )
+    gen.add_argument(
+        "run_dir", metavar="RUN_DIR", help="run directory (config.yaml, tokenizer.json, checkpoints/)"
+    )
+    src = gen.add_mutually_exclusive_group()
+    src.add_argument(
+        "--prompt", default="", help="the prompt (default: '' = start after an end-of-text token)"
+    )
+    src.add_argument(
+        "--prompts-file",
+        metavar="FILE",
+        help="one prompt per line (.txt, '\\n' escapes allowed) or {\"prompt\": ...} per line (.jsonl)",
+    )
+    gen.add_argument(
+        "--out", metavar="FILE", help="write one JSON object per completion to FILE (JSON lines)"
+    )
+    gen.add_argument("--num-samples", type=int, default=1, help="completions per prompt (default 1)")
+    gen.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
+    _add_common(gen)
+    gen.set_defaults(func=run_generate)
+
+    chat = subparsers.add_parser(
+        "chat",
+        help="chat with a trained run in an interactive REPL (streaming)",
+        description="Interactive chat (plain 'User:/Assistant:' transcript for base models). Commands: /reset, "
+        "/set NAME VALUE, /show, /help, /quit. Ctrl-C stops a reply, Ctrl-D exits.",
+    )
+    chat.add_argument("run_dir", metavar="RUN_DIR", help="run directory")
+    _add_common(chat, chat_defaults=True)
+    chat.set_defaults(func=run_chat)
+
+
+def _add_common(p: argparse.ArgumentParser, chat_defaults: bool = False) -> None:
+    s = p.add_argument_group("sampling (see docs/generation.md)")
+    s.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per completion")
+    s.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8 if chat_defaults else 1.0,
+        help="0 = greedy; < 1 sharper, > 1 flatter",
+    )
+    s.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set with mass >= p (1 = off)")
+    s.add_argument("--min-p", type=float, default=0.0, help="keep tokens with p >= min_p * p_max (0 = off)")
+    s.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="CTRL penalty on seen tokens (1 = off)"
+    )
+    s.add_argument("--frequency-penalty", type=float, default=0.0, help="subtract F * count (0 = off)")
+    s.add_argument(
+        "--presence-penalty", type=float, default=0.0, help="subtract P if the token was seen (0 = off)"
+    )
+    s.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="S",
+        help="stop string, repeatable; '\\n' escapes allowed; the output is cut before it",
+    )
+    s.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    s.add_argument(
+        "--context",
+        choices=("error", "slide", "stop"),
+        default="error",
+        help="when prompt + new tokens exceed the context: error | slide (sliding window) | stop",
+    )
+    r = p.add_argument_group("run")
+    r.add_argument("--which", choices=("best", "latest"), default="best", help="checkpoint to load")
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    r.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    r.add_argument("--stats", action="store_true", help="print tokens/s after generating (to stderr)")
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty,
+        stop=[_unescape(s) for s in args.stop],
+        seed=args.seed,
+    )
+
+
+def _unescape(s: str) -> str:
+    """Turn backslash escapes typed on the command line (``\\n``, ``\\t``) into characters; keep others."""
+    try:
+        return s.encode("utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8")
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        return s
+
+
+def _engine(args: argparse.Namespace):
+    from scratchlm.api import load
+    from scratchlm.inference.engine import Engine
+
+    lm = load(args.run_dir, which=args.which, device=args.device)
+    return Engine(lm.model, lm.tokenizer, compile=args.compile)
+
+
+def _read_prompts(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise GenerationError(f"--prompts-file {path} does not exist")
+    lines = p.read_text(encoding="utf-8").splitlines()
+    if p.suffix == ".jsonl":
+        prompts = []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                prompts.append(str(json.loads(line)["prompt"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise GenerationError(f"{path}:{i} is not a JSON object with a 'prompt' field") from None
+        return prompts
+    return [_unescape(line) for line in lines if line.strip()]
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Generate for --prompt or --prompts-file; print, or write JSON lines to --out."""
+    if args.batch_size < 1:
+        raise GenerationError(f"--batch-size must be >= 1, got {args.batch_size}")
+    prompts = _read_prompts(args.prompts_file) if args.prompts_file else [_unescape(args.prompt)]
+    engine = _engine(args)
+    sampling = _sampling(args)
+    rows, seconds, new_tokens = [], 0.0, 0
+    for i in range(0, len(prompts), args.batch_size):
+        results = engine.generate(
+            prompts[i : i + args.batch_size], context=args.context, num_samples=args.num_samples, **sampling
+        )
+        seconds += results[0].seconds if results else 0.0
+        new_tokens += engine.last_stats.new_tokens
+        for r in results:
+            rows.append(
+                dict(
+                    prompt=r.prompt,
+                    completion=r.text,
+                    finish_reason=r.finish_reason,
+                    prompt_tokens=r.prompt_tokens,
+                    new_tokens=r.new_tokens,
+                    token_ids=r.token_ids,
+                    seconds=round(r.seconds, 4),
+                    tokens_per_second=round(r.tokens_per_second, 1),
+                )
+            )
+            if not args.out:
+                print(r.prompt + r.text, flush=True)
+                if len(prompts) * args.num_samples > 1:
+                    print("-" * 40)
+    if args.out:
+        out = Path(args.out)
+        tmp = out.with_name(out.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+        print(f"wrote {len(rows)} completions to {out}", file=sys.stderr)
+    if args.stats:
+        if len(prompts) <= args.batch_size:
+            print(engine.last_stats.summary(), file=sys.stderr)
+        else:
+            print(
+                f"{new_tokens} new tokens in {seconds:.2f}s: {new_tokens / max(seconds, 1e-9):.1f} tok/s",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    """Interactive chat on stdin/stdout (prompt and banner only when stdin is a terminal)."""
+    from scratchlm.inference.chat import ChatSession, run_repl
+
+    engine = _engine(args)
+    sampling = _sampling(args)
+    session = ChatSession(engine, **sampling)
+    if args.context != "error":
+        print("note: chat always uses a sliding window when a message does not fit", file=sys.stderr)
+    return run_repl(session, sys.stdin, sys.stdout, interactive=sys.stdin.isatty(), show_stats=args.stats)

@@ -1,0 +1,174 @@
+"""Chat with a base (not instruction-tuned) model: a plain-text turn format and a small REPL.
+
+Turn format. A base model has never seen chat markup, so the conversation is written as a plain transcript
+that any model trained on ordinary text can continue::
+
+    User: <message 1>
+    Assistant: <reply 1>
+    User: <message 2>
+    Assistant:
+
+The model continues after ``Assistant:``; the reply ends at the stop string ``"\\nUser:"`` (the model starting
+the user's next turn), at the end-of-text token, or after ``max_new_tokens``. Replies are stripped of
+surrounding whitespace before they go into the history.
+
+History. Before each reply the oldest turns are dropped until the prompt plus ``max_new_tokens`` fits in the
+model's context window; if the newest message alone does not fit, the engine's sliding window keeps its
+last tokens (``context="slide"``).
+
+REPL commands: ``/reset`` (forget the history), ``/set NAME VALUE`` (any sampling option, e.g.
+``/set temperature 0.7``, ``/set top_k none``, ``/set stop ###``), ``/show``, ``/help``, ``/quit``.
+Ctrl-C stops the current reply (the part shown stays in the history) and returns to the prompt; Ctrl-D (EOF)
+exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+from scratchlm.errors import GenerationError
+from scratchlm.inference.sampling import SamplingParams
+
+USER, ASSISTANT = "User:", "Assistant:"
+STOP = "\n" + USER
+
+HELP = """commands:
+  /reset              forget the conversation
+  /set NAME VALUE     change a sampling option, e.g. /set temperature 0.7, /set top_k none
+  /show               show the sampling options
+  /help               this help
+  /quit               leave (or Ctrl-D); Ctrl-C stops the current reply"""
+
+
+class ChatSession:
+    """A conversation with a decoder-only model through an :class:`~scratchlm.inference.engine.Engine`."""
+
+    def __init__(self, engine, **sampling: Any):
+        sampling.setdefault("max_new_tokens", 128)
+        sampling.setdefault("temperature", 0.8)
+        self.params = SamplingParams.from_kwargs(**sampling)  # validated defaults
+        self.engine = engine
+        self.history: list[tuple[str, str]] = []  # (user message, assistant reply)
+
+    def reset(self) -> None:
+        self.history.clear()
+
+    def set_option(self, name: str, value: str) -> None:
+        """Set one sampling option from its text form (``none`` -> None; numbers parsed by the field's type)."""
+        fields = {f.name: f for f in dataclasses.fields(SamplingParams)}
+        if name not in fields:
+            raise GenerationError(f"unknown option {name!r} (valid: {', '.join(fields)})")
+        if name == "stop":
+            parsed: Any = [] if value.lower() == "none" else [value.encode().decode("unicode_escape")]
+        elif name == "stop_token_ids":
+            parsed = None if value.lower() == "none" else [int(v) for v in value.split(",") if v]
+        elif value.lower() == "none":
+            parsed = None
+        else:
+            kind = int if name in ("max_new_tokens", "top_k", "seed") else float
+            try:
+                parsed = kind(value)
+            except ValueError:
+                raise GenerationError(f"/set {name}: {value!r} is not a {kind.__name__}") from None
+        self.params = dataclasses.replace(self.params, **{name: parsed})  # validated in __post_init__
+
+    def prompt_for(self, message: str) -> str:
+        """The transcript ending in ``Assistant:``, oldest turns dropped to fit the context window."""
+        turns = list(self.history)
+        budget = self.engine.context_length - self.params.max_new_tokens
+        while True:
+            prompt = (
+                "".join(f"{USER} {u}\n{ASSISTANT} {a}\n" for u, a in turns) + f"{USER} {message}\n{ASSISTANT}"
+            )
+            if not turns or len(self.engine.encode_prompt(prompt)) <= budget:
+                return prompt
+            turns.pop(0)
+
+    def reply(self, message: str) -> Iterator[str]:
+        """Stream the reply to ``message``; the reply (or the part generated before the iterator is closed)
+        is added to the history."""
+        options = dataclasses.asdict(self.params)
+        options["stop"] = [*options["stop"], STOP]
+        parts: list[str] = []
+        try:
+            started = False
+            for delta in self.engine.stream(self.prompt_for(message), context="slide", **options):
+                if not started:  # the model usually answers "Assistant: ..." with a space first
+                    delta = delta.lstrip()
+                    started = bool(delta)
+                if delta:
+                    parts.append(delta)
+                    yield delta
+        finally:
+            self.history.append((message, "".join(parts).strip()))
+
+
+def run_repl(
+    session: ChatSession, stdin: TextIO, stdout: TextIO, interactive: bool = False, show_stats: bool = False
+) -> int:
+    """Read messages from ``stdin`` until EOF or ``/quit``; stream replies to ``stdout``. Returns 0.
+
+    ``interactive`` prints the ``> `` prompt and the banner (off for piped input); ``show_stats`` prints
+    the tokens/s of each reply after it.
+    """
+    if interactive:
+        stdout.write("chat with the model; /help for commands, Ctrl-D to quit\n")
+    while True:
+        if interactive:
+            stdout.write("> ")
+            stdout.flush()
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:
+            stdout.write("\n(/quit or Ctrl-D to leave)\n")
+            continue
+        if not line:  # EOF
+            if interactive:
+                stdout.write("\n")
+            return 0
+        message = line.rstrip("\n")
+        if not message.strip():
+            continue
+        if message.startswith("/"):
+            if _command(session, message, stdout):
+                return 0
+            continue
+        reply = session.reply(message)
+        try:
+            for delta in reply:
+                stdout.write(delta)
+                stdout.flush()
+        except KeyboardInterrupt:
+            reply.close()  # stop generating; the shown part stays in the history
+            stdout.write(" [stopped]")
+        except GenerationError as e:
+            stdout.write(f"error: {e}")
+        stdout.write("\n")
+        if show_stats:
+            stdout.write(f"({session.engine.last_stats.summary()})\n")
+        stdout.flush()
+
+
+def _command(session: ChatSession, line: str, stdout: TextIO) -> bool:
+    """Run one /command; True means quit."""
+    name, *args = line.split(maxsplit=2)
+    if name in ("/quit", "/exit"):
+        return True
+    if name == "/reset":
+        session.reset()
+        stdout.write("(history cleared)\n")
+    elif name == "/help":
+        stdout.write(HELP + "\n")
+    elif name == "/show":
+        stdout.write(" ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(session.params).items()) + "\n")
+    elif name == "/set" and len(args) == 2:
+        try:
+            session.set_option(args[0], args[1])
+            stdout.write(f"({args[0]} = {getattr(session.params, args[0])!r})\n")
+        except GenerationError as e:
+            stdout.write(f"error: {e}\n")
+    else:
+        stdout.write(f"unknown command {line!r}; /help lists them\n")
+    return False

@@ -1,0 +1,377 @@
+"""The generation engine for decoder-only models: KV cache, batching, per-row stopping, streaming.
+
+    engine = Engine(model, tokenizer)
+    results = engine.generate(["def ", "class "], max_new_tokens=64, temperature=0.8, top_p=0.95, seed=0)
+    for delta in engine.stream("import ", max_new_tokens=64): print(delta, end="")
+
+How a request runs:
+
+1. **Prefill.** The prompts are encoded and left-padded into one (B, L) batch; a single forward fills a
+   preallocated KV cache (``model.make_cache``) with every prompt token. Row b's positions are
+   ``cumsum(mask_b) - 1`` clipped at 0, so its first real token is position 0 whatever its padding, and the
+   (B, S) attention mask hides the padding keys. Only the last position's logits are used.
+2. **Decode.** One token per step per row: sample from the last logits (``sampling.sample``), feed the
+   (B, 1) new tokens with the cache, repeat. Finished rows keep being fed (their output is ignored), so the
+   batch stays rectangular and the cache aligned.
+3. **Per-row stopping.** A row ends when it samples a stop token id (default: the tokenizer's end-of-text;
+   the token is not part of the output), when its decoded text contains a stop string (the text is cut right
+   before it; the tokens sampled so far stay in ``token_ids``), or after ``max_new_tokens``.
+
+Text is built incrementally from each token's bytes with an incremental UTF-8 decoder, so a character split
+across tokens appears only when complete; at the end, incomplete bytes become U+FFFD (as ``tokenizer.decode``
+does). Streaming additionally holds back any tail that could be the start of a stop string.
+
+Context-window policy (``context=``), when prompt + max_new_tokens exceeds the model's ``context_length``:
+
+- ``"error"`` (default): raise :class:`GenerationError` before generating, naming the numbers.
+- ``"slide"``: a sliding window. A prompt longer than the window keeps its last ``context_length`` tokens;
+  whenever the cache is full, the oldest tokens are dropped: the last ``context_length // 2`` tokens of each
+  row are re-prefilled in one forward (positions restart at 0) and decoding goes on. The model thus always
+  sees between ``context_length // 2`` and ``context_length`` tokens, and a slide costs one prefill per
+  ``context_length // 2`` new tokens.
+- ``"stop"``: generate until the window is full, then finish with ``finish_reason="context"``.
+
+An empty prompt starts after one end-of-text token (documents are separated by it in training).
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from scratchlm.errors import GenerationError
+from scratchlm.inference.sampling import (
+    SamplingParams,
+    build_processors,
+    find_stop,
+    make_generator,
+    sample,
+    stop_prefix_len,
+)
+
+CONTEXT_POLICIES = ("error", "slide", "stop")
+
+
+@dataclass
+class GenerationResult:
+    """One row's completion. ``seconds`` is the wall time of the whole batch it was generated in."""
+
+    prompt: str
+    text: str  # the completion (prompt excluded), cut before a stop string
+    token_ids: list[int]  # sampled tokens (a final stop token id excluded)
+    finish_reason: str  # "stop" (stop token or string) | "length" (max_new_tokens) | "context" (window full)
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass
+class GenerationStats:
+    """Timing of the last request: prefill (prompt) and decode phases, tokens summed over rows."""
+
+    batch_size: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    slides: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second of total wall time (prefill included)."""
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+    def summary(self) -> str:
+        return (
+            f"{self.new_tokens} new tokens ({self.batch_size} rows) in {self.seconds:.2f}s: "
+            f"{self.tokens_per_second:.1f} tok/s; prefill {self.prompt_tokens} tokens in "
+            f"{self.prefill_seconds * 1e3:.0f} ms, decode {self.decode_seconds:.2f}s"
+            + (f", {self.slides} window slides" if self.slides else "")
+        )
+
+
+@dataclass
+class _Row:
+    """Decoding state of one batch row: its tokens, its text so far and why it stopped."""
+
+    prompt_ids: list[int]
+    new_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
+    )
+
+    def finish(self, reason: str, flush: bool = True) -> None:
+        """End the row; ``flush`` turns bytes of an unfinished character into U+FFFD (as tokenizer.decode)."""
+        self.finish_reason = reason
+        if flush:
+            self.text += self.decoder.decode(b"", final=True)
+
+
+class Engine:
+    """Generates text with a decoder-only model (``scratchlm.model.gpt.GPT``) and its tokenizer.
+
+    ``compile=True`` runs the one-token decode step through ``torch.compile`` (dynamic shapes: the cache
+    grows every step); the prefill stays eager. Speed only, never needed for correctness.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        device: torch.device | str | None = None,
+        compile: bool = False,
+    ):
+        if hasattr(model, "encode") or not hasattr(model, "make_cache"):
+            raise GenerationError(
+                f"{type(model).__name__} is not a decoder-only model; for seq2seq models use "
+                "scratchlm.inference.beam.translate"
+            )
+        self.model = model.eval()
+        if device is not None:
+            self.model.to(device)
+        self.device = next(model.parameters()).device
+        self.tokenizer = tokenizer
+        self.context_length: int = model.config.context_length
+        self.vocab_size: int = model.config.vocab_size
+        self.eot_id: int | None = getattr(tokenizer, "eot_id", None)
+        self._decode_forward = torch.compile(model, dynamic=True) if compile else model
+        self._token_bytes: list[bytes] | None = None
+        self.last_stats = GenerationStats()
+
+    # ------------------------------------------------------------------------------------------------------
+    # public API
+
+    def generate(
+        self, prompts: str | Sequence[str], *, context: str = "error", num_samples: int = 1, **sampling
+    ) -> list[GenerationResult]:
+        """Complete each prompt (a str is one prompt); ``num_samples`` completions per prompt, in order.
+
+        Keyword options are the fields of :class:`SamplingParams` (``max_new_tokens``, ``temperature``,
+        ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, ``frequency_penalty``, ``presence_penalty``,
+        ``stop``, ``stop_token_ids``, ``seed``); ``context`` is the window policy (module docstring).
+        All rows run as one left-padded batch.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if num_samples < 1:
+            raise GenerationError(f"num_samples must be >= 1, got {num_samples}")
+        prompts = [p for p in prompts for _ in range(num_samples)]
+        results = self.generate_ids([self._encode(p) for p in prompts], context=context, **sampling)
+        for p, r in zip(prompts, results):
+            r.prompt = p
+        return results
+
+    def generate_ids(
+        self, prompt_ids: Sequence[Sequence[int]], *, context: str = "error", **sampling
+    ) -> list[GenerationResult]:
+        """Like :meth:`generate` on token ids (each prompt non-empty); ``prompt`` is decoded from the ids."""
+        if not prompt_ids:
+            return []
+        if any(len(ids) == 0 for ids in prompt_ids):
+            raise GenerationError("a prompt has no tokens; give at least one token id (e.g. end-of-text)")
+        params = SamplingParams.from_kwargs(**sampling)
+        rows = [_Row(list(ids)) for ids in prompt_ids]
+        start = time.perf_counter()
+        for _ in self._run(rows, params, context):
+            pass
+        seconds = time.perf_counter() - start
+        return [
+            GenerationResult(
+                self.tokenizer.decode(list(ids)),
+                r.text,
+                r.new_ids,
+                r.finish_reason or "length",
+                len(r.prompt_ids),
+                len(r.new_ids),
+                seconds,
+            )
+            for ids, r in zip(prompt_ids, rows)
+        ]
+
+    def stream(self, prompt: str, *, context: str = "error", **sampling) -> Iterator[str]:
+        """Yield the completion of one prompt as text deltas while it is generated.
+
+        Concatenated, the deltas equal ``generate(prompt, ...)[0].text`` (same seed). A delta never ends
+        inside a UTF-8 character, and text that might begin a stop string is held back until it is known
+        not to. Closing the iterator early (``break``) simply stops generating.
+        """
+        params = SamplingParams.from_kwargs(**sampling)
+        row = _Row(self._encode(prompt))
+        shown = 0
+        for _ in self._run([row], params, context):
+            safe = (
+                len(row.text) if row.finish_reason else len(row.text) - stop_prefix_len(row.text, params.stop)
+            )
+            if safe > shown:
+                yield row.text[shown:safe]
+                shown = safe
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Token ids the engine feeds for ``prompt`` (an empty prompt is one end-of-text token)."""
+        return self._encode(prompt)
+
+    # ------------------------------------------------------------------------------------------------------
+    # the decoding loop
+
+    def _encode(self, prompt: str) -> list[int]:
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            if self.eot_id is None:
+                raise GenerationError("empty prompt and the tokenizer has no end-of-text token to start from")
+            ids = [self.eot_id]
+        return ids
+
+    def _bytes_of(self, token: int) -> bytes:
+        if self._token_bytes is None:  # one table lookup per token instead of a decode call
+            n = getattr(self.tokenizer, "vocab_size", self.vocab_size)
+            self._token_bytes = [self.tokenizer.decode_bytes([i]) for i in range(n)]
+        return self._token_bytes[token] if token < len(self._token_bytes) else b""
+
+    def _check_context(self, rows: list[_Row], params: SamplingParams, context: str) -> None:
+        if context not in CONTEXT_POLICIES:
+            raise GenerationError(f"context={context!r} is not one of {', '.join(CONTEXT_POLICIES)}")
+        ctx = self.context_length
+        longest = max(len(r.prompt_ids) for r in rows)
+        if context == "error" and longest + params.max_new_tokens > ctx:
+            raise GenerationError(
+                f"prompt of {longest} tokens + max_new_tokens {params.max_new_tokens} = "
+                f"{longest + params.max_new_tokens} exceeds the model's context_length {ctx}; shorten the prompt, "
+                "lower max_new_tokens, or use context='slide' (sliding window) or 'stop'"
+            )
+        if context == "stop" and longest >= ctx:
+            raise GenerationError(
+                f"prompt of {longest} tokens leaves no room in the context_length {ctx}; "
+                "shorten it or use context='slide'"
+            )
+        if context == "slide":
+            for r in rows:
+                r.prompt_ids = r.prompt_ids[-ctx:]
+
+    @torch.inference_mode()
+    def _prefill(
+        self, seqs: list[list[int]], cache
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Left-pad ``seqs``, run them through the model into ``cache`` (reset first).
+
+        Returns (last logits (B, V) float32, full key mask (B, cache.max_len) bool or None when no row is
+        padded, positions of the next token (B, 1) long or None).
+        """
+        B, L = len(seqs), max(len(s) for s in seqs)
+        idx = torch.zeros(B, L, dtype=torch.long)
+        mask = torch.zeros(B, L, dtype=torch.bool)
+        for b, s in enumerate(seqs):
+            idx[b, L - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[b, L - len(s) :] = True
+        idx = idx.to(self.device)
+        cache.reset()
+        if bool(mask.all()):
+            logits, _ = self.model(idx, cache=cache)
+            return logits[:, -1].float(), None, None
+        mask = mask.to(self.device)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L): first real token at 0
+        logits, _ = self.model(idx, cache=cache, positions=positions, attention_mask=mask)
+        full_mask = torch.ones(B, cache.max_len, dtype=torch.bool, device=self.device)
+        full_mask[:, :L] = mask
+        return logits[:, -1].float(), full_mask, positions[:, -1:] + 1
+
+    @torch.inference_mode()
+    def _run(self, rows: list[_Row], params: SamplingParams, context: str) -> Iterator[None]:
+        """Generate into ``rows`` in place; yields after every step (streaming reads the rows then)."""
+        self._check_context(rows, params, context)
+        B, ctx, dev = len(rows), self.context_length, self.device
+        stats = self.last_stats = GenerationStats(
+            batch_size=B, prompt_tokens=sum(len(r.prompt_ids) for r in rows)
+        )
+        longest = max(len(r.prompt_ids) for r in rows)
+        cache = self.model.make_cache(
+            B, max_len=min(ctx, longest + params.max_new_tokens) if context != "slide" else ctx
+        )
+        stop_ids = set(
+            params.stop_token_ids
+            if params.stop_token_ids is not None
+            else ([self.eot_id] if self.eot_id is not None else [])
+        )
+        max_stop = max((len(s) for s in params.stop), default=0)
+        processors = build_processors(params)
+        generator = None if params.greedy else make_generator(params.seed, dev)
+        counts = None
+        if params.uses_counts:  # (B, V) occurrences of each token in the row's context
+            counts = torch.zeros(B, self.vocab_size, device=dev)
+            for b, r in enumerate(rows):
+                counts[b].index_add_(
+                    0, torch.tensor(r.prompt_ids, device=dev), torch.ones(len(r.prompt_ids), device=dev)
+                )
+
+        t0 = time.perf_counter()
+        logits, full_mask, positions = self._prefill([r.prompt_ids for r in rows], cache)
+        stats.prefill_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ones = torch.ones(B, 1, device=dev)
+        for step in range(params.max_new_tokens):
+            next_tokens = sample(logits, counts, params, generator, processors)  # (B,)
+            for b, token in enumerate(next_tokens.tolist()):
+                row = rows[b]
+                if row.finish_reason is not None:
+                    continue
+                if token in stop_ids:
+                    row.finish("stop")
+                    continue
+                row.new_ids.append(token)
+                old_len = len(row.text)
+                row.text += row.decoder.decode(self._bytes_of(token))
+                if max_stop:
+                    cut = find_stop(row.text, params.stop, start=old_len - max_stop + 1)
+                    if cut is not None:
+                        row.text = row.text[:cut]
+                        row.finish("stop", flush=False)  # cut at the stop string
+                        continue
+                if len(row.new_ids) >= params.max_new_tokens:
+                    row.finish("length")
+            stats.new_tokens = sum(len(r.new_ids) for r in rows)
+            yield
+            if all(r.finish_reason is not None for r in rows) or step == params.max_new_tokens - 1:
+                break
+            if counts is not None:
+                counts.scatter_add_(1, next_tokens[:, None], ones)
+            if cache.length >= cache.max_len:  # the window is full
+                if context != "slide":
+                    for r in rows:
+                        if r.finish_reason is None:
+                            r.finish("context")
+                    break
+                # sliding window: keep the last ctx // 2 tokens of each row (the new token included)
+                stats.slides += 1
+                keep = max(1, ctx // 2)
+                logits, full_mask, positions = self._prefill(
+                    [(r.prompt_ids + r.new_ids)[-keep:] if r.finish_reason is None else [0] for r in rows],
+                    cache,
+                )
+                continue
+            idx = next_tokens[:, None]  # (B, 1)
+            if full_mask is None:
+                out, _ = self._decode_forward(idx, cache=cache)
+            else:
+                out, _ = self._decode_forward(
+                    idx, cache=cache, positions=positions, attention_mask=full_mask[:, : cache.length + 1]
+                )
+                positions = positions + 1
+            logits = out[:, -1].float()
+        for r in rows:
+            if r.finish_reason is None:
+                r.finish("length")
+        stats.new_tokens = sum(len(r.new_ids) for r in rows)
+        stats.decode_seconds = time.perf_counter() - t0
+        yield  # the final flush (incomplete UTF-8 -> U+FFFD) reaches streams too
