@@ -25,6 +25,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="rows per batch (default: the run's train.batch_size)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.add_argument(
+        "--task",
+        choices=["hellaswag"],
+        help="score a multiple-choice task instead of held-out tokens (acc, acc_norm; see scratchlm.eval.tasks)",
+    )
+    p.add_argument("--task-file", metavar="PATH", help="the task's data, e.g. hellaswag_val.jsonl")
+    p.add_argument("--limit", type=int, help="score only the first N items of the task")
     p.set_defaults(func=run_eval)
 
 
@@ -36,10 +43,14 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.batches <= 0:
         raise ConfigError(f"--batches must be positive, got {args.batches}")
+    if args.task and not args.task_file:
+        raise ConfigError(f"--task {args.task} needs --task-file PATH (e.g. hellaswag_val.jsonl)")
     lm = load(args.run_dir, which=args.which, device=args.device)
     cfg = lm.config
     if cfg.model.arch != "gpt":
         raise ConfigError("scratchlm eval measures decoder LMs; translation models are scored by their BLEU")
+    if args.task:
+        return _run_task(args, lm)
     data_dir = Path(args.data_dir or cfg.data.data_dir or "")
     if not (data_dir / "meta.json").is_file():
         raise DataError(f"no shards at '{data_dir}'; pass --data-dir DIR (made by `scratchlm data prepare`)")
@@ -65,4 +76,24 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"loss: {result['loss']:.4f} nats/token   perplexity: {result['perplexity']:.2f}")
         if "bits_per_byte" in result:
             print(f"bits per byte: {result['bits_per_byte']:.4f}")
+    return 0
+
+
+def _run_task(args: argparse.Namespace, lm) -> int:
+    """``--task hellaswag``: multiple-choice accuracy (acc: sum of log-probs, acc_norm: per byte)."""
+    from scratchlm.device import resolve_dtype
+    from scratchlm.eval.tasks import evaluate_multiple_choice, load_hellaswag
+
+    items = load_hellaswag(args.task_file, limit=args.limit)
+    dtype = resolve_dtype(lm.config.train.dtype, lm.device)
+    result = evaluate_multiple_choice(lm.model, lm.tokenizer, items, dtype=dtype, progress=not args.json)
+    if args.json:
+        print(json.dumps({"task": args.task, **result, "checkpoint": str(lm.checkpoint)}))
+    else:
+        print(f"checkpoint: {lm.checkpoint}")
+        print(f"{args.task}: {int(result['items']):,} items")
+        print(
+            f"acc: {result['acc']:.4f}   acc_norm (per byte): {result['acc_norm']:.4f}   "
+            f"acc_token: {result['acc_token']:.4f}"
+        )
     return 0
