@@ -52,7 +52,7 @@ def test_cli_end_to_end(tmp_path, small_corpus, capsys):
 
 def test_api_end_to_end(tmp_path, small_corpus):
     cfg = scratchlm.load_config(overrides=_overrides(tmp_path, small_corpus, "api-run"))
-    run_dir = scratchlm.train(cfg)
+    run_dir = scratchlm.fit(cfg)
     assert run_dir == tmp_path / "api-run"
     lm = scratchlm.load(run_dir)
     assert lm.config.model.vocab_size == lm.tokenizer.vocab_size
@@ -61,7 +61,7 @@ def test_api_end_to_end(tmp_path, small_corpus):
     assert "".join(lm.stream("def ", max_new_tokens=10, temperature=0.0)) == text
     # a second run with the same sources reuses the cached tokenizer and shards
     cfg2 = scratchlm.load_config(overrides=_overrides(tmp_path, small_corpus, "api-run2"))
-    assert scratchlm.train(cfg2) == tmp_path / "api-run2"
+    assert scratchlm.fit(cfg2) == tmp_path / "api-run2"
     assert (tmp_path / "api-run" / "tokenizer.json").read_text() == (
         tmp_path / "api-run2" / "tokenizer.json"
     ).read_text()
@@ -81,9 +81,23 @@ def test_help_of_every_subcommand(capsys):
         main(["--help"])
     assert e.value.code == 0
     top = capsys.readouterr().out
-    for command in ("train", "sample", "generate", "chat", "tokenizer", "data", "corpus", "export", "plot"):
+    for command in (
+        "train",
+        "sample",
+        "generate",
+        "chat",
+        "serve",
+        "eval",
+        "explain",
+        "tokenizer",
+        "data",
+        "corpus",
+        "export",
+        "plot",
+    ):
         assert command in top
         with pytest.raises(SystemExit) as e:
             main([command, "--help"])
         assert e.value.code == 0
-        assert capsys.readouterr().out.startswith("usage: scratchlm " + command)
+        shown = {"sample": "generate"}.get(command, command)  # `sample` is an alias of `generate`
+        assert capsys.readouterr().out.startswith("usage: scratchlm " + shown)

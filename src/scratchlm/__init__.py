@@ -3,7 +3,7 @@
 The public API is a handful of names::
 
     scratchlm.load_config(path=None, overrides=None, preset=None) -> Config
-    scratchlm.train(config) -> run_dir
+    scratchlm.fit(config) -> run_dir   (fit, since scratchlm.train is the training package)
     scratchlm.load(run_dir) -> LoadedModel (.model, .tokenizer, .config, .generate(), .stream())
 
 They are imported on first use, so ``import scratchlm`` (and every worker process that imports a submodule)
@@ -16,9 +16,9 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Config", "LoadedModel", "load", "load_config", "train", "__version__"]
+__all__ = ["Config", "LoadedModel", "load", "fit", "load_config", "__version__"]
 
-_LAZY = {"Config": "config", "load_config": "config", "LoadedModel": "api", "load": "api", "train": "api"}
+_LAZY = {"Config": "config", "load_config": "config", "LoadedModel": "api", "load": "api", "fit": "api"}
 
 
 def __getattr__(name: str) -> Any:

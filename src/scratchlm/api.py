@@ -2,7 +2,7 @@
 
 import scratchlm
 cfg = scratchlm.load_config(overrides=["preset=cpu-tiny", "train.name=demo"])
-run_dir = scratchlm.train(cfg)
+run_dir = scratchlm.fit(cfg)
 lm = scratchlm.load(run_dir)
 print(lm.generate("def ", max_new_tokens=40, temperature=0.8))
 """
@@ -19,8 +19,10 @@ from scratchlm.config import Config, load_config, load_run_config
 from scratchlm.errors import CheckpointError
 
 
-def train(config: Config | str | Path | None = None, overrides: list[str] | None = None) -> Path:
+def fit(config: Config | str | Path | None = None, overrides: list[str] | None = None) -> Path:
     """Train a model end to end (tokenizer, shards, training) and return its run directory.
+
+    Named ``fit`` because ``scratchlm.train`` is the training subpackage.
 
     ``config`` is a :class:`Config`, a YAML path, or None for the main job's preset (``cpu-small``);
     ``overrides`` are dotted ``section.key=value`` strings applied on top.

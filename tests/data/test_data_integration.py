@@ -15,13 +15,11 @@ tokenizer_mod = pytest.importorskip("scratchlm.tokenizer")
 
 
 @pytest.fixture(scope="module")
-def stories(tmp_path_factory):
+def stories(tmp_path_factory, shared_data):
     """A few dozen TinyStories documents as jsonl, made from the shared validation head."""
     import json
 
-    from conftest import SHARED_DATA
-
-    path = SHARED_DATA / "tinystories" / "valid_head.txt"
+    path = shared_data / "tinystories" / "valid_head.txt"
     if not path.is_file():
         pytest.skip("shared data not found")
     paras = [p for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()][:80]
