@@ -227,8 +227,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             tie_embeddings=True,
         ),
         "tokenizer": dict(vocab_size=4096),
-        "train": dict(batch_size=16, max_steps=600, lr=2e-3, min_lr=2e-4, warmup_steps=50, max_time=300.0),
-        "eval": dict(interval=200, batches=10, sample_prompt="def "),
+        # ~1100 steps take ~5.5 min on a 2-core laptop-class CPU; max_time caps slower machines at 7 min
+        "train": dict(batch_size=16, max_steps=1100, lr=2e-3, min_lr=2e-4, warmup_steps=50, max_time=420.0),
+        "eval": dict(interval=275, batches=10, sample_prompt="def "),
     },
     # seconds-long runs for tests and smoke checks
     "cpu-tiny": {

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ class MetricsLogger:
             unit="step",
             dynamic_ncols=True,
             leave=True,
+            mininterval=0.1 if sys.stderr.isatty() else 10.0,  # a log file gets a line every 10 s
         )
 
     def log(self, record: dict[str, Any]) -> None:
