@@ -73,18 +73,21 @@ def test_matches_brute_force_on_real_text(shared_data):
 
 
 def test_workers_give_identical_merges(tmp_path, shared_data):
-    # many small files -> many chunks, processed in a different order by different worker counts
+    # many small files in small chunks -> many worker tasks, finished in a different order per worker count
     text = (shared_data / "tinyshakespeare.txt").read_text()[:400_000]
     files = []
     for i in range(8):
         f = tmp_path / f"part{i}.txt"
         f.write_text(text[i * 50_000 : (i + 1) * 50_000])
         files.append(f)
-    one = train_bpe(files, 700, num_workers=1, progress=False)
-    two = train_bpe(files, 700, num_workers=2, progress=False)
-    three = train_bpe(files, 700, num_workers=3, progress=False)
+    chunk_chars = 30_000
+    assert len(list(iter_file_chunks(files, ["<|endoftext|>"], chunk_chars))) >= 8
+    one = train_bpe(files, 700, num_workers=1, progress=False, chunk_chars=chunk_chars)
+    two = train_bpe(files, 700, num_workers=2, progress=False, chunk_chars=chunk_chars)
+    three = train_bpe(files, 700, num_workers=3, progress=False, chunk_chars=chunk_chars)
     assert one.merges == two.merges == three.merges
     assert len(one.merges) == 700 - 257
+    assert one.merges == train_bpe(files, 700, num_workers=1, progress=False).merges  # chunking-independent
 
 
 def test_spawn_workers_give_the_same_counts(shared_data):

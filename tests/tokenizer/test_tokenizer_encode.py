@@ -81,6 +81,18 @@ def test_encode_batch_and_iterable(tok):
     assert streamed == tok.encode(with_specials, allowed_special="all")
 
 
+def test_encode_iterable_keeps_overlapping_specials_across_buffer_edges(tok):
+    # the stream's buffer fills exactly at the end of an EOT whose doubled form continues in the next piece
+    from scratchlm.tokenizer.tokenizer import _STREAM_CHARS
+
+    head = "x" * (_STREAM_CHARS - len(EOT)) + EOT
+    pieces = [head, EOT + "y", "z" * 10 + EOT, EOT]
+    text = "".join(pieces)
+    expected = tok.encode(text, allowed_special="all")
+    assert expected.count(tok.special_tokens[DOUBLE]) == 2
+    assert list(tok.encode_iterable(pieces, allowed_special="all")) == expected
+
+
 @settings(max_examples=150, deadline=None)
 @given(text=st.text(max_size=60))
 def test_roundtrip_arbitrary_strings(text):

@@ -152,3 +152,41 @@ def test_trained_parity_property(text, trained):
     assert ours == tok.encode_reference(text)
     assert tok.encode(text, allowed_special="all") == hf.encode(text).ids
     assert tok.decode(ours) == text
+
+
+# ---- the threaded fast path: exact because texts are cut only at context-free pre-token boundaries ----
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(texts, min_size=1, max_size=6), pieces=st.integers(2, 6))
+def test_safe_cuts_keep_the_ids_exact(parts, pieces, trained):
+    from scratchlm.tokenizer.tokenizer import split_at_safe_cuts
+
+    tok, _ = trained  # a gpt2- and a gpt4-pattern tokenizer
+    text = " ".join(parts) * 3
+    cut = split_at_safe_cuts(text, pieces)
+    assert "".join(cut) == text and len(cut) <= pieces
+    assert [i for p in cut for i in tok.encode_reference(p)] == tok.encode_reference(text)
+
+
+@pytest.mark.parametrize("name", ["tinyshakespeare", "builtin"])
+def test_threaded_encoding_equals_tiktoken(name, corpora, gpt2, tt_gpt2, monkeypatch):
+    from scratchlm.tokenizer.tokenizer import split_at_safe_cuts
+
+    text = corpora[name]
+    assert len(split_at_safe_cuts(text, 3)) == 3  # real text has safe cuts: the threaded path runs
+    monkeypatch.setattr(gpt2, "num_threads", 3)
+    assert gpt2.encode(text) == tt_gpt2.encode_ordinary(text)
+    with_specials = text[:400_000] + "<|endoftext|>" + text[400_000:]
+    assert gpt2.encode(with_specials, allowed_special="all") == tt_gpt2.encode(
+        with_specials, allowed_special="all"
+    )
+    docs = text.split("\n\n")
+    assert len(docs) >= 64
+    assert gpt2.encode_batch(docs) == tt_gpt2.encode_ordinary_batch(docs)
+    docs[5] += "<|endoftext|>"
+    assert gpt2.encode_batch(docs, allowed_special="all") == [
+        tt_gpt2.encode(d, allowed_special="all") for d in docs
+    ]
+    monkeypatch.setattr(gpt2, "num_threads", 1)
+    assert gpt2.encode_batch(docs) == tt_gpt2.encode_ordinary_batch(docs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import warnings
 
@@ -213,8 +214,14 @@ def test_dry_run_writes_nothing(tmp_path, data_dir, monkeypatch):
     report = dry_run(cfg)
     assert list(tmp_path.iterdir()) == []
     assert "tokens per step: 256" in report and "2 micro-batches" in report
-    n = build_model(cfg.model).num_params()
-    assert f"{n:,}" in report and "expected time" in report
+    model = build_model(cfg.model)
+    assert f"{model.num_params():,}" in report
+    assert f"FLOPs per step:  {model.flops_per_token() * 256:.3g}" in report
+    # the expected time is max_steps x the measured (post-warm-up) step time
+    step = float(re.search(r"measured step:\s+([\d.]+) s \(mean of two steps", report).group(1))
+    expected = re.search(r"expected time:\s+([\d,]+) steps x ([\d.]+) s", report)
+    assert int(expected.group(1).replace(",", "")) == cfg.train.max_steps
+    assert float(expected.group(2)) == step > 0
 
 
 def test_plot_cli(tmp_path, data_dir):

@@ -301,6 +301,8 @@ def _load_worker_tokenizer(spec: tuple[str, Any]) -> None:
             raise RuntimeError(f"tokenizer re-loaded from {value} differs from the one saved (save/load bug)")
     else:
         _worker_tokenizer = value
+    if hasattr(_worker_tokenizer, "num_threads"):
+        _worker_tokenizer.num_threads = 1  # parallelism here is one process per core
 
 
 def encode_documents(tokenizer: Any, texts: list[str], where: str, val_fraction: float) -> dict[str, Any]:
@@ -370,9 +372,16 @@ class _Encoder:
         return ("object", self.tokenizer)
 
     def run(self, tasks: Iterator[Task]) -> Iterator[dict[str, Any]]:
-        if self.pool is None:
-            for task in tasks:
-                yield encode_documents(self.tokenizer, task[0], task[1], self.val_fraction)
+        if self.pool is None:  # one worker = one core: no tokenizer threads either
+            threads = getattr(self.tokenizer, "num_threads", None)
+            if hasattr(self.tokenizer, "num_threads"):
+                self.tokenizer.num_threads = 1
+            try:
+                for task in tasks:
+                    yield encode_documents(self.tokenizer, task[0], task[1], self.val_fraction)
+            finally:
+                if hasattr(self.tokenizer, "num_threads"):
+                    self.tokenizer.num_threads = threads
             return
         pending: collections.deque = collections.deque()
         for task in tasks:

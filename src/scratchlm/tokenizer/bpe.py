@@ -25,6 +25,7 @@ from pathlib import Path
 
 from scratchlm.errors import DataError, TokenizerError
 from scratchlm.tokenizer.pretokenize import (
+    CHUNK_CHARS,
     iter_file_chunks,
     iter_text_chunks,
     parallel_count,
@@ -249,10 +250,12 @@ def train_bpe(
     pattern: str = "gpt2",
     num_workers: int | None = None,
     progress: bool = True,
+    chunk_chars: int = CHUNK_CHARS,
 ) -> Tokenizer:
     """Train a byte-level BPE tokenizer on ``files`` (each file is a document; directories are expanded).
 
-    Files are streamed in ~1 MB chunks to ``num_workers`` pre-tokenizer processes (None = all cores);
+    Files are streamed in chunks of about ``chunk_chars`` characters (cut at special tokens or file ends)
+    to ``num_workers`` pre-tokenizer processes (None = all cores);
     undecodable bytes become U+FFFD (the count is reported in ``tokenizer.train_info``).
     ``vocab_size`` = 256 bytes + merges + ``len(special_tokens)``. The result does not depend on
     ``num_workers``.
@@ -263,7 +266,7 @@ def train_bpe(
     paths = _collect_files(files)
     before = replaced_bytes()
     chunks = _with_progress(
-        iter_file_chunks(paths, special_tokens), sum(p.stat().st_size for p in paths), progress
+        iter_file_chunks(paths, special_tokens, chunk_chars), sum(p.stat().st_size for p in paths), progress
     )
     counts = parallel_count(chunks, pat, special_tokens, num_workers)
     if not counts:

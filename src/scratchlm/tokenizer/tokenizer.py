@@ -12,6 +12,12 @@ piece into pre-tokens with the regex; (3) in each pre-token, starting from its U
 the adjacent pair with the highest priority until none applies. With tiktoken installed, steps (2)-(3) run
 in tiktoken (Rust) built from our ranks; the pure-Python code below stays the reference and both give the
 same ids (tested).
+
+Threads: tiktoken releases the GIL while it encodes, so the fast path spreads work over ``num_threads``
+threads (default: the cores this process may use). ``encode_batch`` gives each thread one contiguous group
+of texts (cheaper than tiktoken's own batch call, which schedules one future per text), and a long text
+(>= ``_PARALLEL_MIN_CHARS``) is cut at safe pre-token boundaries (``pretokenize._safe_cut``, proven for the
+gpt2 and gpt4 patterns) into one piece per thread, so the ids are exactly those of a single call.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import hashlib
 import json
 import os
 import sys
+import threading
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +46,46 @@ from scratchlm.tokenizer.pretokenize import (
 AllowedSpecial = Literal["none", "all"] | set[str] | frozenset[str]
 
 _STREAM_CHARS = 1 << 16  # encode_iterable buffers about this many characters between safe cuts
+_PARALLEL_MIN_CHARS = 1 << 18  # a text at least this long is encoded by several threads (fast path)
+_BATCH_MIN_TEXTS = 64  # encode_batch uses threads from this many texts on
+
+
+def available_cores() -> int:
+    """Cores this process may run on (the affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, threads, executor)
+_pool_lock = threading.Lock()
+
+
+def _thread_pool(threads: int) -> ThreadPoolExecutor:
+    """A process-wide executor with ``threads`` workers, re-created after a fork or a size change."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[:2] != (os.getpid(), threads):
+            _pool = (os.getpid(), threads, ThreadPoolExecutor(threads, thread_name_prefix="scratchlm-encode"))
+        return _pool[2]
+
+
+def split_at_safe_cuts(text: str, pieces: int) -> list[str]:
+    """Cut ``text`` into at most ``pieces`` parts of about equal length, only at ``_safe_cut`` points
+    (gpt2/gpt4 pre-token boundaries that do not depend on the text around them), so that encoding the parts
+    one by one and concatenating gives exactly the ids of encoding ``text`` whole."""
+    parts, lo = [], 0
+    for j in range(1, pieces):
+        target = len(text) * j // pieces
+        if target <= lo:
+            continue
+        cut = _safe_cut(text[lo:target])
+        if cut > 0:
+            parts.append(text[lo : lo + cut])
+            lo += cut
+    parts.append(text[lo:])
+    return parts
 
 
 class Tokenizer:
@@ -95,6 +143,7 @@ class Tokenizer:
         self._splitters: dict[frozenset[str], regex.Pattern | None] = {}
         self._cache: dict[str, list[int]] = {}
         self.use_tiktoken = use_tiktoken
+        self.num_threads: int | None = None  # fast-path encoding threads; None = available_cores()
         self._tiktoken = None
         self._tiktoken_tried = False
         self._fingerprint: str | None = None
@@ -167,38 +216,66 @@ class Tokenizer:
     def encode(self, text: str, allowed_special: AllowedSpecial = "none") -> list[int]:
         """Text -> ids. Special-token strings are ordinary text unless listed in ``allowed_special``
         (``"all"`` or a set); allowed ones are matched longest first. Never raises on any ``str``."""
-        allowed = self._allowed(allowed_special)
+        return self._encode_split(text, self._allowed(allowed_special), self.encode_ordinary)
+
+    def _encode_split(self, text: str, allowed: frozenset[str], ordinary) -> list[int]:
+        """Cut ``text`` at the ``allowed`` special tokens and encode the pieces between with ``ordinary``."""
         if not allowed:
-            return self.encode_ordinary(text)
+            return ordinary(text)
         ids: list[int] = []
         pos = 0
         for m in self._splitter(allowed).finditer(text):
-            ids.extend(self.encode_ordinary(text[pos : m.start()]))
+            ids.extend(ordinary(text[pos : m.start()]))
             ids.append(self._special[m.group()])
             pos = m.end()
-        ids.extend(self.encode_ordinary(text[pos:]))
+        ids.extend(ordinary(text[pos:]))
         return ids
 
     def encode_ordinary(self, text: str) -> list[int]:
-        """Encode ``text`` with no special-token handling (fast path when available)."""
+        """Encode ``text`` with no special-token handling (fast path when available; a long text is
+        encoded by several threads, see the module docstring)."""
         enc = self._fast()
         if enc is None:
             return self.encode_reference(text)
+        threads = self._threads()
+        if threads > 1 and len(text) >= _PARALLEL_MIN_CHARS and self.pattern in PATTERNS.values():
+            parts = split_at_safe_cuts(text, threads)
+            if len(parts) > 1:
+                ids: list[int] = []
+                for part_ids in _thread_pool(threads).map(enc.encode_ordinary, parts):
+                    ids.extend(part_ids)
+                return ids
         return enc.encode_ordinary(text)
 
     def encode_batch(self, texts: Sequence[str], allowed_special: AllowedSpecial = "none") -> list[list[int]]:
-        """Encode several texts (tiktoken encodes them on several threads)."""
-        enc = self._fast()
-        if enc is not None and not self._allowed(allowed_special):
-            return enc.encode_ordinary_batch(list(texts))
-        return [self.encode(t, allowed_special) for t in texts]
+        """Encode several texts; with the fast path, each thread encodes one contiguous group of them."""
+        texts = list(texts)
+        threads = self._threads()
+        if self._fast() is None or threads == 1 or len(texts) < _BATCH_MIN_TEXTS:
+            return [self.encode(t, allowed_special) for t in texts]
+        allowed = self._allowed(allowed_special)  # checked here, so a bad value raises in this thread
+        n = len(texts)
+        groups = [texts[n * j // threads : n * (j + 1) // threads] for j in range(threads)]
+        out: list[list[int]] = []
+        for group_ids in _thread_pool(threads).map(
+            lambda g: [self._encode_one(t, allowed) for t in g], groups
+        ):
+            out.extend(group_ids)
+        return out
+
+    def _encode_one(self, text: str, allowed: frozenset[str]) -> list[int]:
+        """One text of a batch, on the calling (pool) thread: no nested use of the pool."""
+        return self._encode_split(text, allowed, self._tiktoken.encode_ordinary)
+
+    def _threads(self) -> int:
+        return max(1, self.num_threads if self.num_threads is not None else available_cores())
 
     def encode_iterable(
         self, iterable: Iterable[str], allowed_special: AllowedSpecial = "none"
     ) -> Iterator[int]:
         """Lazily encode a stream of strings (e.g. an open text file, read line by line) with bounded memory.
 
-        The stream is cut only where the gpt2/gpt4 pre-tokenization has a boundary anyway (after an
+        The stream is cut only where the gpt2/gpt4 pre-tokenization has a boundary anyway (before an
         allowed special token, or at a safe point, see ``pretokenize._safe_cut``), so the ids equal
         ``encode("".join(iterable))``. Memory stays bounded unless the text has no such point (with a custom
         regex pattern only special tokens are used as cut points).
@@ -211,9 +288,9 @@ class Tokenizer:
             if len(buf) < _STREAM_CHARS:
                 continue
             cut = -1
-            if splitter is not None:
-                for m in splitter.finditer(buf):
-                    cut = m.end()
+            if splitter is not None:  # cut *before* the last special: it may be the start of a longer one
+                for m in splitter.finditer(buf):  # (``<|endoftext|>`` + ``<|endoftext|><|endoftext|>``)
+                    cut = m.start()
             # the safe-cut rules are proven for gpt2/gpt4 only, and must not cut a special token
             if self.pattern in PATTERNS.values() and not any(any(c.isspace() for c in t) for t in allowed):
                 cut = max(cut, _safe_cut(buf))

@@ -1,8 +1,9 @@
 """``scratchlm train --dry-run``: what a run will cost, measured on two steps, without writing anything.
 
 Reported: parameter count, an estimate of the training memory, tokens and FLOPs per optimizer step, and
-the expected wall time of ``max_steps`` from the second of two real optimizer steps (the first warms up
-allocators and ``torch.compile``) on random tokens. Nothing touches the disk: no run dir, no data, no
+the expected wall time of ``max_steps`` from the mean of two real optimizer steps on random tokens, timed
+after warm-up steps (optimizer state allocation, kernel selection, ``torch.compile``): warm-up goes on while
+a step is more than 20% faster than the one before, up to ``_MAX_WARMUP_STEPS``. Nothing touches the disk: no run dir, no data, no
 tokenizer training. The vocabulary size comes from ``model.vocab_size`` or the tokenizer settings.
 
 Memory estimate (bytes), with N parameters, L layers, micro-batch B x T, width C, vocabulary V::
@@ -30,6 +31,7 @@ from scratchlm.train.trainer import micro_steps, train_step
 
 # measure with fewer rows when one micro-batch would take more than this many FLOPs (CPU: ~seconds)
 _MEASURE_FLOPS_BUDGET = {"cpu": 3e11, "mps": 3e12, "cuda": 1e30}
+_MAX_WARMUP_STEPS = 4
 
 
 def _vocab_size(cfg: Config) -> tuple[int, str]:
@@ -102,8 +104,8 @@ def dry_run(cfg: Config) -> str:
         forward_model = torch.compile(model) if tc.compile else model
         gen = torch.Generator().manual_seed(tc.seed)
         scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-        times = []
-        for step in range(2):
+
+        def timed_step(step: int) -> float:
             set_lr(optimizers, step, tc)
             batches = [_random_batch(cfg, rows, device, gen) for _ in range(accum)]
             if device.type == "cuda":
@@ -121,8 +123,15 @@ def dry_run(cfg: Config) -> str:
             )
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-    step_time = times[1] * tc.batch_size / rows
+            return time.perf_counter() - t0
+
+        # warm up (optimizer state allocation, kernel selection, compilation) until a step is no longer
+        # much faster than the one before, then time two steps and take their mean
+        warmup = [timed_step(0)]
+        while len(warmup) < _MAX_WARMUP_STEPS and (len(warmup) < 2 or warmup[-1] < 0.8 * warmup[-2]):
+            warmup.append(timed_step(len(warmup)))
+        times = [timed_step(len(warmup) + i) for i in range(2)]
+    step_time = sum(times) / len(times) * tc.batch_size / rows
     tokens_per_s = tokens_per_step / step_time
     peak = peak_flops(device, dtype)
     mfu = (
@@ -150,7 +159,8 @@ def dry_run(cfg: Config) -> str:
         "memory (est.):   "
         + " + ".join(f"{k} {gb(v)}" for k, v in mem.items())
         + f" = {gb(sum(mem.values()))}",
-        f"measured step:   {step_time:.3f} s (second of two steps on random tokens{scaled}; first {times[0]:.3f} s)",
+        f"measured step:   {step_time:.3f} s (mean of two steps on random tokens after {len(warmup)} warm-up "
+        f"step{'s' if len(warmup) > 1 else ''}{scaled}; first step {warmup[0]:.3f} s)",
         f"throughput:      {tokens_per_s:,.0f} tokens/s, MFU {mfu}",
         f"expected time:   {tc.max_steps:,} steps x {step_time:.3f} s = {_duration(total)}{capped}, plus evaluation",
     ]
