@@ -26,6 +26,7 @@ from scratchlm.model.layers import (
     RotaryEmbedding,
     SinusoidalPositions,
     causal_mask,
+    make_dropout,
     make_norm,
 )
 
@@ -75,7 +76,7 @@ class GPT(nn.Module):
         self.rope = (
             RotaryEmbedding(C // cfg.n_head, cfg.rope_theta, cfg.rope_style) if cfg.pos == "rope" else None
         )
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = make_dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         # pre-LN leaves the residual stream unnormalised, so a final norm precedes the head (GPT-2 ln_f)
         self.ln_f = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()

@@ -42,8 +42,8 @@ class LayerNorm(nn.Module):
 class RMSNorm(nn.Module):
     """RMSNorm (Zhang & Sennrich 2019), as in Llama: no mean subtraction, no bias.
 
-    y = x / sqrt(mean(x^2) + eps) * weight, over the last dim, computed in float32 (as HF Llama).
-    x (..., C) -> (..., C)
+    y = x / sqrt(mean(x^2) + eps) * weight, over the last dim, computed in float32 (as HF Llama: a 16-bit
+    x is normalised in float32, cast back, then scaled by the weight).  x (..., C) -> (..., C)
     """
 
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -52,9 +52,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        if x.dtype == torch.float32:  # one fused op (the common case: the fp32 residual stream)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
@@ -104,7 +104,8 @@ class RotaryEmbedding(nn.Module):
     They are the same rotation up to a fixed permutation of the D features, so a model trained with one
     convention converts to the other by permuting the rows of W_q and W_k.
 
-    forward(positions (B, T)) -> (cos, sin), each (B, 1, T, D), float32.
+    forward(positions (B, T)) -> (cos, sin_signed), each (B, 1, T, D), float32, where sin_signed carries
+    the sign of the rotation (see :func:`apply_rope`).
     """
 
     def __init__(self, head_dim: int, theta: float = 10000.0, style: str = "half"):
@@ -115,30 +116,41 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[..., None] * self.inv_freq  # (B, T, D/2)
-        if self.style == "half":
-            angles = torch.cat((freqs, freqs), dim=-1)  # feature i and i + D/2 share angle i
-        else:
-            angles = freqs.repeat_interleave(2, dim=-1)  # features 2i and 2i+1 share angle i
-        return angles.cos()[:, None], angles.sin()[:, None]
+        sin, cos = freqs.sin(), freqs.cos()
+        if self.style == "half":  # feature i and i + D/2 share angle i
+            cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+        else:  # features 2i and 2i+1 share angle i
+            cos, sin = cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
+        return cos[:, None], sin[:, None]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by (cos, sin) (B, 1, T, D):  x' = x * cos + rot(x) * sin.
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, style: str) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by the tables (cos, sin_signed) (B, 1, T, D) of :class:`RotaryEmbedding`.
 
-    half:        rot(x) = cat(-x[D/2:], x[:D/2])
-    interleaved: rot(x)[2i] = -x[2i+1], rot(x)[2i+1] = x[2i]
+    Each plane (a, b) turns by its angle t:  a' = a cos t - b sin t,  b' = b cos t + a sin t, i.e.
+    x' = x * cos + swap(x) * sin_signed, where swap exchanges the two features of every plane and
+    sin_signed holds -sin t at the first feature of a plane and +sin t at the second:
+
+    half:        plane i = (x[i], x[i + D/2]):  swap(x) = cat(x[D/2:], x[:D/2]) (a roll by D/2)
+    interleaved: plane i = (x[2i], x[2i+1]):    swap(x)[2i] = x[2i+1], swap(x)[2i+1] = x[2i]
+
+    (HF's ``rotate_half(x) * sin`` with the sign folded into the table: the same numbers, fewer ops.)
     """
     if style == "half":
-        x1, x2 = x.chunk(2, dim=-1)
-        rotated = torch.cat((-x2, x1), dim=-1)
+        swapped = x.roll(x.shape[-1] // 2, dims=-1)
     else:
-        pairs = x.unflatten(-1, (-1, 2))  # (B, H, T, D/2, 2)
-        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    return (x * cos + rotated * sin).to(x.dtype)
+        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (B, H, T, D/2, 2) pairs swapped
+    out = x * cos + swapped * sin_signed  # float32 tables: a 16-bit x is rotated in float32
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # MLPs
+
+
+def make_dropout(p: float) -> nn.Module:
+    """nn.Dropout(p), or nn.Identity when p == 0 (no op to dispatch on every call: decoding is op-bound)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
 def mlp_hidden_dim(cfg: ModelConfig) -> int:
@@ -167,7 +179,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
         self.c_gate = nn.Linear(cfg.d_model, hidden, bias=cfg.bias) if cfg.mlp == "swiglu" else None
         self.c_proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = make_dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)  # (B, T, F)
@@ -229,7 +241,7 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(self.n_head * D, C, bias=cfg.bias)
         self.q_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else None
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = make_dropout(cfg.dropout)
         self.store_attn = False
         self.last_attn: torch.Tensor | None = None
 
@@ -275,7 +287,8 @@ class Attention(nn.Module):
             k = apply_rope(k, *rope, self.rope_style)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # all keys so far (B, Hkv, S, D)
-            k, v = k.to(q.dtype), v.to(q.dtype)
+            if k.dtype != q.dtype:  # a float32 cache under autocast
+                k, v = k.to(q.dtype), v.to(q.dtype)
         y = self._attend(q, k, v, mask, causal, use_flash=cache is None and mask is None and kv is None)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
         return self.resid_dropout(self.c_proj(y))
@@ -288,12 +301,16 @@ class Attention(nn.Module):
             if ok:
                 from scratchlm.model.kernels.flash_attention import flash_attention
 
-                return flash_attention(q, k, v, causal=True)
+                # one dtype for the kernel: under autocast QK-norm returns float32 q, k beside a bf16 v
+                # (sdpa's autocast rule casts all three to the autocast dtype; do the same)
+                dt = v.dtype
+                return flash_attention(q.to(dt), k.to(dt), v, causal=True)
             warn_once(f"attention=flash_triton not used ({why}); using sdpa")
-        if self.n_kv_head != self.n_head:  # GQA: query head h reads kv head h // group
-            group = self.n_head // self.n_kv_head
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        gqa = self.n_kv_head != self.n_head  # GQA: query head h reads kv head h // group
         if self.backend == "manual":
+            if gqa:
+                group = self.n_head // self.n_kv_head
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
             scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, H, T, S)
             if mask is None and causal:
                 mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
@@ -304,8 +321,9 @@ class Attention(nn.Module):
                 self.last_attn = probs.detach()
             probs = F.dropout(probs, dropout_p, self.training)
             return probs @ v
+        # enable_gqa: sdpa maps query heads to kv heads itself, without copying k and v per group
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None, enable_gqa=gqa
         )
 
     def _flash_ok(self, q: torch.Tensor, plain_causal: bool, dropout_p: float) -> tuple[bool, str]:

@@ -26,7 +26,7 @@ from scratchlm.config import ModelConfig
 from scratchlm.errors import ConfigError
 from scratchlm.model.cache import KVCache, Seq2SeqCache
 from scratchlm.model.gpt import Block as EncoderBlock
-from scratchlm.model.layers import MLP, Attention, SinusoidalPositions, causal_mask, make_norm
+from scratchlm.model.layers import MLP, Attention, SinusoidalPositions, causal_mask, make_dropout, make_norm
 
 
 class DecoderBlock(nn.Module):
@@ -75,7 +75,7 @@ class Seq2Seq(nn.Module):
                 nn.Embedding(cfg.context_length, C),
                 nn.Embedding(cfg.context_length, C),
             )
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = make_dropout(cfg.dropout)
         self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_encoder_layer or cfg.n_layer))
         self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_layer))
         pre = cfg.norm_position == "pre"
