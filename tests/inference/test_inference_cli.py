@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import torch
 from scratchlm.api import load
 from scratchlm.cli import main
 from scratchlm.config import Config, ModelConfig, save_config
+from scratchlm.inference.beam import sequence_score, translate
 from scratchlm.inference.chat import ChatSession, run_repl
 from scratchlm.model import build_model
 from scratchlm.tokenizer import train_bpe_from_iterator
@@ -55,6 +57,41 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lm(run_dir):
     return load(run_dir, which="latest", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def seq2seq_run_dir(tmp_path_factory):
+    """A seq2seq run directory as the trainer writes it (tokenizer with <|bos|> and <|pad|>)."""
+    d = tmp_path_factory.mktemp("seq2seq_run")
+    tok = train_bpe_from_iterator(
+        ["ein hund läuft", "a dog runs", "ein mann fährt", "a man rides"] * 3,
+        vocab_size=280,
+        special_tokens=("<|endoftext|>", "<|bos|>", "<|pad|>"),
+        progress=False,
+    )
+    cfg = Config(
+        model=ModelConfig(
+            arch="seq2seq",
+            vocab_size=tok.vocab_size,
+            n_layer=2,
+            n_head=2,
+            d_model=32,
+            context_length=24,
+            pos="sinusoidal",
+            norm_position="pre",
+            mlp="relu",
+        )
+    )
+    save_config(cfg, d / "config.yaml")
+    tok.save(d / "tokenizer.json")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    with torch.no_grad():  # larger weights: outputs that differ between sources and searches
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.5)
+    save_checkpoint(d, 1, model, {}, {"step": 1}, keep_last=1)
+    return d
 
 
 def test_generate_prints_prompt_and_greedy_completion(run_dir, lm, capsys):
@@ -143,12 +180,119 @@ def test_prompts_file_to_jsonl(run_dir, lm, tmp_path):
         assert r["completion"] == alone.text and "\n" not in r["completion"]
 
 
-def test_bad_option_is_one_line_error(run_dir, capsys):
-    assert main(["generate", str(run_dir), "--prompt", "x", "--top-p", "1.5"]) == 2
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--top-p", "1.5"], "error: top_p"),
+        (["--seed", str(2**70)], "error: seed must be in [0, 2**64)"),  # was an OverflowError traceback
+        (["--seed", "-3"], "error: seed must be in [0, 2**64)"),
+        (["--repetition-penalty", "1e-40"], "error: repetition_penalty must be in [0.01, 100]"),  # was NaN
+        (["--frequency-penalty=-1e38"], "error: frequency_penalty must be in [-100, 100]"),
+        (["--presence-penalty", "nan"], "error: presence_penalty must be finite"),
+        (["--temperature", "inf"], "error: temperature must be finite"),
+        (["--stop-token-id", "300"], "error: --stop-token-id 300 is not in the vocabulary (0..299)"),
+        (["--stop-token-id", "-1"], "error: stop_token_ids must be a list of token ids"),
+        (["--beams", "2"], "error: --beams and --length-penalty are for translation"),
+        (["--length-penalty", "0.5"], "error: --beams and --length-penalty are for translation"),
+    ],
+)
+def test_bad_values_are_one_line_errors(run_dir, capsys, flags, message):
+    assert main(["generate", str(run_dir), "--prompt", "x", "--max-new-tokens", "4", *flags]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: top_p") and err.count("\n") == 1
+    assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_prompt_too_long_is_one_line_error(run_dir, capsys):
     assert main(["generate", str(run_dir), "--prompt", "x" * 60, "--max-new-tokens", "10"]) == 2
     assert "context_length 48" in capsys.readouterr().err
+
+
+def test_tiny_temperature_is_greedy(run_dir, lm, capsys):
+    """1e-40 used to overflow l / T to inf, NaN probabilities, and a RuntimeError in torch.multinomial."""
+    args = ["generate", str(run_dir), "--prompt", "def ", "--max-new-tokens", "12", "--device", "cpu"]
+    assert main([*args, "--temperature", "1e-40", "--seed", "0"]) == 0
+    assert capsys.readouterr().out == "def " + lm.generate("def ", temperature=0, max_new_tokens=12) + "\n"
+
+
+def test_stop_token_id_flag(run_dir, lm, tmp_path):
+    free = lm.engine.generate("def ", temperature=0, max_new_tokens=12, stop_token_ids=[])[0].token_ids
+    k = next(i for i in range(2, len(free)) if free[i] not in free[:i])  # a token first sampled at step k
+    j = next(i for i in range(1, k) if free[i] not in free[:i])  # another one, earlier
+    for command, ids, stops_at in [("generate", [free[k]], k), ("sample", [free[k], free[j]], j)]:
+        out = tmp_path / f"{command}.jsonl"
+        flags = [f for t in ids for f in ("--stop-token-id", str(t))]
+        rc = main(
+            [command, str(run_dir), "--prompt", "def ", "--temperature", "0", "--max-new-tokens", "12"]
+            + ["--out", str(out), *flags]
+        )
+        (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+        assert rc == 0 and row["finish_reason"] == "stop"
+        assert row["token_ids"] == free[:stops_at] and row["new_tokens"] == stops_at
+        assert row["completion"] == lm.generate("def ", temperature=0, max_new_tokens=12, stop_token_ids=ids)
+
+
+def test_generate_translates_on_a_seq2seq_run(seq2seq_run_dir, capsys):
+    """It used to stop with 'Seq2Seq is not a decoder-only model'; now greedy or beam search."""
+    s2s = load(seq2seq_run_dir, which="latest", device="cpu")
+    src = "ein mann fährt"
+    base = ["generate", str(seq2seq_run_dir), "--prompt", src, "--device", "cpu"]
+    assert main(base) == 0
+    greedy = translate(s2s.model, s2s.tokenizer, [src])[0]
+    assert greedy and capsys.readouterr().out == greedy + "\n"
+    assert main([*base, "--beams", "1"]) == 0
+    assert capsys.readouterr().out == greedy + "\n"
+    assert main(["sample", *base[1:], "--beams", "3", "--length-penalty", "0.6", "--stats"]) == 0
+    out, err = capsys.readouterr()
+    assert out == translate(s2s.model, s2s.tokenizer, [src], beam_size=3, length_penalty=0.6)[0] + "\n"
+    assert "tok/s" in err
+
+
+def test_translate_prompts_file_to_jsonl(seq2seq_run_dir, tmp_path):
+    s2s = load(seq2seq_run_dir, which="latest", device="cpu")
+    sources = ["ein hund läuft", "ein mann", "läuft"]
+    (tmp_path / "src.txt").write_text("\n".join(sources) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["generate", str(seq2seq_run_dir), "--prompts-file", str(tmp_path / "src.txt"), "--out", str(out)]
+    assert main([*args, "--beams", "2", "--length-penalty", "0", "--batch-size", "2"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == sources
+    want = translate(s2s.model, s2s.tokenizer, sources, beam_size=2, length_penalty=0.0)
+    assert [r["completion"] for r in rows] == want
+    eos = s2s.tokenizer.eot_id
+    for r in rows:
+        assert s2s.tokenizer.decode(r["token_ids"]) == r["completion"] and eos not in r["token_ids"]
+        assert r["new_tokens"] == len(r["token_ids"]) and r["finish_reason"] in ("stop", "length")
+        n = r["new_tokens"] + (r["finish_reason"] == "stop")  # the score counts EOS
+        assert r["score"] == pytest.approx(sequence_score(r["logprob"], n, 0.0), abs=1e-3)
+    assert main([*args, "--max-new-tokens", "3"]) == 0  # caps the output (EOS included)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["new_tokens"] + (r["finish_reason"] == "stop") <= 3 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--temperature", "0.5"], "error: --temperature does not apply to"),
+        (["--top-k", "5"], "error: --top-k does not apply to"),
+        (["--stop-token-id", "5"], "error: --stop-token-id does not apply to"),
+        (["--num-samples", "2"], "error: --num-samples is for decoder runs"),
+        (["--context", "slide"], "error: --context is for decoder runs"),
+        (["--beams", "0"], "error: --beams must be >= 1"),
+        (["--length-penalty=-1"], "error: --length-penalty must be a finite number >= 0"),
+        (["--prompt", ""], "error: a seq2seq run translates a source text"),
+        (["--prompt", "ein " * 30], "error: a source has"),  # longer than context_length 24
+    ],
+)
+def test_translation_flag_errors_are_one_line(seq2seq_run_dir, capsys, flags, message):
+    assert main(["generate", str(seq2seq_run_dir), "--prompt", "ein hund", "--device", "cpu", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_chat_on_a_seq2seq_run_is_one_line_error(seq2seq_run_dir, capsys):
+    assert main(["chat", str(seq2seq_run_dir), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "scratchlm generate" in err and err.count("\n") == 1
 
 
 def test_chat_through_piped_stdin(run_dir, lm):
@@ -169,6 +313,54 @@ def test_chat_through_piped_stdin(run_dir, lm):
     ]
     assert lines[2] == reply.text.strip()
     assert lines[3].startswith("error: top_p") and lines[4] == "(history cleared)" and len(lines) == 5
+
+
+def test_repl_bad_set_input_is_one_line_error_and_goes_on():
+    """Every /set problem is one 'error: ...' line; the options stay as they were and the REPL goes on."""
+    engine = FakeEngine()
+    session = ChatSession(engine, max_new_tokens=8)
+    before = session.params
+    bad = [
+        "/set stop_token_ids a,b",  # was an uncaught ValueError
+        "/set max_new_tokens none",  # None for fields that cannot be None: was a TypeError
+        "/set temperature none",
+        "/set top_p none",
+        "/set seed 99999999999999999999999",  # was accepted, then crashed in manual_seed
+        "/set seed -1",
+        "/set temperature nan",
+        "/set repetition_penalty 1e-40",
+        "/set stop abc\\",  # a trailing backslash: a bad escape
+        "/set top_k 2.5",
+        "/set stop_token_ids 1,-2",
+    ]
+    good = ["/set top_k none", "/set seed none", "/set stop_token_ids 5,7", "/set stop_token_ids none"]
+    out = io.StringIO()
+    assert run_repl(session, io.StringIO("\n".join([*bad, "hello", *good]) + "\n"), out) == 0
+    lines = out.getvalue().splitlines()
+    assert len(lines) == len(bad) + 1 + len(good)
+    for cmd, line in zip(bad, lines):
+        assert line.startswith("error: "), (cmd, line)
+    assert "max_new_tokens" in lines[1] and "none" in lines[1] and "int" in lines[1]
+    assert "seed must be in [0, 2**64)" in lines[4]
+    assert lines[len(bad)] == "reply 1"  # the REPL went on with the old options
+    assert lines[len(bad) + 1 :] == [
+        "(top_k = None)",
+        "(seed = None)",
+        "(stop_token_ids = [5, 7])",
+        "(stop_token_ids = None)",
+    ]
+    assert dataclasses.replace(session.params, stop_token_ids=None) == before
+
+
+def test_repl_set_stop_unescapes():
+    session = ChatSession(FakeEngine())
+    session.set_option("stop", "\\n\\n")
+    session.set_option("stop", "née")  # non-ASCII stays as typed
+    assert session.params.stop == ["née"]
+    session.set_option("stop", "\\n\\n")
+    assert session.params.stop == ["\n\n"]
+    session.set_option("stop", "\\u00e9\\t")
+    assert session.params.stop == ["é\t"]
 
 
 class FakeEngine:

@@ -90,7 +90,8 @@ def test_fixed_seed_gives_identical_samples(tok):
 def test_presence_penalty_prevents_repeats_in_engine(tok):
     engine = Engine(tiny_gpt(tok.vocab_size), tok)
     prompt = "hello"
-    res = engine.generate(prompt, max_new_tokens=40, temperature=0, presence_penalty=1e6, stop_token_ids=[])[
+    # 100 is the largest presence penalty allowed: far more than this model's logits span
+    res = engine.generate(prompt, max_new_tokens=40, temperature=0, presence_penalty=100, stop_token_ids=[])[
         0
     ]
     seen = tok.encode(prompt) + res.token_ids
@@ -184,6 +185,8 @@ def test_context_policies(tok):
     assert res.token_ids[first] == recompute_greedy(model, (ids + res.token_ids)[: 16 + 1][-8:], 1)[0]
     with pytest.raises(GenerationError, match="context"):
         engine.generate(prompt, max_new_tokens=4, context="bogus")
+    with pytest.raises(GenerationError, match="stop token id .* not in the vocabulary"):
+        engine.generate(prompt, max_new_tokens=4, stop_token_ids=[tok.vocab_size])
 
 
 @pytest.mark.slow

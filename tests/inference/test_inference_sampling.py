@@ -107,7 +107,10 @@ def test_against_hf_transformers_processors():
         (Temperature(0.7), lp.TemperatureLogitsWarper(0.7)),
         (RepetitionPenalty(1.3), lp.RepetitionPenaltyLogitsProcessor(1.3)),
     ]:
-        torch.testing.assert_close(ours(logits.clone(), counts), theirs(ids, logits.clone()), msg=str(ours))
+        want = theirs(ids, logits.clone())
+        if isinstance(ours, Temperature):  # ours also subtracts the row max: the same softmax
+            want = want - want.amax(-1, keepdim=True)
+        torch.testing.assert_close(ours(logits.clone(), counts), want, msg=str(ours))
 
 
 def test_temperature_zero_is_greedy_and_penalties_still_apply():
@@ -142,12 +145,60 @@ def test_sampling_distribution_and_seed():
         dict(repetition_penalty=0.0),
         dict(max_new_tokens=0),
         dict(stop=[""]),
+        dict(seed=2**70),  # more than a torch.Generator seed holds (64 bits)
+        dict(seed=-1),
+        dict(temperature=float("inf")),
+        dict(temperature=float("nan")),
+        dict(top_p=float("nan")),
+        dict(min_p=float("nan")),
+        dict(repetition_penalty=1e-40),  # l / r overflows to inf
+        dict(repetition_penalty=1e3),
+        dict(repetition_penalty=float("inf")),
+        dict(frequency_penalty=-1e38),  # l - f * count overflows to inf
+        dict(frequency_penalty=float("nan")),
+        dict(presence_penalty=101.0),
+        dict(max_new_tokens=None),  # wrong types are a one-line error too, not a TypeError
+        dict(temperature=None),
+        dict(top_p="0.9"),
+        dict(top_k=2.5),
+        dict(seed=True),
+        dict(stop_token_ids=["a"]),
+        dict(stop_token_ids=[-1]),
     ],
 )
 def test_bad_values_raise_one_line_error(kwargs):
     with pytest.raises(GenerationError) as e:
         SamplingParams(**kwargs)
     assert "\n" not in str(e.value) and next(iter(kwargs)) in str(e.value)
+
+
+def test_values_at_the_bounds_are_accepted():
+    SamplingParams(seed=0)
+    SamplingParams(seed=2**64 - 1, repetition_penalty=0.01, frequency_penalty=-100, presence_penalty=100)
+    SamplingParams(
+        repetition_penalty=100, frequency_penalty=100, presence_penalty=-100, stop_token_ids=(3, 4)
+    )
+    assert SamplingParams(stop_token_ids=(3, 4)).stop_token_ids == [3, 4]
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324])
+def test_tiny_temperature_is_greedy_not_nan(temperature):
+    """l / T overflows for a tiny T (inf - inf = NaN in the softmax); (l - max l) / T keeps the top at 0."""
+    logits = _logits(V=50) * 10
+    params = SamplingParams(temperature=temperature)
+    for seed in range(3):
+        assert torch.equal(sample(logits, None, params, make_generator(seed)), logits.argmax(-1))
+    out = Temperature(temperature)(logits, None)
+    assert not out.isnan().any() and (out.amax(-1) == 0).all()
+
+
+def test_non_finite_distribution_is_a_generation_error():
+    logits = _logits(V=20)
+    logits[1, 3] = float("nan")  # e.g. a diverged model
+    for params in (SamplingParams(), SamplingParams(temperature=0)):
+        with pytest.raises(GenerationError, match="not finite") as e:
+            sample(logits, None, params, make_generator(0))
+        assert "\n" not in str(e.value)
 
 
 def test_unknown_option_is_named():

@@ -18,6 +18,7 @@ import torch
 from scratchlm.api import LoadedModel
 from scratchlm.cli import main
 from scratchlm.config import Config, ModelConfig, save_config
+from scratchlm.inference import server as server_module
 from scratchlm.inference.server import GenerationServer
 from scratchlm.model import build_model
 from scratchlm.tokenizer import train_bpe_from_iterator
@@ -213,6 +214,22 @@ def test_client_leaving_a_stream_frees_the_model(server):
             {"prompt": "hello " * 40, "max_new_tokens": 10, "stream": True},
             "exceeds the model's context_length 48",
         ),
+        # values that used to crash generation (HTTP 500): overflowing seed, inf/NaN logits
+        ({"prompt": "a", "seed": 2**70}, "seed must be in [0, 2**64)"),
+        ({"prompt": "a", "seed": -1}, "seed must be in [0, 2**64)"),
+        ({"prompt": "a", "repetition_penalty": 1e-40}, "repetition_penalty must be in [0.01, 100]"),
+        ({"prompt": "a", "frequency_penalty": -1e38}, "frequency_penalty must be in [-100, 100]"),
+        ({"prompt": "a", "presence_penalty": 1e300}, "presence_penalty must be in [-100, 100]"),
+        (b'{"prompt": "a", "temperature": 1e400}', "'temperature' must be finite"),  # parsed as inf
+        # stop_token_ids
+        ({"prompt": "a", "stop_token_ids": 3}, "'stop_token_ids' must be a list of token ids"),
+        ({"prompt": "a", "stop_token_ids": [1.5]}, "'stop_token_ids' must be a list of token ids"),
+        ({"prompt": "a", "stop_token_ids": [True]}, "'stop_token_ids' must be a list of token ids"),
+        ({"prompt": "a", "stop_token_ids": [-1]}, "stop_token_ids must be a list of token ids"),
+        ({"prompt": "a", "stop_token_ids": [280]}, "stop token id 280 is not in the vocabulary (0..279)"),
+        # the server's limits (defaults)
+        ({"prompt": "a", "max_new_tokens": 1025}, "max_new_tokens 1025 exceeds this server's limit of 1024"),
+        ({"prompts": ["a"] * 65, "max_new_tokens": 1}, "65 prompts exceed this server's limit of 64"),
     ],
 )
 def test_bad_requests_are_400_with_a_one_line_error(server, body, fragment):
@@ -222,6 +239,61 @@ def test_bad_requests_are_400_with_a_one_line_error(server, body, fragment):
     err = json.loads(text)
     assert list(err) == ["error"] and "\n" not in err["error"] and "Traceback" not in text
     assert fragment in err["error"]
+
+
+def test_tiny_temperature_is_greedy_not_a_500(server, lm):
+    body = {"prompt": "hello", "max_new_tokens": 12, "temperature": 1e-40, "seed": 0}
+    status, _, text = request(server, "/generate", body)
+    assert status == 200, text
+    assert json.loads(text)["completions"][0]["text"] == lm.generate(
+        "hello", max_new_tokens=12, temperature=0
+    )
+
+
+def test_stop_token_ids_over_http(server, lm):
+    opts = {"max_new_tokens": 12, "temperature": 0, "stop_token_ids": []}
+    free = lm.engine.generate("hello", **opts)[0].token_ids  # no stop token at all
+    k = next(i for i in range(2, len(free)) if free[i] not in free[:i])  # a token first seen at step k
+    status, _, text = request(server, "/generate", {"prompt": "hello", **opts, "stop_token_ids": [free[k]]})
+    (c,) = json.loads(text)["completions"]
+    assert status == 200 and c["finish_reason"] == "stop" and c["new_tokens"] == k
+    assert c["text"] == lm.generate("hello", **{**opts, "stop_token_ids": [free[k]]})
+    status, _, text = request(server, "/generate", {"prompt": "hello", **opts, "stop_token_ids": None})
+    assert status == 200  # null = the tokenizer's end-of-text
+
+
+@pytest.fixture(scope="module")
+def small_server(lm):
+    """A server with low limits: 16 new tokens and 2 prompts per request."""
+    srv = GenerationServer(lm, host="127.0.0.1", port=0, max_new_tokens_limit=16, max_batch=2)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(TIMEOUT)
+
+
+def test_server_limits(small_server):
+    def gen(body):
+        status, _, text = request(small_server, "/generate", body)
+        return status, json.loads(text)
+
+    status, out = gen({"prompt": "a", "max_new_tokens": 17, "temperature": 0})
+    assert status == 400 and out["error"].startswith("max_new_tokens 17 exceeds this server's limit of 16")
+    status, out = gen({"prompt": "a", "max_new_tokens": 17, "temperature": 0, "stream": True})
+    assert status == 400 and "limit of 16" in out["error"]
+    status, out = gen({"prompts": ["a", "b"], "max_new_tokens": 16, "temperature": 0, "stop_token_ids": []})
+    assert status == 200 and [c["new_tokens"] for c in out["completions"]] == [16, 16]
+    # without max_new_tokens the default (128) is lowered to the limit
+    status, out = gen({"prompt": "a", "temperature": 0, "stop_token_ids": []})
+    assert status == 200 and out["completions"][0]["new_tokens"] == 16
+    status, out = gen({"prompts": ["a", "b", "c"], "max_new_tokens": 1})
+    assert status == 400 and "3 prompts exceed this server's limit of 2" in out["error"]
+    _, _, text = request(small_server, "/info")
+    assert json.loads(text)["limits"] == {"max_new_tokens": 16, "max_batch": 2}
+    with pytest.raises(ValueError, match="max_batch"):
+        GenerationServer(small_server.lm, port=0, max_batch=0)
 
 
 def test_not_found_method_and_too_large(server):
@@ -305,3 +377,28 @@ def test_cli_serve_on_a_run_directory(tmp_path, lm, monkeypatch, capsys):
     assert seen["text"] == lm.generate("hello", max_new_tokens=8, temperature=0)
     assert f"on http://127.0.0.1:{seen['address'][1]}" in capsys.readouterr().out
     assert main(["serve", str(run), "--port", "70000"]) == 2
+    capsys.readouterr()
+    for flag in ("--max-new-tokens-limit", "--max-batch"):
+        assert main(["serve", str(run), "--port", "0", "--device", "cpu", flag, "0"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flag} must be >= 1") and err.count("\n") == 1
+
+
+def test_cli_serve_passes_the_limits(tmp_path, lm, monkeypatch, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(lm.config, run / "config.yaml")
+    lm.tokenizer.save(run / "tokenizer.json")
+    save_checkpoint(run, 1, lm.model, {}, {"step": 1}, keep_last=1)
+    seen: dict = {}
+
+    def record(self, poll_interval=0.5):
+        seen.update(limit=self.max_new_tokens_limit, batch=self.max_batch)
+
+    monkeypatch.setattr(GenerationServer, "serve_forever", record)
+    args = ["serve", str(run), "--port", "0", "--device", "cpu", "--which", "latest"]
+    assert main([*args, "--max-new-tokens-limit", "32", "--max-batch", "4"]) == 0
+    assert seen == {"limit": 32, "batch": 4}
+    assert main(args) == 0  # the CLI's defaults are the server's
+    assert seen == {"limit": server_module.MAX_NEW_TOKENS_LIMIT, "batch": server_module.MAX_BATCH}
+    assert seen == {"limit": 1024, "batch": 64}

@@ -2,15 +2,22 @@
 
 scratchlm generate runs/demo --prompt "def " --max-new-tokens 80 --temperature 0.8 --top-p 0.95 --stats
 scratchlm generate runs/demo --prompts-file prompts.txt --out results.jsonl --temperature 0
+scratchlm generate runs/de-en --prompt "Ein Mann fährt Fahrrad." --beams 4 --length-penalty 1.0
 scratchlm chat runs/demo --temperature 0.7
+
+On a decoder run (``model.arch=gpt``) ``generate`` samples with the KV-cache engine; on a seq2seq run
+(``model.arch=seq2seq``) it translates each prompt with greedy search, or beam search with ``--beams N``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import sys
+import time
 from pathlib import Path
 
 from scratchlm.errors import GenerationError
@@ -20,9 +27,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     gen = subparsers.add_parser(
         "generate",
         aliases=["sample"],
-        help="generate text from a trained run (KV cache, batched)",
+        help="generate text from a trained run (KV cache, batched), or translate with a seq2seq run",
         description="Complete prompts with a trained run's model. One --prompt, or --prompts-file for a "
-        "batch (written to --out as JSON lines).",
+        "batch (written to --out as JSON lines). A seq2seq run (model.arch=seq2seq) translates each prompt "
+        "instead: greedy, or beam search with --beams.",
     )
     gen.add_argument(
         "run_dir", metavar="RUN_DIR", help="run directory (config.yaml, tokenizer.json, checkpoints/)"
@@ -42,6 +50,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--num-samples", type=int, default=1, help="completions per prompt (default 1)")
     gen.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
     _add_common(gen)
+    t = gen.add_argument_group("translation (seq2seq runs only; see docs/generation.md)")
+    t.add_argument(
+        "--beams", type=int, default=None, metavar="N", help="beam search with N beams (default: greedy)"
+    )
+    t.add_argument(
+        "--length-penalty",
+        type=float,
+        default=None,
+        metavar="A",
+        help="score = log p(y|x) / len(y)**A (default 1.0 = mean per-token log-prob; 0 favours short outputs)",
+    )
     gen.set_defaults(func=run_generate)
 
     chat = subparsers.add_parser(
@@ -68,11 +87,19 @@ def _add_common(p: argparse.ArgumentParser, chat_defaults: bool = False) -> None
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set with mass >= p (1 = off)")
     s.add_argument("--min-p", type=float, default=0.0, help="keep tokens with p >= min_p * p_max (0 = off)")
     s.add_argument(
-        "--repetition-penalty", type=float, default=1.0, help="CTRL penalty on seen tokens (1 = off)"
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="CTRL penalty on seen tokens, 0.01..100 (1 = off)",
     )
-    s.add_argument("--frequency-penalty", type=float, default=0.0, help="subtract F * count (0 = off)")
     s.add_argument(
-        "--presence-penalty", type=float, default=0.0, help="subtract P if the token was seen (0 = off)"
+        "--frequency-penalty", type=float, default=0.0, help="subtract F * count, -100..100 (0 = off)"
+    )
+    s.add_argument(
+        "--presence-penalty",
+        type=float,
+        default=0.0,
+        help="subtract P if the token was seen, -100..100 (0 = off)",
     )
     s.add_argument(
         "--stop",
@@ -81,7 +108,19 @@ def _add_common(p: argparse.ArgumentParser, chat_defaults: bool = False) -> None
         metavar="S",
         help="stop string, repeatable; '\\n' escapes allowed; the output is cut before it",
     )
-    s.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    s.add_argument(
+        "--stop-token-id",
+        dest="stop_token_ids",
+        type=int,
+        action="append",
+        default=None,
+        metavar="ID",
+        help="stop when token ID is sampled, repeatable; replaces the default stop at end-of-text "
+        "(give its id too to keep it)",
+    )
+    s.add_argument(
+        "--seed", type=int, default=None, help="seed for reproducible sampling (0 <= seed < 2**64)"
+    )
     s.add_argument(
         "--context",
         choices=("error", "slide", "stop"),
@@ -106,8 +145,15 @@ def _sampling(args: argparse.Namespace) -> dict:
         frequency_penalty=args.frequency_penalty,
         presence_penalty=args.presence_penalty,
         stop=[_unescape(s) for s in args.stop],
+        stop_token_ids=args.stop_token_ids,
         seed=args.seed,
     )
+
+
+def _check_stop_token_ids(args: argparse.Namespace, vocab_size: int) -> None:
+    for t in args.stop_token_ids or []:
+        if t >= vocab_size:
+            raise GenerationError(f"--stop-token-id {t} is not in the vocabulary (0..{vocab_size - 1})")
 
 
 def _unescape(s: str) -> str:
@@ -118,12 +164,18 @@ def _unescape(s: str) -> str:
         return s
 
 
-def _engine(args: argparse.Namespace):
+def _load(args: argparse.Namespace):
     from scratchlm.api import load
+
+    return load(args.run_dir, which=args.which, device=args.device)
+
+
+def _engine(args: argparse.Namespace, lm):
     from scratchlm.inference.engine import Engine
 
-    lm = load(args.run_dir, which=args.which, device=args.device)
-    return Engine(lm.model, lm.tokenizer, compile=args.compile)
+    engine = Engine(lm.model, lm.tokenizer, compile=args.compile)
+    _check_stop_token_ids(args, engine.vocab_size)
+    return engine
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -145,11 +197,29 @@ def _read_prompts(path: str) -> list[str]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    """Generate for --prompt or --prompts-file; print, or write JSON lines to --out."""
+    """Generate (or, on a seq2seq run, translate) for --prompt or --prompts-file; print, or write JSON lines
+    to --out."""
     if args.batch_size < 1:
         raise GenerationError(f"--batch-size must be >= 1, got {args.batch_size}")
     prompts = _read_prompts(args.prompts_file) if args.prompts_file else [_unescape(args.prompt)]
-    engine = _engine(args)
+    lm = _load(args)
+    if lm.config.model.arch == "seq2seq":
+        rows, new_tokens, seconds = _translate(args, lm, prompts)
+        _write_rows(args, rows)
+        if args.stats:
+            print(
+                f"{new_tokens} new tokens ({len(rows)} rows) in {seconds:.2f}s: "
+                f"{new_tokens / max(seconds, 1e-9):.1f} tok/s",
+                file=sys.stderr,
+            )
+        return 0
+    if args.beams is not None or args.length_penalty is not None:
+        raise GenerationError(
+            "--beams and --length-penalty are for translation with a seq2seq run (model.arch=seq2seq); "
+            f"{args.run_dir} is a {lm.config.model.arch} run: use the sampling options "
+            "(--temperature, --top-p, ...)"
+        )
+    engine = _engine(args, lm)
     sampling = _sampling(args)
     rows, seconds, new_tokens = [], 0.0, 0
     for i in range(0, len(prompts), args.batch_size):
@@ -175,14 +245,7 @@ def run_generate(args: argparse.Namespace) -> int:
                 print(r.prompt + r.text, flush=True)
                 if len(prompts) * args.num_samples > 1:
                     print("-" * 40)
-    if args.out:
-        out = Path(args.out)
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-        print(f"wrote {len(rows)} completions to {out}", file=sys.stderr)
+    _write_rows(args, rows)
     if args.stats:
         if len(prompts) <= args.batch_size:
             print(engine.last_stats.summary(), file=sys.stderr)
@@ -194,11 +257,103 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_rows(args: argparse.Namespace, rows: list[dict]) -> None:
+    """--out: the rows as JSON lines, written atomically (a temporary file, then a rename)."""
+    if not args.out:
+        return
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {len(rows)} completions to {out}", file=sys.stderr)
+
+
+def _translate(args: argparse.Namespace, lm, prompts: list[str]) -> tuple[list[dict], int, float]:
+    """Translate each prompt with a seq2seq run; print one translation per line unless --out.
+
+    Greedy search, or beam search with ``--beams N``; ``--max-new-tokens`` caps each output (EOS
+    included). Returns the rows (as in --out), the generated tokens and the seconds spent.
+    Options that only mean something to sampling are refused, not ignored.
+    """
+    from scratchlm.inference.beam import translate_hypotheses
+    from scratchlm.inference.sampling import SamplingParams
+
+    beams = 1 if args.beams is None else args.beams
+    alpha = 1.0 if args.length_penalty is None else args.length_penalty
+    if beams < 1:
+        raise GenerationError(f"--beams must be >= 1 (1 = greedy), got {beams}")
+    if not (math.isfinite(alpha) and alpha >= 0):
+        raise GenerationError(f"--length-penalty must be a finite number >= 0, got {alpha}")
+    used = SamplingParams.from_kwargs(**_sampling(args))
+    neutral = SamplingParams(max_new_tokens=used.max_new_tokens)
+    flags = {"stop_token_ids": "--stop-token-id"}
+    for f in dataclasses.fields(SamplingParams):
+        if getattr(used, f.name) != getattr(neutral, f.name):
+            flag = flags.get(f.name, "--" + f.name.replace("_", "-"))
+            raise GenerationError(
+                f"{flag} does not apply to {args.run_dir}: a seq2seq run translates deterministically "
+                "(greedy, or beam search with --beams N); drop it"
+            )
+    for flag, unused in [
+        ("--num-samples", args.num_samples != 1),
+        ("--context", args.context != "error"),
+        ("--compile", args.compile),
+    ]:
+        if unused:
+            raise GenerationError(
+                f"{flag} is for decoder runs; {args.run_dir} is a seq2seq (translation) run"
+            )
+    if not all(p.strip() for p in prompts):
+        raise GenerationError(
+            "a seq2seq run translates a source text: give it with --prompt TEXT or --prompts-file FILE"
+        )
+    tok, eos = lm.tokenizer, lm.tokenizer.eot_id
+    rows, new_tokens, seconds = [], 0, 0.0
+    for i in range(0, len(prompts), args.batch_size):
+        batch = prompts[i : i + args.batch_size]
+        start = time.perf_counter()
+        hyps = translate_hypotheses(
+            lm.model, tok, batch, beam_size=beams, length_penalty=alpha, max_len=used.max_new_tokens
+        )
+        elapsed = time.perf_counter() - start
+        seconds += elapsed
+        for prompt, h in zip(batch, hyps):
+            ended = h.tokens[-1:] == [eos]
+            ids = h.tokens[:-1] if ended else h.tokens
+            new_tokens += len(ids)
+            text = tok.decode(ids)
+            rows.append(
+                dict(
+                    prompt=prompt,
+                    completion=text,
+                    finish_reason="stop" if ended else "length",
+                    prompt_tokens=len(tok.encode(prompt)) + 1,  # the source ends with EOS
+                    new_tokens=len(ids),
+                    token_ids=ids,
+                    logprob=round(h.logprob, 4),
+                    score=round(h.score, 4),
+                    seconds=round(elapsed, 4),
+                    tokens_per_second=round(len(ids) / max(elapsed, 1e-9), 1),
+                )
+            )
+            if not args.out:
+                print(text, flush=True)
+    return rows, new_tokens, seconds
+
+
 def run_chat(args: argparse.Namespace) -> int:
     """Interactive chat on stdin/stdout (prompt and banner only when stdin is a terminal)."""
     from scratchlm.inference.chat import ChatSession, run_repl
 
-    engine = _engine(args)
+    lm = _load(args)
+    if lm.config.model.arch == "seq2seq":
+        raise GenerationError(
+            f"{args.run_dir} is a seq2seq (translation) run and cannot chat; translate with "
+            f"scratchlm generate {args.run_dir} --prompt TEXT"
+        )
+    engine = _engine(args, lm)
     sampling = _sampling(args)
     session = ChatSession(engine, **sampling)
     if args.context != "error":

@@ -10,6 +10,10 @@ import argparse
 import ipaddress
 import sys
 
+# = scratchlm.inference.server's defaults (tested), repeated so that building the parser imports no torch
+MAX_NEW_TOKENS_LIMIT = 1024
+MAX_BATCH = 64
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -28,6 +32,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
     p.add_argument("--which", choices=["best", "latest"], default="best", help="checkpoint to serve")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument(
+        "--max-new-tokens-limit",
+        type=int,
+        default=MAX_NEW_TOKENS_LIMIT,
+        metavar="N",
+        help=f"most new tokens a request may ask for (default {MAX_NEW_TOKENS_LIMIT}); more is a 400",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=MAX_BATCH,
+        metavar="N",
+        help=f"most prompts in one request (default {MAX_BATCH}); more is a 400",
+    )
     p.set_defaults(func=run_serve)
 
 
@@ -38,9 +56,21 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
+    for flag, value in (
+        ("--max-new-tokens-limit", args.max_new_tokens_limit),
+        ("--max-batch", args.max_batch),
+    ):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
     lm = load(args.run_dir, which=args.which, device=args.device)
     try:
-        server = GenerationServer(lm, host=args.host, port=args.port)
+        server = GenerationServer(
+            lm,
+            host=args.host,
+            port=args.port,
+            max_new_tokens_limit=args.max_new_tokens_limit,
+            max_batch=args.max_batch,
+        )
     except OSError as e:
         raise ConfigError(
             f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); pick another --port"

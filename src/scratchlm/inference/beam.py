@@ -2,6 +2,10 @@
 
     hyps = beam_search(model, src, src_mask, bos_id, eos_id, max_len=64, beam_size=4, length_penalty=1.0)
     texts = translate(model, tokenizer, ["ein Hund läuft."], beam_size=4)
+    hyps = translate_hypotheses(model, tokenizer, ["ein Hund läuft."], beam_size=4)  # ids and scores
+
+``scratchlm generate RUN_DIR --prompt "ein Hund läuft." [--beams 4] [--length-penalty 1.0]`` on a seq2seq run
+calls :func:`translate_hypotheses`.
 
 The source is encoded once (``model.encode``); the decoder then runs one token per step with a
 ``Seq2SeqCache`` (self-attention K/V grow, cross-attention K/V are computed once).
@@ -155,8 +159,32 @@ def translate(
     length_penalty: float = 1.0,
     max_len: int | None = None,
 ) -> list[str]:
-    """Translate each text: beam_size 1 = greedy. Uses the seq2seq special tokens ``<|bos|>``, ``<|pad|>``
-    and ``<|endoftext|>`` (EOS), as the parallel-data loader does (source = ids + [EOS])."""
+    """Translate each text: beam_size 1 = greedy. The decoded best hypotheses of
+    :func:`translate_hypotheses` (same arguments), EOS removed."""
+    eos = tokenizer.eot_id
+    hyps = translate_hypotheses(
+        model, tokenizer, src_texts, beam_size=beam_size, length_penalty=length_penalty, max_len=max_len
+    )
+    return [tokenizer.decode([t for t in h.tokens if t != eos]) for h in hyps]
+
+
+def translate_hypotheses(
+    model,
+    tokenizer,
+    src_texts: list[str],
+    *,
+    beam_size: int = 1,
+    length_penalty: float = 1.0,
+    max_len: int | None = None,
+) -> list[Hypothesis]:
+    """The best hypothesis per source text (tokens after BOS, EOS last when it ended), in order.
+
+    beam_size 1 = greedy. ``max_len`` caps the output tokens (EOS included; default and upper bound: the
+    model's ``context_length``). Uses the seq2seq special tokens ``<|bos|>``, ``<|pad|>`` and
+    ``<|endoftext|>`` (EOS), as the parallel-data loader does (source = ids + [EOS]).
+    """
+    if not src_texts:
+        return []
     specials = tokenizer.special_tokens
     missing = [s for s in ("<|bos|>", "<|pad|>") if s not in specials]
     if missing:
@@ -178,7 +206,5 @@ def translate(
     src_mask = (torch.arange(S)[None] < torch.tensor([len(s) for s in ids])[:, None]).to(dev)
     model.eval()
     if beam_size == 1:
-        hyps = greedy_search(model, src.to(dev), src_mask, bos, eos, max_len, length_penalty)
-    else:
-        hyps = beam_search(model, src.to(dev), src_mask, bos, eos, max_len, beam_size, length_penalty)
-    return [tokenizer.decode([t for t in h.tokens if t != eos]) for h in hyps]
+        return greedy_search(model, src.to(dev), src_mask, bos, eos, max_len, length_penalty)
+    return beam_search(model, src.to(dev), src_mask, bos, eos, max_len, beam_size, length_penalty)

@@ -17,7 +17,10 @@ model's context window; if the newest message alone does not fit, the engine's s
 last tokens (``context="slide"``).
 
 REPL commands: ``/reset`` (forget the history), ``/set NAME VALUE`` (any sampling option, e.g.
-``/set temperature 0.7``, ``/set top_k none``, ``/set stop ###``), ``/show``, ``/help``, ``/quit``.
+``/set temperature 0.7``, ``/set top_k none``, ``/set stop ###``, ``/set stop_token_ids 5,7``), ``/show``,
+``/help``, ``/quit``. ``none`` is accepted only by the options that can be off: ``top_k``, ``seed``,
+``stop_token_ids`` (back to end-of-text) and ``stop`` (no stop strings). A value that does not parse or is
+out of range is one ``error: ...`` line and leaves the options unchanged.
 Ctrl-C stops the current reply (the part shown stays in the history) and returns to the prompt; Ctrl-D (EOF)
 exits.
 """
@@ -33,10 +36,13 @@ from scratchlm.inference.sampling import SamplingParams
 
 USER, ASSISTANT = "User:", "Assistant:"
 STOP = "\n" + USER
+NULLABLE = {"top_k", "seed"}  # numeric options that `/set NAME none` switches off
+_KIND_NAMES = {int: "an integer", float: "a number"}
 
 HELP = """commands:
   /reset              forget the conversation
-  /set NAME VALUE     change a sampling option, e.g. /set temperature 0.7, /set top_k none
+  /set NAME VALUE     change a sampling option, e.g. /set temperature 0.7, /set top_k none,
+                      /set stop_token_ids 5,7 (none: back to end-of-text)
   /show               show the sampling options
   /help               this help
   /quit               leave (or Ctrl-D); Ctrl-C stops the current reply"""
@@ -56,22 +62,37 @@ class ChatSession:
         self.history.clear()
 
     def set_option(self, name: str, value: str) -> None:
-        """Set one sampling option from its text form (``none`` -> None; numbers parsed by the field's type)."""
-        fields = {f.name: f for f in dataclasses.fields(SamplingParams)}
+        """Set one sampling option from its text form: numbers parsed by the field's type, ``none`` for the
+        options that can be off, ``stop`` with backslash escapes (``\\n``), ``stop_token_ids`` as ``5,7``.
+
+        Raises :class:`GenerationError` (one line) for an unknown name, a value that does not parse or one
+        out of range; ``self.params`` is then unchanged.
+        """
+        fields = [f.name for f in dataclasses.fields(SamplingParams)]
         if name not in fields:
             raise GenerationError(f"unknown option {name!r} (valid: {', '.join(fields)})")
+        off = value.lower() == "none"
         if name == "stop":
-            parsed: Any = [] if value.lower() == "none" else [value.encode().decode("unicode_escape")]
+            parsed: Any = [] if off else [_unescape(value)]
         elif name == "stop_token_ids":
-            parsed = None if value.lower() == "none" else [int(v) for v in value.split(",") if v]
-        elif value.lower() == "none":
+            try:
+                parsed = None if off else [int(v) for v in value.split(",") if v.strip()]
+            except ValueError:
+                raise GenerationError(
+                    f"/set stop_token_ids: {value!r} is not a comma-separated list of token ids (e.g. 5,7) "
+                    "or none"
+                ) from None
+        elif off and name in NULLABLE:
             parsed = None
         else:
             kind = int if name in ("max_new_tokens", "top_k", "seed") else float
             try:
                 parsed = kind(value)
             except ValueError:
-                raise GenerationError(f"/set {name}: {value!r} is not a {kind.__name__}") from None
+                can_be_off = " or none" if name in NULLABLE else ""
+                raise GenerationError(
+                    f"/set {name}: {value!r} is not {_KIND_NAMES[kind]}{can_be_off}"
+                ) from None
         self.params = dataclasses.replace(self.params, **{name: parsed})  # validated in __post_init__
 
     def prompt_for(self, message: str) -> str:
@@ -103,6 +124,16 @@ class ChatSession:
                     yield delta
         finally:
             self.history.append((message, "".join(parts).strip()))
+
+
+def _unescape(text: str) -> str:
+    """Backslash escapes typed in a command (``\\n``, ``\\t``, ``\\u00e9``) as characters; other text as
+    typed (``unicode_escape`` reads bytes as latin-1, so non-ASCII text goes back through latin-1 -> UTF-8)."""
+    try:
+        decoded = text.encode("utf-8").decode("unicode_escape")
+        return decoded if text.isascii() else decoded.encode("latin-1").decode("utf-8")
+    except UnicodeError:  # "\\x" without digits, a trailing backslash...
+        raise GenerationError(f"/set stop: {text!r} has a malformed backslash escape") from None
 
 
 def run_repl(

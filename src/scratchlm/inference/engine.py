@@ -243,6 +243,11 @@ class Engine:
     def _check_context(self, rows: list[_Row], params: SamplingParams, context: str) -> None:
         if context not in CONTEXT_POLICIES:
             raise GenerationError(f"context={context!r} is not one of {', '.join(CONTEXT_POLICIES)}")
+        outside = [t for t in params.stop_token_ids or [] if t >= self.vocab_size]
+        if outside:
+            raise GenerationError(
+                f"stop token id {outside[0]} is not in the vocabulary (0..{self.vocab_size - 1})"
+            )
         ctx = self.context_length
         longest = max(len(r.prompt_ids) for r in rows)
         if context == "error" and longest + params.max_new_tokens > ctx:

@@ -19,6 +19,8 @@ them); stop token ids end a row as soon as one is sampled.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +30,10 @@ from scratchlm.errors import GenerationError
 
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+SEED_LIMIT = 2**64  # a torch.Generator seed is an unsigned 64-bit integer
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+ADDITIVE_PENALTY_LIMIT = 100.0  # |frequency_penalty|, |presence_penalty|
+
 
 @dataclass
 class SamplingParams:
@@ -35,6 +41,13 @@ class SamplingParams:
 
     Neutral values switch a processor off: ``temperature=1``, ``top_k=None``, ``top_p=1``, ``min_p=0``,
     ``repetition_penalty=1``, ``frequency_penalty=0``, ``presence_penalty=0``.
+
+    Checked ranges (a :class:`GenerationError` names the first value outside them): every number finite;
+    ``seed`` in ``[0, 2**64)`` (what a torch.Generator holds; negative seeds are refused rather than wrapped);
+    ``repetition_penalty`` in ``[0.01, 100]``, ``frequency_penalty`` and ``presence_penalty`` in
+    ``[-100, 100]``. The penalty bounds are wider than OpenAI's ``[-2, 2]`` so that a penalty can rule a
+    token out (a trained LM's logits span a few tens), and narrow enough that ``l / r``, ``l * r`` and
+    ``l - f * count`` stay finite in float32.
     """
 
     max_new_tokens: int = 128  # tokens to generate per row (at most)
@@ -53,6 +66,11 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)
+        if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, str):
+            self.stop_token_ids = list(self.stop_token_ids)
+        self._check_types()
+        r_lo, r_hi = REPETITION_PENALTY_RANGE
+        a_max = ADDITIVE_PENALTY_LIMIT
         checks = [
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
@@ -60,8 +78,20 @@ class SamplingParams:
             (0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {self.top_p}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1] (0 = off), got {self.min_p}"),
             (
-                self.repetition_penalty > 0,
-                f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}",
+                r_lo <= self.repetition_penalty <= r_hi,
+                f"repetition_penalty must be in [{r_lo}, {r_hi:g}] (1 = off), got {self.repetition_penalty}",
+            ),
+            (
+                -a_max <= self.frequency_penalty <= a_max,
+                f"frequency_penalty must be in [-{a_max:g}, {a_max:g}] (0 = off), got {self.frequency_penalty}",
+            ),
+            (
+                -a_max <= self.presence_penalty <= a_max,
+                f"presence_penalty must be in [-{a_max:g}, {a_max:g}] (0 = off), got {self.presence_penalty}",
+            ),
+            (
+                self.seed is None or 0 <= self.seed < SEED_LIMIT,
+                f"seed must be in [0, 2**64) or None, got {self.seed}",
             ),
             (
                 all(isinstance(s, str) and s for s in self.stop),
@@ -71,6 +101,34 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise GenerationError(message)
+
+    def _check_types(self) -> None:
+        """Integers where integers belong (bool excluded), finite numbers elsewhere; one line per problem."""
+        for name in ("max_new_tokens", "top_k", "seed"):
+            value = getattr(self, name)
+            if value is None and name != "max_new_tokens":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise GenerationError(f"{name} must be an integer, got {value!r}")
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "frequency_penalty",
+            "presence_penalty",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise GenerationError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise GenerationError(f"{name} must be finite, got {value}")
+        ids = self.stop_token_ids
+        if ids is not None and not (
+            isinstance(ids, list)
+            and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0 for t in ids)
+        ):
+            raise GenerationError(f"stop_token_ids must be a list of token ids (integers >= 0), got {ids!r}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> SamplingParams:
@@ -125,13 +183,20 @@ class FrequencyPresencePenalty:
 
 @dataclass
 class Temperature:
-    """``l' = l / T`` (T > 0): T < 1 sharpens the distribution, T > 1 flattens it. T = 0 is greedy (in
-    :func:`sample`), never a division."""
+    """``l' = (l - max_j l_j) / T`` (T > 0): T < 1 sharpens the distribution, T > 1 flattens it. T = 0 is
+    greedy (in :func:`sample`), never a division.
+
+    Subtracting the row max does not change ``softmax(l / T)`` (softmax is shift-invariant) but keeps the
+    division finite: the top logit stays exactly 0 and the others go to ``-inf`` at worst, so a tiny T
+    (1e-40, where ``l / T`` would overflow to inf and the softmax to NaN) becomes greedy instead of failing.
+    """
 
     temperature: float
 
     def __call__(self, logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        return logits / self.temperature
+        shifted = logits - logits.amax(dim=-1, keepdim=True)  # (B, V), <= 0
+        # the where() keeps 0 at 0 even when 1 / T itself overflows (0 * inf would be NaN)
+        return torch.where(shifted < 0, shifted / self.temperature, shifted)
 
 
 @dataclass
@@ -221,15 +286,29 @@ def sample(
     Greedy (temperature 0) takes the argmax of the penalised logits; otherwise one draw from
     ``softmax(processed logits)`` using ``generator`` (seeded per request for reproducible samples).
     ``processors`` can be passed pre-built (the engine builds them once per request).
+
+    Raises :class:`GenerationError` when the logits (greedy) or the probabilities (sampling) are not
+    finite: the checked options cannot cause that, a model that produces NaN logits can.
     """
     procs = build_processors(params) if processors is None else processors
     logits = logits.float()
     for proc in procs:
         logits = proc(logits, counts)  # type: ignore[arg-type]
     if params.greedy:
+        if bool(logits.isnan().any()):
+            raise _not_finite("logits")
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits, dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        raise _not_finite("probabilities")
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def _not_finite(what: str) -> GenerationError:
+    return GenerationError(
+        f"the next-token {what} are not finite (NaN/inf): the model's output has diverged; "
+        "check the checkpoint (e.g. scratchlm eval on it)"
+    )
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:

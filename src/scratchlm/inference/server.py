@@ -10,15 +10,20 @@ Endpoints (docs/serving.md has curl examples):
 - ``POST /generate`` with a JSON object: ``prompt`` (str) or ``prompts`` (list of str), and the sampling
   options of :class:`~scratchlm.inference.sampling.SamplingParams` (``max_new_tokens``, ``temperature``,
   ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, ``frequency_penalty``, ``presence_penalty``,
-  ``stop``, ``seed``), ``context`` (window policy: error | slide | stop) and ``stream`` (bool).
-  Without streaming the answer is ``{"completions": [{"text", "finish_reason", "prompt_tokens",
-  "new_tokens"}], "seconds"}``, one completion per prompt, in order. With ``"stream": true`` (one prompt)
-  it is Server-Sent Events: ``data: {"delta": "..."}`` per text delta, then ``data: [DONE]``.
+  ``stop``, ``stop_token_ids``, ``seed``), ``context`` (window policy: error | slide | stop) and
+  ``stream`` (bool). Without streaming the answer is ``{"completions": [{"text", "finish_reason",
+  "prompt_tokens", "new_tokens"}], "seconds"}``, one completion per prompt, in order. With
+  ``"stream": true`` (one prompt) it is Server-Sent Events: ``data: {"delta": "..."}`` per text delta,
+  then ``data: [DONE]``.
+
+Limits per request, so that one client cannot hold the model for long: ``max_new_tokens`` at most
+``max_new_tokens_limit`` (default 1024; a request without it gets ``min(128, limit)``) and at most
+``max_batch`` prompts (default 64). ``/info`` reports both.
 
 Errors are one-line JSON ``{"error": "..."}``: 400 for a bad request (invalid JSON, unknown field, wrong
-type, out-of-range option, prompt too long for the context), 404 unknown path, 405 wrong method, 413 body
-over 1 MB, 500 for a server bug (generic message to the client, traceback to stderr). A client never sees
-a traceback.
+type, out-of-range option, over a limit, prompt too long for the context), 404 unknown path, 405 wrong
+method, 413 body over 1 MB, 500 for a server bug (generic message to the client, traceback to stderr).
+A client never sees a traceback.
 
 There is one model, so generation is serialised by a lock: requests are accepted concurrently (one thread
 each) but generate one at a time. A streaming request holds the lock until its stream ends or its client
@@ -43,6 +48,8 @@ from scratchlm.inference.sampling import SamplingParams
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
 REQUEST_TIMEOUT_S = 60  # a client that sends nothing for this long is dropped
+MAX_NEW_TOKENS_LIMIT = 1024  # per request (scratchlm serve --max-new-tokens-limit)
+MAX_BATCH = 64  # prompts per request (scratchlm serve --max-batch)
 
 # JSON field -> accepted Python types (bool is excluded from the numeric ones explicitly)
 _INT = (int,)
@@ -59,7 +66,7 @@ SAMPLING_FIELDS: dict[str, tuple[type, ...]] = {
     "seed": _INT,
 }
 NULLABLE = {"top_k", "seed"}  # null = off / no seed
-REQUEST_FIELDS = {"prompt", "prompts", "stop", "stream", "context", *SAMPLING_FIELDS}
+REQUEST_FIELDS = {"prompt", "prompts", "stop", "stop_token_ids", "stream", "context", *SAMPLING_FIELDS}
 
 
 class RequestError(Exception):
@@ -79,10 +86,18 @@ class GenerateRequest:
         self.options = options
 
 
-def parse_generate_request(body: bytes) -> GenerateRequest:
+def parse_generate_request(
+    body: bytes,
+    *,
+    max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT,
+    max_batch: int = MAX_BATCH,
+    vocab_size: int | None = None,
+) -> GenerateRequest:
     """Parse and check a ``/generate`` body; raise :class:`RequestError` (400) naming the first problem.
 
-    Ranges are checked by :class:`SamplingParams` itself (the same rules as the CLI and the Python API).
+    Ranges are checked by :class:`SamplingParams` itself (the same rules as the CLI and the Python API);
+    this adds the server's limits (module docstring) and, given ``vocab_size``, that every stop token id
+    is in the vocabulary.
     """
     try:
         data = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
@@ -104,6 +119,11 @@ def parse_generate_request(body: bytes) -> GenerateRequest:
         prompts = data["prompts"]
         if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts)):
             raise RequestError(400, "'prompts' must be a non-empty list of strings")
+        if len(prompts) > max_batch:
+            raise RequestError(
+                400,
+                f"{len(prompts)} prompts exceed this server's limit of {max_batch} per request; split them",
+            )
 
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
@@ -131,10 +151,29 @@ def parse_generate_request(body: bytes) -> GenerateRequest:
         if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
             raise RequestError(400, "'stop' must be a string or a list of strings")
         options["stop"] = stop
+    if "stop_token_ids" in data:
+        ids = data["stop_token_ids"]
+        if ids is not None and not (
+            isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
+        ):
+            raise RequestError(400, "'stop_token_ids' must be a list of token ids (integers) or null")
+        options["stop_token_ids"] = ids
     try:
-        SamplingParams.from_kwargs(**options)  # range checks, one line each
+        params = SamplingParams.from_kwargs(**options)  # range checks, one line each
     except GenerationError as e:
         raise RequestError(400, str(e)) from None
+    if "max_new_tokens" not in options:
+        options["max_new_tokens"] = min(params.max_new_tokens, max_new_tokens_limit)
+    elif params.max_new_tokens > max_new_tokens_limit:
+        raise RequestError(
+            400,
+            f"max_new_tokens {params.max_new_tokens} exceeds this server's limit of {max_new_tokens_limit}; "
+            "ask for fewer",
+        )
+    if vocab_size is not None:
+        for t in params.stop_token_ids or []:
+            if t >= vocab_size:
+                raise RequestError(400, f"stop token id {t} is not in the vocabulary (0..{vocab_size - 1})")
     if "context" in data:
         if not isinstance(data["context"], str):
             raise RequestError(400, '\'context\' must be one of "error", "slide", "stop"')
@@ -163,12 +202,19 @@ class GenerationServer(ThreadingHTTPServer):
         port: int = 8000,
         name: str | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
+        max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT,
+        max_batch: int = MAX_BATCH,
     ):
+        for option, value in (("max_new_tokens_limit", max_new_tokens_limit), ("max_batch", max_batch)):
+            if value < 1:
+                raise ValueError(f"{option} must be >= 1, got {value}")
         self.lm = lm
         self.engine = lm.engine
         checkpoint = getattr(lm, "checkpoint", None)
         self.model_name = name or (checkpoint.parent.parent.name if checkpoint is not None else "scratchlm")
         self.max_body_bytes = max_body_bytes
+        self.max_new_tokens_limit = max_new_tokens_limit
+        self.max_batch = max_batch
         self.lock = threading.Lock()  # one model: one generation at a time
         super().__init__((host, port), _Handler)
 
@@ -196,7 +242,17 @@ class GenerationServer(ThreadingHTTPServer):
             "config": {
                 k: v for k, v in vars(cfg).items() if isinstance(v, str | int | float | bool | type(None))
             },
+            "limits": {"max_new_tokens": self.max_new_tokens_limit, "max_batch": self.max_batch},
         }
+
+    def parse(self, body: bytes) -> GenerateRequest:
+        """A ``/generate`` body checked against this server's limits and vocabulary."""
+        return parse_generate_request(
+            body,
+            max_new_tokens_limit=self.max_new_tokens_limit,
+            max_batch=self.max_batch,
+            vocab_size=int(self.lm.tokenizer.vocab_size),
+        )
 
     def generate(self, req: GenerateRequest) -> dict[str, Any]:
         """The non-streaming ``/generate`` answer (generation under the lock)."""
@@ -281,7 +337,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(n)
 
     def _generate(self) -> None:
-        req = parse_generate_request(self._read_body())
+        req = self.server.parse(self._read_body())
         if not req.stream:
             self._send_json(200, self.server.generate(req))
             return
