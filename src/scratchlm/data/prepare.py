@@ -24,6 +24,7 @@ method is used so that workers are safe whatever threads the parent runs.
 from __future__ import annotations
 
 import collections
+import contextlib
 import multiprocessing as mp
 import os
 import sys
@@ -73,6 +74,7 @@ def prepare(
     settings = _settings(source, tokenizer, val_source, val_fraction, shard_tokens)
     if (out / shards.META).is_file():
         return _reuse(out, settings, progress)
+    created = _missing_dirs(out)  # removed again if this prepare fails: nothing half-written stays
     out.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(out)
 
@@ -127,6 +129,9 @@ def prepare(
         for w in writers.values():
             w.finish()
         _remove_leftovers(out, quiet=True)
+        for d in created:  # deepest first; only directories this call made, and only if still empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
         raise
     if progress:
         mb = counts["bytes"] / 1e6
@@ -400,6 +405,17 @@ class _Encoder:
             self.pool.join()
         if self.tmp is not None:
             self.tmp.cleanup()
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    return missing
 
 
 def _cpu_count() -> int:
