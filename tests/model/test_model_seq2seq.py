@@ -133,6 +133,17 @@ def test_source_padding_and_target_causality():
     assert not torch.allclose(changed[:, 4:], logits[:, 4:])
 
 
+@pytest.mark.parametrize("kw", [{}, dict(norm_position="pre", n_kv_head=2, qk_norm=True)])
+def test_sdpa_and_manual_attention_agree(kw):
+    # self-attention (padding + causal masks) and cross-attention over a padded source, both backends
+    sdpa, manual = tiny(attention="sdpa", **kw), tiny(attention="manual", **kw)
+    manual.load_state_dict(sdpa.state_dict())
+    src, src_mask, tgt = batch()
+    torch.testing.assert_close(
+        manual(src, tgt, src_mask=src_mask)[0], sdpa(src, tgt, src_mask=src_mask)[0], atol=1e-5, rtol=1e-5
+    )
+
+
 @pytest.mark.parametrize(
     "kw", [{}, dict(norm_position="pre", share_embeddings=False, n_kv_head=2, pos="learned", qk_norm=True)]
 )

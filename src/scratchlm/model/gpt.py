@@ -5,7 +5,8 @@
     Block (post-LN): x = norm_1(x + attn(x));  x = norm_2(x + mlp(x))
 
 GPT-2 (Radford et al. 2019): layernorm, learned positions, gelu MLP, biases, tied embeddings.
-Llama-2 (Touvron et al. 2023): rmsnorm, RoPE on q/k, SwiGLU MLP, no biases, untied output head, GQA.
+Llama-2 (Touvron et al. 2023): rmsnorm, RoPE on q/k, SwiGLU MLP, no biases, untied output head, GQA
+(the llama-* presets tie the head, as llama2.c's TinyStories models do).
 Parameter names follow GPT-2 (wte, wpe, ln_1, attn.c_q, mlp.c_fc, c_proj, ln_f, lm_head); scratchlm.model.hf
 maps them to and from the Hugging Face checkpoints.
 """
