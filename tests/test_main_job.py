@@ -59,9 +59,13 @@ def test_api_end_to_end(tmp_path, small_corpus):
     text = lm.generate("def ", max_new_tokens=10, temperature=0.0)
     assert isinstance(text, str)
     assert "".join(lm.stream("def ", max_new_tokens=10, temperature=0.0)) == text
-    # a second run with the same sources reuses the cached tokenizer and shards
+    # a second run with the same sources reuses the cached tokenizer and shards: no cache file is rewritten
+    cache = tmp_path / "cache"
+    before = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
+    assert any(p.name == "tokenizer.json" for p in before) and any(p.suffix == ".bin" for p in before)
     cfg2 = scratchlm.load_config(overrides=_overrides(tmp_path, small_corpus, "api-run2"))
     assert scratchlm.fit(cfg2) == tmp_path / "api-run2"
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()} == before
     assert (tmp_path / "api-run" / "tokenizer.json").read_text() == (
         tmp_path / "api-run2" / "tokenizer.json"
     ).read_text()
@@ -101,3 +105,22 @@ def test_help_of_every_subcommand(capsys):
         assert e.value.code == 0
         shown = {"sample": "generate"}.get(command, command)  # `sample` is an alias of `generate`
         assert capsys.readouterr().out.startswith("usage: scratchlm " + shown)
+
+
+def test_readme_command_table_matches_the_cli(capsys):
+    """Every ``--flag`` the README's command table names for a subcommand is an option of that subcommand."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rows = [ln for ln in readme.splitlines() if ln.startswith("| `scratchlm ")]
+    assert len(rows) >= 10
+    for row in rows:
+        # the subcommand words: `scratchlm tokenizer train --input ...` -> ["tokenizer", "train"]
+        command = re.match(r"\| `scratchlm ((?:[a-z]+ ?)+)", row).group(1).split()
+        flags = set(re.findall(r"(--[a-z][a-z0-9-]+)", row))
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        help_text = capsys.readouterr().out
+        missing = sorted(f for f in flags if f not in help_text)
+        assert not missing, f"README names {missing} for `scratchlm {' '.join(command)}`"

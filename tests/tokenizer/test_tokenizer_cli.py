@@ -144,3 +144,26 @@ def test_undecodable_input_is_reported(tmp_path, capsys):
         ]
     )
     assert rc == 0 and "60 undecodable byte(s)" in capsys.readouterr().err
+
+
+def test_train_on_the_builtin_corpus(tmp_path):
+    out = tmp_path / "builtin.json"
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--input",
+                "builtin",
+                "--vocab-size",
+                "258",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    tok = load_tokenizer(out)
+    # Python source is indented with spaces: the most frequent pair of the standard library is two spaces
+    assert tok.vocab_size == 258 and tok.decode_bytes([256]) == b"  "
