@@ -4,6 +4,11 @@ TRITON_INTERPRET=1 must be set before triton and the kernels are first imported:
 before any test module is collected, and this file does again for runs of this directory alone. If the
 kernel module was imported without it, it is defined again; if triton itself was (its standard library is
 then compiled-only), the interpreter tests skip with that reason instead of failing obscurely.
+
+On a GPU the kernels launch fixed tiles in these tests (SCRATCHLM_FLASH_TILES=fixed, see
+flash_attention.py) unless the variable is already set: autotuning every constexpr combination of the test
+grid would take far longer than the tests. ``SCRATCHLM_FLASH_TILES=autotune pytest -m gpu ...`` tests the
+autotuned path.
 """
 
 from __future__ import annotations
@@ -32,3 +37,10 @@ def _needs_working_interpreter(request):
     callspec = getattr(request.node, "callspec", None)
     if INTERPRETER_PROBLEM and callspec is not None and callspec.params.get("device") == "cpu":
         pytest.skip(INTERPRETER_PROBLEM)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_gpu_tiles(monkeypatch):
+    """SCRATCHLM_FLASH_TILES=fixed for the test unless the environment already chooses (no effect on CPU)."""
+    if "SCRATCHLM_FLASH_TILES" not in os.environ:
+        monkeypatch.setenv("SCRATCHLM_FLASH_TILES", "fixed")

@@ -5,6 +5,13 @@ in ``flash_reference.py``. This module chooses tile configurations (autotuned on
 configuration under the CPU interpreter), launches the four kernels and wraps them in a
 ``torch.autograd.Function`` that saves only q, k, v, O and the fp32 log-sum-exp.
 
+Tiles on a GPU: ``SCRATCHLM_FLASH_TILES=autotune`` (the default) autotunes each kernel over its candidate
+list below, once per (head size, causal, group, power-of-two length bucket, precision, dtype);
+``SCRATCHLM_FLASH_TILES=fixed`` skips the search and takes the first candidate of each list that fits the GPU
+(shared memory, threads): one compile per kernel and specialisation instead of 7-8, and no timing runs.
+The GPU tests and ``benchmarks/attention.py --quick`` use it. The variable is read at every launch; any other
+value is an error.
+
 Triton is optional: this module imports it lazily, and ``flash_available(device)`` says whether the kernels
 can run on a device (CUDA, compute capability >= 8.0, Triton installed). Models call ``flash_attention`` only
 when it can; the tests run the kernels on the CPU with ``TRITON_INTERPRET=1`` set before the kernels are
@@ -16,6 +23,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import os
 import warnings
 from types import ModuleType
 
@@ -33,6 +41,10 @@ INTERPRETER_TILES = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16), "preproc
 
 # H100 candidates (fwd and dQ need BLOCK_M % BLOCK_N == 0, dK/dV needs BLOCK_N % BLOCK_M == 0).
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). Configurations that do not fit in shared memory are skipped.
+# The first entry of each list is what SCRATCHLM_FLASH_TILES=fixed tries first (the tiles of Triton's
+# fused-attention tutorial), the later ones in order are its fallbacks. The last entry is small enough
+# (~96 KB of shared memory) to fit any GPU of compute capability >= 8.0 even for fp32 inputs at D = 128,
+# where by our estimate the larger ones can exceed an H100's 227 KB; without it such a case has no config.
 FWD_CONFIGS = [
     (128, 64, 4, 3),
     (128, 64, 8, 3),
@@ -41,6 +53,7 @@ FWD_CONFIGS = [
     (128, 128, 8, 2),
     (64, 64, 4, 3),
     (64, 64, 4, 4),
+    (64, 32, 4, 2),
 ]
 DKDV_CONFIGS = [
     (32, 128, 4, 3),
@@ -49,6 +62,7 @@ DKDV_CONFIGS = [
     (64, 128, 8, 2),
     (32, 64, 4, 4),
     (64, 64, 4, 3),
+    (32, 32, 4, 2),
 ]
 DQ_CONFIGS = [
     (128, 32, 4, 3),
@@ -57,8 +71,19 @@ DQ_CONFIGS = [
     (128, 64, 8, 2),
     (64, 32, 4, 4),
     (64, 64, 4, 3),
+    (32, 32, 4, 2),
 ]
 TUNING_KEY = ["HEAD_DIM", "CAUSAL", "GROUP", "T_BUCKET", "PRECISION"]
+TILE_MODES = ("autotune", "fixed")
+TILES_ENV = "SCRATCHLM_FLASH_TILES"
+
+
+def tile_mode() -> str:
+    """How GPU tiles are chosen, from ``$SCRATCHLM_FLASH_TILES``: "autotune" (default) or "fixed"."""
+    mode = os.environ.get(TILES_ENV, "autotune") or "autotune"
+    if mode not in TILE_MODES:
+        raise ValueError(f"{TILES_ENV}={mode!r} is not one of {TILE_MODES}; unset it or pick one of those")
+    return mode
 
 
 def _triton_missing() -> str | None:
@@ -109,8 +134,35 @@ def _tuned(name: str, configs: tuple[tuple[int, int, int, int], ...]):
     return triton.autotune(candidates, key=TUNING_KEY)(kernel)
 
 
+# Index of the configuration SCRATCHLM_FLASH_TILES=fixed settled on, per kernel and specialisation.
+_fixed_choice: dict[tuple, int] = {}
+
+
+def _launch_fixed(name: str, configs: list, grid_of, args: tuple, meta: dict) -> None:
+    """Run kernel ``name`` with the first of ``configs`` that fits this GPU, remembered per specialisation.
+
+    A configuration that needs more shared memory (or threads, or registers) than the GPU has fails when it
+    is loaded, before anything runs, so trying the next one is safe.
+    """
+    from triton.runtime import errors
+
+    too_big = tuple(getattr(errors, n) for n in ("OutOfResources", "PTXASError") if hasattr(errors, n))
+    kernel = getattr(_kernels(), name)
+    key = (name, args[0].dtype, tuple(sorted(meta.items())))
+    for i in range(_fixed_choice.get(key, 0), len(configs)):
+        bm, bn, warps, stages = configs[i]
+        try:
+            kernel[grid_of(bm, bn)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        except too_big:
+            if i == len(configs) - 1:
+                raise
+            continue
+        _fixed_choice[key] = i
+        return
+
+
 def _launch(name: str, tiles: str, configs: list, grid_of, *args, **meta) -> None:
-    """Run kernel ``name``: fixed tiles under the interpreter, autotuned tiles on a GPU.
+    """Run kernel ``name``: fixed tiles under the interpreter, autotuned or fixed tiles on a GPU (tile_mode).
 
     ``grid_of(block_m, block_n)`` gives the launch grid; ``args`` and ``meta`` are the kernel arguments.
     """
@@ -118,6 +170,8 @@ def _launch(name: str, tiles: str, configs: list, grid_of, *args, **meta) -> Non
     if kernels.INTERPRETED:
         bm, bn = INTERPRETER_TILES[tiles]
         getattr(kernels, name)[grid_of(bm, bn)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
+    elif tile_mode() == "fixed":
+        _launch_fixed(name, configs, grid_of, args, meta)
     else:
         _tuned(name, tuple(configs))[lambda m: grid_of(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
 
@@ -280,11 +334,15 @@ def flash_attention(
 
     Grouped-query attention when Hkv < Hq (query head h reads kv head h // (Hq // Hkv)). D in {16, 32, 64,
     128}; fp32, fp16 or bf16 with fp32 softmax statistics and accumulators. ``softmax_scale`` defaults to
-    1/sqrt(D). ``input_precision`` for fp32 inputs: "ieee" (exact, like PyTorch's default) or "tf32" (faster
-    on tensor cores, ~1e-3 relative error). Where the kernels cannot run (no Triton; CPU tensors without
-    TRITON_INTERPRET=1 set before import) it says so once and runs ``flash_attention_reference``.
+    1/sqrt(D). ``input_precision`` sets the ``tl.dot`` precision for fp32 inputs: "ieee" (the default: exact
+    fp32, like PyTorch's default matmuls) or "tf32" (faster on tensor cores, ~1e-3 relative error); fp16 and
+    bf16 always multiply on tensor cores in their own dtype. Where the kernels cannot run (no Triton; CPU
+    tensors without TRITON_INTERPRET=1 set before import) it says so once (a warning) and runs
+    ``flash_attention_reference``, which is always exact fp32.
     """
     _check_inputs(q, k, v)
+    if input_precision not in ("ieee", "tf32"):
+        raise ValueError(f"input_precision must be 'ieee' or 'tf32', got {input_precision!r}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     missing = _triton_missing()
     if missing is None and q.device.type == "cpu" and not _kernels().INTERPRETED:
@@ -292,7 +350,5 @@ def flash_attention(
     if missing is not None:
         _say_fallback_once(missing)
         return flash_attention_reference(q, k, v, causal, scale)
-    if input_precision not in ("ieee", "tf32"):
-        raise ValueError(f"input_precision must be 'ieee' or 'tf32', got {input_precision!r}")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     return FlashAttentionFunction.apply(q, k, v, causal, scale, input_precision)
