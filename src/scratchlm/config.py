@@ -115,7 +115,10 @@ class TrainConfig:
     compile: bool = doc(False, "torch.compile the model (the saved state dict is always the plain module's)")
     batch_size: int = doc(16, "micro-batch size (rows)")
     tokens_per_step: int | None = doc(
-        None, "tokens per optimizer step; None = batch_size * context (no accum)"
+        None, "tokens per optimizer step, summed over ranks; None = batch_size * context per rank (no accum)"
+    )
+    parallel: str = doc(
+        "ddp", "torchrun strategy: ddp | fsdp (FSDP2) | zero1 (ZeRO-1); ignored in one process"
     )
     max_steps: int = doc(1000, "optimizer steps")
     max_time: float | None = doc(None, "stop after this many seconds of training (schedule uses max_steps)")
@@ -484,6 +487,7 @@ _CHOICES = {
     "train.schedule": ("cosine", "wsd", "constant"),
     "train.schedule_clock": ("steps", "time"),
     "train.resume": ("auto", "never"),
+    "train.parallel": ("ddp", "fsdp", "zero1"),
 }
 
 

@@ -185,21 +185,28 @@ def start_run(cfg: Config, tokenizer) -> Path:
 
 
 def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
-    """Everything the main job does: tokenizer, shards (decoder models), training. Returns the summary."""
-    from scratchlm.train.trainer import train_model
+    """Everything the main job does: tokenizer, shards (decoder models), training. Returns the summary.
 
-    if cfg.model.arch == "seq2seq":
-        sources = None
-        tokenizer = _seq2seq_tokenizer(cfg, progress)
-        data_dir = None
-    else:
-        sources = training_sources(cfg)
-        tokenizer = get_tokenizer(cfg, sources, progress)
-        data_dir = get_shards(cfg, tokenizer, sources, progress)
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=str(data_dir)))
-    cfg = resolved(cfg, tokenizer)
-    run_dir = start_run(cfg, tokenizer)
-    return train_model(cfg, run_dir, tokenizer, data_dir)
+    Under torchrun every rank calls this: rank 0 trains the tokenizer, prepares the shards and creates the
+    run directory while the others wait, then they load the tokenizer and shards from the cache it wrote.
+    """
+    from scratchlm.train import distributed as dist
+    from scratchlm.train.trainer import micro_steps, train_model
+
+    micro_steps(cfg, dist.world_from_env().size)  # tokens_per_step must divide among the ranks: say so first
+    with dist.process_group(cfg.train.device) as world:
+        progress = progress and world.is_main
+        if cfg.model.arch == "seq2seq":
+            tokenizer = dist.main_first(lambda: _seq2seq_tokenizer(cfg, progress))
+            data_dir = None
+        else:
+            sources = training_sources(cfg)
+            tokenizer = dist.main_first(lambda: get_tokenizer(cfg, sources, progress))
+            data_dir = dist.main_first(lambda: get_shards(cfg, tokenizer, sources, progress))
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=str(data_dir)))
+        cfg = resolved(cfg, tokenizer)
+        run_dir = dist.on_main(lambda: start_run(cfg, tokenizer))
+        return train_model(cfg, run_dir, tokenizer, data_dir)
 
 
 def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:

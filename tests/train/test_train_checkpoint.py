@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from scratchlm.config import ModelConfig, TrainConfig
 from scratchlm.errors import CheckpointError
@@ -162,3 +163,16 @@ def test_resave_same_step_replaces(tmp_path):
     d = save(tmp_path, 3, model, opts, tokens_marker=2)
     assert ckpt.read_state(d)["tokens_marker"] == 2
     assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")] == []
+
+
+def test_save_weights_writes_what_save_model_writes(tmp_path):
+    """A state dict (e.g. gathered from FSDP shards) is stored byte for byte like safetensors' save_model."""
+    from safetensors.torch import save_model
+
+    model, _ = setup()
+    save_model(model, str(tmp_path / "a.safetensors"))
+    ckpt.save_weights(model.state_dict(), tmp_path / "b.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    untied = {k: v.clone() for k, v in model.state_dict().items()}  # copies: nothing shares storage
+    ckpt.save_weights(untied, tmp_path / "c.safetensors")
+    assert set(load_file(str(tmp_path / "c.safetensors"))) == set(untied)

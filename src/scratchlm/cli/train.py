@@ -80,7 +80,10 @@ def split_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """``scratchlm train``; under torchrun (``torchrun --nproc_per_node N -m scratchlm train ...``) every
+    rank runs it and only rank 0 prints (the config, the summary and the sample)."""
     from scratchlm.pipeline import resume_config, run
+    from scratchlm.train.distributed import is_main_process
 
     config_path, overrides = split_args(args.args)
     if args.resume:
@@ -93,16 +96,21 @@ def run_train(args: argparse.Namespace) -> int:
         has_preset = any(o.startswith("preset=") for o in overrides)
         preset = MAIN_JOB_PRESET if config_path is None and not has_preset else None
         cfg = load_config(config_path, overrides, preset=preset)
-    print("# resolved config" + (f" (preset {cfg.preset})" if cfg.preset else ""))
-    print(to_yaml(cfg), end="")
+    main = is_main_process()
+    if main:
+        print("# resolved config" + (f" (preset {cfg.preset})" if cfg.preset else ""))
+        print(to_yaml(cfg), end="")
     if args.dry_run:
         from scratchlm.train.dryrun import dry_run
 
-        print(dry_run(cfg))
+        if main:
+            print(dry_run(cfg))
         return 0
 
     start = time.time()
     result = run(cfg)
+    if not main:
+        return 0
     print(f"\nrun directory: {result['run_dir']}")
     print(f"steps: {result['step']}, tokens: {result['tokens']:,}, wall time: {time.time() - start:.0f} s")
     if result.get("val_loss") is not None:

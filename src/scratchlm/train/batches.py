@@ -39,15 +39,23 @@ def batch_tokens(batch: Batch) -> int:
 
 
 def make_loaders(
-    cfg: Config, tokenizer: Any, data_dir: Path | None, device: torch.device
+    cfg: Config,
+    tokenizer: Any,
+    data_dir: Path | None,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[Any, Callable[[], Any] | None]:
     """(train loader, factory of a fresh sequential validation loader or None when there is no val split).
 
-    Every loader has ``next_batch()``, ``state_dict()`` and ``load_state_dict()``.
+    Every loader has ``next_batch()``, ``state_dict()`` and ``load_state_dict()``. Both read the share of
+    ``rank``: in sequential order (``data.loader=sequential``, validation, seq2seq) its batch ``j`` is batch
+    ``j * world_size + rank`` of the one-process order (within an epoch), so the ranks together read what
+    one process would; random windows are drawn from the rank's own 1/world_size of the starts.
     """
     tc, dc = cfg.train, cfg.data
     if cfg.model.arch == "seq2seq":
-        return _pair_loaders(cfg, tokenizer, device)
+        return _pair_loaders(cfg, tokenizer, device, rank, world_size)
     if data_dir is None:
         raise ConfigError("model.arch=gpt needs prepared shards (data.data_dir); run scratchlm data prepare")
     from scratchlm.data.loader import TokenLoader
@@ -61,6 +69,8 @@ def make_loaders(
         mode=dc.loader,
         doc_aligned=dc.doc_aligned,
         seed=tc.seed,
+        rank=rank,
+        world_size=world_size,
         device=device,
     )
     if not _has_val(data_dir):
@@ -75,6 +85,8 @@ def make_loaders(
             mode="sequential",
             doc_aligned=False,
             seed=tc.seed,
+            rank=rank,
+            world_size=world_size,
             device=device,
         )
 
@@ -87,9 +99,16 @@ def _has_val(data_dir: Path) -> bool:
     return read_meta(data_dir)["splits"]["val"]["tokens"] > 1
 
 
-def _pair_loaders(cfg: Config, tokenizer: Any, device: torch.device):
+def _pair_loaders(cfg: Config, tokenizer: Any, device: torch.device, rank: int, world_size: int):
     from scratchlm.data.pairs import build_pair_loaders
 
     return build_pair_loaders(
-        cfg.data, tokenizer, cfg.train.batch_size, cfg.model.context_length, cfg.train.seed, device
+        cfg.data,
+        tokenizer,
+        cfg.train.batch_size,
+        cfg.model.context_length,
+        cfg.train.seed,
+        device,
+        rank=rank,
+        world_size=world_size,
     )

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from scratchlm.errors import CheckpointError
@@ -51,12 +51,18 @@ FILES = ("model.safetensors", "optimizer.pt")
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: nn.Module, optimizer_state: Any, state: dict[str, Any], keep_last: int
+    run_dir: Path,
+    step: int,
+    model: nn.Module | dict[str, torch.Tensor],
+    optimizer_state: Any,
+    state: dict[str, Any],
+    keep_last: int,
 ) -> Path:
     """Write ``checkpoints/step_{step:08d}`` atomically, point LATEST at it and prune to ``keep_last``.
 
-    ``model`` is the unwrapped module (never a compiled or DDP wrapper); ``optimizer_state`` holds tensors
-    and plain Python only; ``state`` must be JSON-serialisable. Returns the checkpoint directory.
+    ``model`` is the unwrapped module (never a compiled or DDP wrapper) or its full state dict (e.g.
+    gathered from FSDP shards; tied names sharing one tensor); ``optimizer_state`` holds tensors and plain
+    Python only; ``state`` must be JSON-serialisable. Returns the checkpoint directory.
     Raises :class:`CheckpointError` if the write fails; the previous checkpoint and LATEST are then intact.
     """
     root = Path(run_dir) / CHECKPOINTS
@@ -68,7 +74,7 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))
+        save_weights(model if isinstance(model, dict) else model.state_dict(), tmp / "model.safetensors")
         torch.save(optimizer_state, tmp / "optimizer.pt")
         files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in FILES}
         _write_json(tmp / "state.json", {**state, "step": step, "files": files})
@@ -92,6 +98,25 @@ def save_checkpoint(
         ) from e
     _prune(root, keep_last, keep=name)
     return final
+
+
+def save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file of ``weights``, as ``safetensors.torch.save_model`` writes it.
+
+    A tensor under several names (tied weights) is stored once, under the first name in sorted order, and
+    each dropped name is recorded in the metadata as ``{dropped: kept}`` (:func:`load_model_state` restores it).
+    """
+    weights, metadata = dict(weights), {}
+    kept: dict[tuple, str] = {}
+    for name in sorted(weights):
+        t = weights[name]
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and key in kept:
+            metadata[name] = kept[key]
+            del weights[name]
+        else:
+            kept.setdefault(key, name)
+    save_file(weights, str(path), metadata=metadata or None)
 
 
 def save_best(run_dir: Path, ckpt_dir: Path) -> Path:

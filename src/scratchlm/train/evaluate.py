@@ -2,8 +2,10 @@
 
 Validation: the mean cross-entropy (nats per predicted token) over ``eval.batches`` batches of a *fresh*
 sequential validation loader, so every evaluation sees the same tokens and numbers are comparable across
-steps and across resumed runs. Perplexity = ``exp(val_loss)``; bits per byte = ``val_loss / ln 2 * tokens /
-bytes`` when the shard metadata records the validation split's byte count.
+steps and across resumed runs. With W ranks each evaluates its share of those same batches (batch i on
+rank ``i % W``) and the sum is all-reduced: the same number as one process, up to float summation order.
+Perplexity = ``exp(val_loss)``; bits per byte = ``val_loss / ln 2 * tokens / bytes`` when the shard metadata
+records the validation split's byte count.
 
 Samples use a small temperature/top-k sampler with its *own* ``torch.Generator`` seeded from
 ``(train.seed, step)``: writing samples never touches the global RNG, so it cannot change the training run
@@ -22,6 +24,7 @@ import torch
 from scratchlm.config import Config
 from scratchlm.device import autocast
 from scratchlm.train.batches import batch_loss
+from scratchlm.train.distributed import sum_over_ranks
 
 
 @torch.no_grad()
@@ -31,16 +34,25 @@ def evaluate(
     batches: int,
     device: torch.device,
     dtype: torch.dtype,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> float:
-    """Mean validation loss over ``batches`` batches (model put back in train mode afterwards)."""
+    """Mean validation loss over ``batches`` batches (model put back in train mode afterwards).
+
+    ``make_val_loader`` gives this rank's share (batch j = batch ``j * world_size + rank``). Every rank runs
+    ``ceil(batches / world_size)`` forwards (FSDP needs all ranks in each); a last-round batch past
+    ``batches`` is not counted. Returns the same value on every rank.
+    """
     loader = make_val_loader()
     model.eval()
     total = 0.0
-    for _ in range(batches):
+    for j in range(-(-batches // world_size)):
         with autocast(device, dtype):
-            total += batch_loss(model, loader.next_batch()).item()
+            loss = batch_loss(model, loader.next_batch()).item()
+        if j * world_size + rank < batches:
+            total += loss
     model.train()
-    return total / batches
+    return sum_over_ranks(total)[0] / batches
 
 
 def eval_record(step: int, val_loss: float, data_meta: dict[str, Any] | None) -> dict[str, Any]:
@@ -96,9 +108,11 @@ def write_samples(
     device: torch.device,
     dtype: torch.dtype,
     make_val_loader: Callable[[], Any] | None,
+    write: bool = True,
 ) -> None:
     """Append ``eval.num_samples`` generations to run_dir/samples.txt (GPT: from the prompt; seq2seq:
-    greedy translations of the first validation sources)."""
+    greedy translations of the first validation sources). ``write=False`` generates without writing (the
+    other ranks of an FSDP run, which must take part in every forward)."""
     ec = cfg.eval
     if ec.num_samples <= 0 or tokenizer is None:
         return
@@ -132,5 +146,7 @@ def write_samples(
                 text = tokenizer.decode(row[len(prompt) :])
                 lines.append((ec.sample_prompt + text).rstrip() + "\n---")
     model.train()
+    if not write:
+        return
     with open(Path(run_dir) / "samples.txt", "a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n\n")

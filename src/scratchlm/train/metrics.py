@@ -56,9 +56,24 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 
 
 class MetricsLogger:
-    """Writes records to metrics.jsonl (+ TensorBoard) and drives the tqdm progress bar."""
+    """Writes records to metrics.jsonl (+ TensorBoard) and drives the tqdm progress bar.
 
-    def __init__(self, run_dir: Path, *, max_steps: int, start_step: int, progress: bool, tensorboard: bool):
+    ``enabled=False`` (every rank but 0 of a multi-process run) makes every method a no-op.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        max_steps: int,
+        start_step: int,
+        progress: bool,
+        tensorboard: bool,
+        enabled: bool = True,
+    ):
+        self.enabled = enabled
+        if not enabled:
+            return
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a")  # noqa: SIM115 (closed in close())
@@ -77,6 +92,8 @@ class MetricsLogger:
 
     def log(self, record: dict[str, Any]) -> None:
         """Append ``record`` (needs ``kind`` and ``step``) and show it on the bar."""
+        if not self.enabled:
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.writer is not None:
@@ -94,12 +111,16 @@ class MetricsLogger:
             self.bar.write(f"step {record['step']}: val loss {record['val_loss']:.4f}")
 
     def advance(self, steps: int = 1) -> None:
-        self.bar.update(steps)
+        if self.enabled:
+            self.bar.update(steps)
 
     def message(self, text: str) -> None:
-        self.bar.write(text)
+        if self.enabled:
+            self.bar.write(text)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.bar.close()
         self.file.close()
         if self.writer is not None:

@@ -27,6 +27,8 @@ Each param group remembers its peak lr (``peak_lr``); :func:`set_lr` scales ever
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -127,8 +129,16 @@ def param_groups(model: nn.Module, optimizer: str) -> dict[str, list[nn.Paramete
     return groups
 
 
-def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    """AdamW, or [Muon, AdamW] for ``optimizer=muon``. Every group carries ``peak_lr`` for :func:`set_lr`."""
+def _construct(cls: type[torch.optim.Optimizer], groups: list[dict], **kwargs: Any) -> torch.optim.Optimizer:
+    return cls(groups, **kwargs)
+
+
+def build_optimizers(model: nn.Module, cfg: TrainConfig, make: Callable = _construct) -> list[Any]:
+    """AdamW, or [Muon, AdamW] for ``optimizer=muon``. Every group carries ``peak_lr`` for :func:`set_lr`.
+
+    ``make(cls, param_groups, **kwargs)`` builds each optimizer (default ``cls(param_groups, **kwargs)``);
+    ZeRO-1 passes one that wraps it in a ZeroRedundancyOptimizer (``train/distributed.py``).
+    """
     if cfg.optimizer not in ("adamw", "muon"):
         raise ConfigError(f"train.optimizer={cfg.optimizer!r} is not one of adamw, muon")
     groups = param_groups(model, cfg.optimizer)
@@ -141,16 +151,14 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     ]
     adam_groups = [g for g in adam_groups if g["params"]]
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    adamw = (
-        torch.optim.AdamW(adam_groups, **kwargs, fused=True)
-        if fused
-        else torch.optim.AdamW(adam_groups, **kwargs, foreach=True)
-    )
+    kwargs["fused" if fused else "foreach"] = True
+    adamw = make(torch.optim.AdamW, adam_groups, **kwargs)
     if cfg.optimizer == "adamw":
         return [adamw]
     if not groups["muon"]:
         raise ConfigError("train.optimizer=muon but the model has no hidden 2-D weight matrices; use adamw")
-    muon = torch.optim.Muon(
+    muon = make(
+        torch.optim.Muon,
         [{"params": groups["muon"], "peak_lr": cfg.muon_lr}],
         lr=cfg.muon_lr,
         momentum=cfg.muon_momentum,
@@ -164,11 +172,14 @@ def optimizer_state(optimizers: list[torch.optim.Optimizer]) -> list[dict]:
     return [opt.state_dict() for opt in optimizers]
 
 
-def load_optimizer_state(optimizers: list[torch.optim.Optimizer], states: list[dict]) -> None:
+def load_optimizer_state(
+    optimizers: list[torch.optim.Optimizer], states: list[dict], load: Callable | None = None
+) -> None:
+    """Load the state dicts of :func:`optimizer_state`; ``load(opt, sd)`` defaults to ``opt.load_state_dict``."""
     if len(states) != len(optimizers):
         raise CheckpointError(
             f"checkpoint holds {len(states)} optimizer state(s) but train.optimizer builds "
             f"{len(optimizers)}; resume with the same train.optimizer"
         )
     for opt, sd in zip(optimizers, states):
-        opt.load_state_dict(sd)
+        opt.load_state_dict(sd) if load is None else load(opt, sd)

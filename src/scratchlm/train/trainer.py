@@ -6,11 +6,18 @@
               -> optimizer step -> log -> every eval.interval: val loss + samples -> checkpoint
       stop:   max_steps | max_time | early stopping (patience) | SIGINT/SIGTERM (after the current step)
 
-Gradient accumulation: a step sums the gradients of ``k = tokens_per_step / (batch_size * context_length)``
-micro-batches, each loss scaled by ``1/k``, so a step on k micro-batches of b rows equals one step on k*b
-rows (up to float rounding). Mixed precision: bf16 autocast where supported (weights, grads and optimizer
-state stay fp32); fp16 adds a GradScaler. ``torch.compile`` wraps the module for the forward only; the
-optimizer, the checkpoints and evaluation use the plain module, so saved names never carry ``_orig_mod.``.
+Gradient accumulation: a step sums the gradients of ``k = tokens_per_step / (batch_size * context_length *
+world_size)`` micro-batches per rank, each loss scaled by ``1/k``, so a step on k micro-batches of b rows
+equals one step on k*b rows (up to float rounding). Mixed precision: bf16 autocast where supported (weights,
+grads and optimizer state stay fp32); fp16 adds a GradScaler. ``torch.compile`` wraps the module for the
+forward only; the optimizer, the checkpoints and evaluation use the plain module, so saved names never carry
+``_orig_mod.``.
+
+Several processes (``torchrun``, see ``train/distributed.py``): each rank reads its share of the batches,
+``train.parallel`` (DDP, FSDP2, ZeRO-1) is applied to the model from outside, and every decision is the same
+on every rank: the loss is averaged over ranks, a signal on any rank stops all of them after the same step,
+the clock is the ranks' mean. Only rank 0 writes metrics, samples, plots and checkpoints; all ranks take
+part in gathering the state it writes, and all resume from the same files.
 
 Exact resume: a checkpoint holds the weights, the optimizer (and scaler) state, the loop counters, the
 data loader position and every RNG state, all captured *after* a completed step. Sampling uses its own
@@ -33,14 +40,15 @@ import numpy as np
 import torch
 
 from scratchlm.config import Config
-from scratchlm.device import autocast, resolve_device, resolve_dtype
-from scratchlm.errors import TrainingError
+from scratchlm.device import autocast, resolve_dtype
+from scratchlm.errors import ConfigError, TrainingError
 from scratchlm.model import build_model
 from scratchlm.train import checkpoint as ckpt
+from scratchlm.train import distributed as dist
 from scratchlm.train.batches import Batch, batch_loss, batch_tokens, make_loaders
 from scratchlm.train.evaluate import eval_record, evaluate, write_samples
 from scratchlm.train.metrics import MetricsLogger, peak_flops, plot_run, truncate_metrics
-from scratchlm.train.optim import build_optimizers, load_optimizer_state, optimizer_state, set_lr
+from scratchlm.train.optim import set_lr
 from scratchlm.train.signals import StopRequest
 
 
@@ -57,11 +65,23 @@ class TrainState:
     elapsed: float = 0.0  # training wall seconds, summed over resumed runs
 
 
-def micro_steps(cfg: Config) -> int:
-    """Micro-batches per optimizer step: tokens_per_step / (batch_size * context_length), 1 if unset."""
-    if cfg.train.tokens_per_step is None:
+def micro_steps(cfg: Config, world_size: int = 1) -> int:
+    """Micro-batches per optimizer step on each rank: tokens_per_step / (batch_size * context * world_size).
+
+    1 if tokens_per_step is unset (one micro-batch per rank). ConfigError if they do not divide among ranks.
+    """
+    tc = cfg.train
+    if tc.tokens_per_step is None:
         return 1
-    return cfg.train.tokens_per_step // (cfg.train.batch_size * cfg.model.context_length)
+    micro = tc.batch_size * cfg.model.context_length
+    total = tc.tokens_per_step // micro
+    if total % world_size:
+        raise ConfigError(
+            f"train.tokens_per_step={tc.tokens_per_step} is {total} micro-batches of batch_size*"
+            f"context_length={micro}, which do not divide among {world_size} ranks; use a multiple "
+            f"of {micro * world_size}"
+        )
+    return total // world_size
 
 
 def seed_everything(seed: int) -> None:
@@ -83,23 +103,25 @@ def train_step(
 ) -> tuple[float, float]:
     """One optimizer step over the micro-batches; returns (mean loss, global grad norm before clipping).
 
-    ``forward_model`` may be the compiled wrapper of ``model``. A non-finite loss or gradient norm skips
-    the update (gradients are zeroed) and is returned as such for the caller to act on.
+    ``forward_model`` may be the compiled, DDP or FSDP wrapper of ``model``; the loss is the mean over
+    micro-batches and ranks. A non-finite loss or gradient norm skips the update (gradients are zeroed) and
+    is returned as such for the caller to act on.
     """
     k = len(batches)
     total = torch.zeros((), device=device)
-    for batch in batches:
-        with autocast(device, dtype):
-            loss = batch_loss(forward_model, batch)
-        scaled = loss / k
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    for i, batch in enumerate(batches):
+        with dist.gradient_sync(forward_model, enabled=i == k - 1):  # reduce over ranks once per step
+            with autocast(device, dtype):
+                loss = batch_loss(forward_model, batch)
+            scaled = loss / k
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += loss.detach().float()
-    mean_loss = (total / k).item()
+    mean_loss = dist.mean_over_ranks(total / k).item()  # the same on every rank: they skip a NaN together
     if scaler is not None:
         for opt in optimizers:
             scaler.unscale_(opt)
     max_norm = grad_clip if grad_clip > 0 else math.inf
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+    norm = dist.clip_grad_norm(list(model.parameters()), max_norm)
     if math.isfinite(mean_loss) and (math.isfinite(norm) or scaler is not None):
         for opt in optimizers:  # with a scaler, an inf norm is an fp16 overflow: scaler.step skips it
             scaler.step(opt) if scaler is not None else opt.step()
@@ -128,31 +150,37 @@ def train_model(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | Non
     if tc.deterministic:
         torch.use_deterministic_algorithms(True)
     try:
-        return _train(cfg, run_dir, tokenizer, data_dir)
+        with dist.process_group(tc.device) as world:  # torchrun: join the group (a no-op in one process)
+            return _train(cfg, run_dir, tokenizer, data_dir, world)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
-def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None) -> dict[str, Any]:
+def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, world: dist.World) -> dict:
     tc, ec = cfg.train, cfg.eval
+    accum = micro_steps(cfg, world.size)
     seed_everything(tc.seed)
-    device = resolve_device(tc.device)
+    device = dist.rank_device(tc.device, world)
     dtype = resolve_dtype(tc.dtype, device)
-    model = build_model(cfg.model).to(device)
-    train_loader, make_val_loader = make_loaders(cfg, tokenizer, data_dir, device)
-    optimizers = build_optimizers(model, tc)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    model = build_model(cfg.model).to(device)  # the same initial weights on every rank (same seed)
+    if world.size > 1:
+        torch.manual_seed(tc.seed + world.rank)  # but independent dropout noise per rank
+    train_loader, make_val_loader = make_loaders(cfg, tokenizer, data_dir, device, world.rank, world.size)
     state = TrainState()
-    latest = ckpt.latest_checkpoint(run_dir) if tc.resume == "auto" else None
+    latest = dist.on_main(lambda: ckpt.latest_checkpoint(run_dir)) if tc.resume == "auto" else None
+    if latest is not None:  # full weights into the plain module, before DDP broadcasts / FSDP shards them
+        model.load_state_dict(ckpt.load_model_state(latest))
+    forward_model, optimizers = dist.parallelize(model, tc, world, device, arch=cfg.model.arch, dtype=dtype)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     if latest is not None:
-        _restore(latest, model, optimizers, scaler, train_loader, state)
-        truncate_metrics(run_dir, state.step)
-        print(f"resumed from {latest} (step {state.step}, {state.tokens:,} tokens)")
-    forward_model = torch.compile(model) if tc.compile else model
+        _restore(latest, model, optimizers, scaler, train_loader, state, world)
+        if world.is_main:
+            truncate_metrics(run_dir, state.step)
+            print(f"resumed from {latest} (step {state.step}, {state.tokens:,} tokens)")
+    forward_model = torch.compile(forward_model) if tc.compile else forward_model
     model.train()
 
     data_meta = _data_meta(data_dir)
-    accum = micro_steps(cfg)
     flops_per_token = model.flops_per_token()
     peak = peak_flops(device, dtype)
     logger = MetricsLogger(
@@ -161,33 +189,42 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None) ->
         start_step=state.step,
         progress=tc.progress,
         tensorboard=tc.tensorboard,
+        enabled=world.is_main,
     )
     run_start, elapsed_before = time.perf_counter(), state.elapsed
     interval_tokens, interval_time, stopped = 0, 0.0, None
 
     def save(improved: bool) -> Path:
-        path = ckpt.save_checkpoint(
-            run_dir,
-            state.step,
-            model,
-            {"optimizers": optimizer_state(optimizers), "scaler": scaler.state_dict() if scaler else {}},
-            {
-                "train_state": dataclasses.asdict(state),
-                "loader": train_loader.state_dict(),
-                "rng": ckpt.capture_rng(),
-                "schedule": {"name": tc.schedule, "step": state.step},
-                "versions": ckpt.library_versions(),
-            },
-            keep_last=tc.keep_last,
-        )
-        if improved:
-            ckpt.save_best(run_dir, path)
-        return path
+        """Every rank gathers (FSDP / ZeRO-1 shards, RNG states); rank 0 writes; all get its path or error."""
+        weights, optimizer = dist.full_model_state(model), dist.full_optimizer_state(model, optimizers)
+        rng = dist.all_gather_objects(ckpt.capture_rng())
+
+        def write() -> Path:
+            path = ckpt.save_checkpoint(
+                run_dir,
+                state.step,
+                weights,
+                {"optimizers": optimizer, "scaler": scaler.state_dict() if scaler else {}},
+                {
+                    "train_state": dataclasses.asdict(state),
+                    "loader": train_loader.state_dict(),  # the same on every rank
+                    "rng": rng[0],
+                    **({"rng_per_rank": rng} if world.size > 1 else {}),
+                    "schedule": {"name": tc.schedule, "step": state.step},
+                    "versions": ckpt.library_versions(),
+                },
+                keep_last=tc.keep_last,
+            )
+            if improved:
+                ckpt.save_best(run_dir, path)
+            return path
+
+        return dist.on_main(write)
 
     with StopRequest() as stop:
         try:
             while stopped is None and state.step < tc.max_steps:
-                lr = set_lr(optimizers, state.step, tc, elapsed_before + time.perf_counter() - run_start)
+                lr = set_lr(optimizers, state.step, tc, state.elapsed)
                 t0 = time.perf_counter()
                 batches = [train_loader.next_batch() for _ in range(accum)]
                 loss, grad_norm = train_step(
@@ -204,11 +241,17 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None) ->
                 if not math.isfinite(loss) or (scaler is None and not math.isfinite(grad_norm)):
                     _on_non_finite(loss, grad_norm, state, tc.max_nan_skips, run_dir, logger)
                     continue
-                n_tokens = sum(batch_tokens(b) for b in batches)
+                # one all-reduce for what every rank must agree on: tokens of all ranks, a signal on any
+                # rank (nobody stops alone, so nobody waits forever in a collective), the mean clock
+                n_tokens, signals, clock = dist.sum_over_ranks(
+                    sum(batch_tokens(b) for b in batches),
+                    stop.requested,
+                    elapsed_before + time.perf_counter() - run_start,
+                )
                 state.step += 1
-                state.tokens += n_tokens
-                state.elapsed = elapsed_before + time.perf_counter() - run_start
-                interval_tokens, interval_time = interval_tokens + n_tokens, interval_time + dt
+                state.tokens += int(n_tokens)
+                state.elapsed = clock / world.size
+                interval_tokens, interval_time = interval_tokens + int(n_tokens), interval_time + dt
                 logger.advance()
                 if state.step % tc.log_interval == 0 or state.step == 1:
                     tokens_per_s = interval_tokens / max(interval_time, 1e-9)
@@ -221,7 +264,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None) ->
                             "grad_norm": grad_norm,
                             "tokens": state.tokens,
                             "tokens_per_s": tokens_per_s,
-                            "mfu": flops_per_token * tokens_per_s / peak if peak else None,
+                            "mfu": flops_per_token * tokens_per_s / (peak * world.size) if peak else None,
                             "time": round(state.elapsed, 3),
                         }
                     )
@@ -230,7 +273,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None) ->
                 at_end = state.step >= tc.max_steps
                 if tc.max_time is not None and state.elapsed >= tc.max_time:
                     stopped = "max_time"
-                if stop.requested:
+                if signals:
                     stopped = "interrupted"
                 improved = False
                 if make_val_loader is not None and (
@@ -247,6 +290,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None) ->
                         logger,
                         tokenizer,
                         run_dir,
+                        world,
                     )
                     if (
                         tc.early_stopping_patience is not None
@@ -257,13 +301,14 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None) ->
                     path = save(improved)
                     if stopped == "interrupted":
                         logger.message(
-                            f"stopped by {stop.signal_name} after step {state.step}; checkpoint "
-                            f"{path}; resume with `scratchlm train --resume {run_dir}`"
+                            f"stopped by {stop.signal_name or 'a signal to another rank'} after step "
+                            f"{state.step}; checkpoint {path}; resume with `scratchlm train --resume {run_dir}`"
                         )
         finally:
             logger.close()
 
-    _plots(run_dir)
+    if world.is_main:
+        _plots(run_dir)
     return {
         "run_dir": str(run_dir),
         "step": state.step,
@@ -286,11 +331,18 @@ def _evaluate(
     logger,
     tokenizer,
     run_dir: Path,
+    world: dist.World,
 ) -> bool:
-    """Validation loss + samples; updates best/early-stopping counters; returns whether it improved."""
-    state.val_loss = evaluate(model, make_val_loader, cfg.eval.batches, device, dtype)
+    """Validation loss + samples; updates best/early-stopping counters; returns whether it improved.
+
+    Each rank evaluates its share of the batches (the result is all-reduced, so identical everywhere);
+    rank 0 writes the samples (under FSDP every rank generates them with it: each forward needs all).
+    """
+    state.val_loss = evaluate(model, make_val_loader, cfg.eval.batches, device, dtype, world.rank, world.size)
     logger.log(eval_record(state.step, state.val_loss, data_meta))
-    write_samples(model, tokenizer, cfg, run_dir, state.step, device, dtype, make_val_loader)
+    if world.is_main or dist.is_sharded(model):
+        args = (model, tokenizer, cfg, run_dir, state.step, device, dtype, make_val_loader)
+        write_samples(*args, write=world.is_main)
     if state.best_val_loss is None or state.val_loss < state.best_val_loss:
         state.best_val_loss, state.bad_evals = state.val_loss, 0
         return True
@@ -319,18 +371,20 @@ def _on_non_finite(
     )
 
 
-def _restore(ckpt_dir: Path, model, optimizers, scaler, loader, state: TrainState) -> None:
-    """Load everything a checkpoint holds into the freshly built objects (exact resume)."""
+def _restore(ckpt_dir: Path, model, optimizers, scaler, loader, state: TrainState, world: dist.World) -> None:
+    """Load the rest of a checkpoint (the weights are in already) into the new objects (exact resume).
+
+    Every rank reads the same files; the loader position is rank 0's (batch s of rank r is a pure function
+    of (seed, rank, world_size, s)) and the RNG states are the rank's own."""
     saved = ckpt.read_state(ckpt_dir)
-    model.load_state_dict(ckpt.load_model_state(ckpt_dir))
     opt = ckpt.load_optimizer_file(ckpt_dir)
-    load_optimizer_state(optimizers, opt["optimizers"])
+    dist.load_optimizer_state(model, optimizers, opt["optimizers"])
     if scaler is not None and opt.get("scaler"):
         scaler.load_state_dict(opt["scaler"])
-    loader.load_state_dict(saved["loader"])
+    loader.load_state_dict(saved["loader"])  # checks world_size: resume with as many ranks as were saved
     for key, value in saved["train_state"].items():
         setattr(state, key, value)
-    ckpt.restore_rng(saved["rng"])
+    ckpt.restore_rng(saved["rng_per_rank"][world.rank] if world.size > 1 else saved["rng"])
 
 
 def _data_meta(data_dir: Path | None) -> dict[str, Any] | None:
