@@ -124,3 +124,25 @@ def test_readme_command_table_matches_the_cli(capsys):
         help_text = capsys.readouterr().out
         missing = sorted(f for f in flags if f not in help_text)
         assert not missing, f"README names {missing} for `scratchlm {' '.join(command)}`"
+
+
+def test_cli_warnings_are_one_line(capsys, monkeypatch):
+    import argparse
+    import warnings
+
+    import scratchlm.cli as cli
+
+    def fallback(args):
+        warnings.warn(
+            "checkpoint step_00000010 is corrupt; falling back to the previous checkpoint", stacklevel=2
+        )
+        return 0
+
+    class Parser:
+        def parse_args(self, argv):
+            return argparse.Namespace(func=fallback)
+
+    monkeypatch.setattr(cli, "build_parser", Parser)
+    assert cli.main([]) == 0
+    err = capsys.readouterr().err
+    assert err == "warning: checkpoint step_00000010 is corrupt; falling back to the previous checkpoint\n"

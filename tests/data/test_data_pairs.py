@@ -38,6 +38,34 @@ def test_load_multi30k_is_line_aligned(shared_data):
     assert pairs[123] == (de[123].strip(), en[123].strip())
 
 
+def test_separate_source_and_target_tokenizers(shared_data):
+    """German through a BPE trained on German, English through a char-level tokenizer of English."""
+    from scratchlm.tokenizer import CharTokenizer, train_bpe_from_iterator
+
+    pairs = load_pairs(shared_data / "multi30k" / "train", "de", "en")[:300]
+    src_tok = train_bpe_from_iterator(
+        [s for s, _ in pairs], 400, special_tokens=list(SEQ2SEQ_SPECIALS), num_workers=1, progress=False
+    )
+    tgt_tok = CharTokenizer.train([t for _, t in pairs], special_tokens=list(SEQ2SEQ_SPECIALS))
+    assert src_tok.vocab_size != tgt_tok.vocab_size
+    loader = PairLoader(pairs, src_tok, 8, tgt_tokenizer=tgt_tok, shuffle=False)
+    batch = loader.next_batch()
+    t_eos, t_bos, t_pad = (tgt_tok.special_tokens[s] for s in SEQ2SEQ_SPECIALS)
+    s_eos = src_tok.special_tokens["<|endoftext|>"]
+    by_source = {}
+    for src, m in zip(batch["src"], batch["src_mask"]):
+        ids = src[m].tolist()
+        assert ids[-1] == s_eos
+        by_source[src_tok.decode(ids[:-1])] = len(by_source)
+    for row, (tgt_in, targets) in enumerate(zip(batch["tgt_in"], batch["targets"])):
+        real = targets != -100
+        assert tgt_in[0] == t_bos and targets[real][-1] == t_eos
+        assert (tgt_in[~real] == t_pad).all() if (~real).any() else True
+        text = tgt_tok.decode(targets[real][:-1].tolist())
+        src_text = src_tok.decode(batch["src"][row][batch["src_mask"][row]][:-1].tolist())
+        assert (src_text, text) in pairs  # each row pairs a source with its own target
+
+
 def test_tsv_and_bad_files(tmp_path):
     (tmp_path / "p.tsv").write_text("Hallo Welt\tHello world\n\nJa\tYes\n")
     assert load_pairs(tmp_path / "p.tsv") == [("Hallo Welt", "Hello world"), ("Ja", "Yes")]

@@ -157,3 +157,18 @@ def test_flash_triton_falls_back_to_sdpa_on_cpu_with_one_warning():
         out = attn(x, causal=True)
     attn.backend = "sdpa"
     torch.testing.assert_close(out, attn(x, causal=True))
+
+
+def test_gelu_tanh_compiled_form_is_the_same_function():
+    from scratchlm.model.layers import gelu_tanh
+
+    x = torch.linspace(-8, 8, 4001)
+    ref = torch.nn.functional.gelu(x, approximate="tanh")
+    torch.testing.assert_close(gelu_tanh(x), ref)
+    compiled = torch.compile(gelu_tanh, fullgraph=True)
+    torch.testing.assert_close(compiled(x), ref, atol=1e-6, rtol=1e-6)
+    # the gradient too (the form matters for the backward inductor generates)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    gelu_tanh(a).sum().backward()
+    compiled(b).sum().backward()
+    torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-5)

@@ -157,6 +157,25 @@ def test_failed_save_leaves_previous_intact(tmp_path, monkeypatch):
     assert ckpt.find_checkpoint(tmp_path) == good
 
 
+def test_failed_best_update_leaves_previous_best_intact(tmp_path, monkeypatch):
+    model, opts = setup()
+    first = save(tmp_path, 1, model, opts)
+    best = ckpt.save_best(tmp_path, first)
+    before = {p.name: p.read_bytes() for p in best.iterdir()}
+    second = save(tmp_path, 2, model, opts)
+
+    def disk_full(src, dst, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.os, "link", disk_full)  # no hard links here, and no room for a copy either
+    monkeypatch.setattr(ckpt.shutil, "copy2", disk_full)
+    with pytest.raises(CheckpointError, match="previous best checkpoint is intact"):
+        ckpt.save_best(tmp_path, second)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in best.iterdir()} == before
+    assert not (tmp_path / ".best.tmp").exists()
+
+
 def test_resave_same_step_replaces(tmp_path):
     model, opts = setup()
     save(tmp_path, 3, model, opts, tokens_marker=1)

@@ -108,6 +108,9 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
     assert train_losses(run_dir) == train_losses(reference)  # every step replayed, nothing logged twice
+    samples = (reference / "samples.txt").read_text(encoding="utf-8")
+    assert samples.count("=== step ") == 4  # evaluations at steps 10, 20, 30, 40: each written once
+    assert (run_dir / "samples.txt").read_text(encoding="utf-8") == samples
 
 
 def test_sigkill_then_resume_is_bit_exact(data_dir, reference, tmp_path):

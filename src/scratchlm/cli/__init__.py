@@ -3,7 +3,8 @@
 Argument parsing lives only in this package. Each module here adds its subcommands with
 ``add_parser(subparsers)`` and sets ``func`` to a function taking the parsed ``argparse.Namespace``.
 A :class:`~scratchlm.errors.ScratchLMError` (something the user can fix) is printed as one line,
-``error: ...``, with exit code 2; argparse usage errors exit with 2 as well.
+``error: ...``, with exit code 2; argparse usage errors exit with 2 as well. Warnings (a fallback to an
+older checkpoint, a slower path taken) are printed as one line too, ``warning: ...``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from scratchlm import __version__
 from scratchlm.errors import ScratchLMError
@@ -37,12 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warning: message`` on stderr, instead of Python's two lines with a file name and a source line."""
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``scratchlm`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return int(args.func(args) or 0)
     except ScratchLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -75,7 +75,9 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.context_length, C) if cfg.pos == "learned" else None
         self.sinusoid = SinusoidalPositions(cfg.context_length, C) if cfg.pos == "sinusoidal" else None
         self.rope = (
-            RotaryEmbedding(C // cfg.n_head, cfg.rope_theta, cfg.rope_style) if cfg.pos == "rope" else None
+            RotaryEmbedding(C // cfg.n_head, cfg.rope_theta, cfg.rope_style, cfg.context_length)
+            if cfg.pos == "rope"
+            else None
         )
         self.drop = make_dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
@@ -129,7 +131,7 @@ class GPT(nn.Module):
         elif self.sinusoid is not None:
             x = x + self.sinusoid(positions).to(x.dtype)
         x = self.drop(x)
-        rope = self.rope(positions) if self.rope is not None else None
+        rope = self.rope(positions, max_len=S) if self.rope is not None else None  # positions < S
 
         # the cheapest exact mask: is_causal when queries and keys align, none for one query, else explicit
         mask, causal = None, False

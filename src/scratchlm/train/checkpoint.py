@@ -120,20 +120,34 @@ def save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def save_best(run_dir: Path, ckpt_dir: Path) -> Path:
-    """Make ``run_dir/best`` a copy of ``ckpt_dir`` (hard links where possible: files are never rewritten)."""
+    """Make ``run_dir/best`` a copy of ``ckpt_dir`` (hard links where possible: files are never rewritten).
+
+    Raises :class:`CheckpointError` if that fails (e.g. a full disk); the previous ``best/`` is then intact.
+    """
     run_dir = Path(run_dir)
     best, tmp, old = run_dir / BEST, run_dir / f".{BEST}.tmp", run_dir / f".{BEST}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for f in (*FILES, "state.json"):
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for f in (*FILES, "state.json"):
+            try:
+                os.link(ckpt_dir / f, tmp / f)
+            except OSError:
+                shutil.copy2(ckpt_dir / f, tmp / f)
+        shutil.rmtree(old, ignore_errors=True)
+        if best.exists():
+            best.rename(old)
         try:
-            os.link(ckpt_dir / f, tmp / f)
+            tmp.rename(best)
         except OSError:
-            shutil.copy2(ckpt_dir / f, tmp / f)
-    shutil.rmtree(old, ignore_errors=True)
-    if best.exists():
-        best.rename(old)
-    tmp.rename(best)
+            if old.exists() and not best.exists():
+                old.rename(best)  # put the previous best back
+            raise
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"could not update {best} from {ckpt_dir} ({e}); the previous best checkpoint is intact"
+        ) from e
     shutil.rmtree(old, ignore_errors=True)
     return best
 

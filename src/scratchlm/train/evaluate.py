@@ -15,6 +15,8 @@ Samples use a small temperature/top-k sampler with its *own* ``torch.Generator``
 from __future__ import annotations
 
 import math
+import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -150,3 +152,20 @@ def write_samples(
         return
     with open(Path(run_dir) / "samples.txt", "a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n\n")
+
+
+_SAMPLE_HEADER = re.compile(r"^=== step (\d+) ===$", re.MULTILINE)
+
+
+def truncate_samples(run_dir: Path, step: int) -> None:
+    """On resume from ``step``: drop the samples.txt blocks written after it (the resumed run writes them
+    again), so a run killed between a checkpoint and its next one has each block once."""
+    path = Path(run_dir) / "samples.txt"
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8")
+    cut = next((m.start() for m in _SAMPLE_HEADER.finditer(text) if int(m.group(1)) > step), None)
+    if cut is not None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text[:cut], encoding="utf-8")
+        os.replace(tmp, path)

@@ -46,7 +46,7 @@ from scratchlm.model import build_model
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train import distributed as dist
 from scratchlm.train.batches import Batch, batch_loss, batch_tokens, make_loaders
-from scratchlm.train.evaluate import eval_record, evaluate, write_samples
+from scratchlm.train.evaluate import eval_record, evaluate, truncate_samples, write_samples
 from scratchlm.train.metrics import MetricsLogger, peak_flops, plot_run, truncate_metrics
 from scratchlm.train.optim import set_lr
 from scratchlm.train.signals import StopRequest
@@ -176,6 +176,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
         _restore(latest, model, optimizers, scaler, train_loader, state, world)
         if world.is_main:
             truncate_metrics(run_dir, state.step)
+            truncate_samples(run_dir, state.step)
             print(f"resumed from {latest} (step {state.step}, {state.tokens:,} tokens)")
     forward_model = torch.compile(forward_model) if tc.compile else forward_model
     model.train()
