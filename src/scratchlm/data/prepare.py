@@ -40,6 +40,7 @@ from tqdm import tqdm
 from scratchlm.corpus import hash_fraction
 from scratchlm.data import shards
 from scratchlm.errors import DataError
+from scratchlm.tokenizer.pretokenize import available_cores
 
 SHARD_TOKENS = 100_000_000  # ~200 MB uint16 files: few files, and a shard maps in one call
 TASK_CHARS = 1 << 20  # characters per worker task: large enough to amortise IPC, small enough to stay flat
@@ -353,7 +354,7 @@ class _Encoder:
 
     def __init__(self, tokenizer: Any, num_workers: int | None, val_fraction: float):
         self.tokenizer, self.val_fraction = tokenizer, val_fraction
-        self.num_workers = num_workers if num_workers is not None else _cpu_count()
+        self.num_workers = num_workers if num_workers is not None else available_cores()
         self.pool, self.tmp = None, None
 
     def __enter__(self) -> _Encoder:
@@ -416,10 +417,3 @@ def _missing_dirs(path: Path) -> list[Path]:
             break
         path = path.parent
     return missing
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1

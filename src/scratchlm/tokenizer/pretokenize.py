@@ -56,6 +56,14 @@ _UNIT_PATTERNS = {
 CHUNK_CHARS = 1 << 20  # ~1 MB of text per worker task: big enough to amortise IPC, small enough to stream
 
 
+def available_cores() -> int:
+    """Cores this process may run on (the affinity mask where the OS has one): the default worker count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def resolve_pattern(pattern: str) -> str:
     """``"gpt2"`` / ``"gpt4"`` -> the regex; any other string is taken as a regex itself (and compiled)."""
     if pattern in PATTERNS:
@@ -211,7 +219,7 @@ def parallel_count(
 
     ``start_method``: multiprocessing start method (None = the platform default; "spawn" works too).
     """
-    num_workers = num_workers or os.cpu_count() or 1
+    num_workers = num_workers or available_cores()
     job = partial(count_pretokens, pattern=pattern, special_tokens=list(special_tokens))
     total: Counter[str] = Counter()
     if num_workers <= 1:

@@ -37,6 +37,7 @@ from scratchlm.errors import TokenizerError
 from scratchlm.tokenizer.pretokenize import (
     PATTERNS,
     _safe_cut,
+    available_cores,
     pattern_name,
     resolve_pattern,
     special_splitter,
@@ -47,14 +48,6 @@ AllowedSpecial = Literal["none", "all"] | set[str] | frozenset[str]
 _STREAM_CHARS = 1 << 16  # encode_iterable buffers about this many characters between safe cuts
 _PARALLEL_MIN_CHARS = 1 << 18  # a text at least this long is encoded by several threads (fast path)
 _BATCH_MIN_TEXTS = 64  # encode_batch uses threads from this many texts on
-
-
-def available_cores() -> int:
-    """Cores this process may run on (the affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def _map_threads(fn, items: list, threads: int) -> list:
