@@ -16,6 +16,13 @@ ratio is the median of the per-round ratios, so that both sides of a ratio saw t
 shared 2-core machine's speed drifts by tens of percent within minutes). The headline ratio is ScratchLM
 compiled (``train.compile=true``) over HF eager (its default). Writes
 benchmarks/results/train_throughput[_cuda].{json,md}.
+
+``--kernel-floor`` (CPU) also profiles a round of steps of each side and measures the share of the wall
+time spent in the GEMM and attention kernels (``aten::mm``, ``addmm``, ``bmm`` and sdpa's CPU flash forward
+and backward). Both sides call these same ATen kernels on the same shapes, so HF's eager step time over
+*our* time in them, ``ratio / share``, is the highest ratio any ScratchLM built on these kernels could
+reach: the bound if everything else in our step (norms, activations, the loss, the optimizer, Python)
+took no time at all.
 """
 
 from __future__ import annotations
@@ -181,6 +188,31 @@ def machine(device: torch.device) -> dict:
 
 VARIANTS = ("scratchlm-eager", "scratchlm-compiled", "hf-eager", "hf-compiled")
 
+# the kernels both sides share: every matmul, and torch's CPU attention forward and backward
+SHARED_KERNELS = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+)
+
+
+def shared_kernel_share(runner: Runner, steps: int) -> float:
+    """Fraction of the wall time of ``steps`` profiled steps spent inside SHARED_KERNELS (self time).
+
+    A fraction, not milliseconds: numerator and denominator see the same machine load. The profiler's own
+    per-op cost lengthens the wall time, so the share (and the bound built on it) errs low (high).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        runner.run(steps)
+        wall = time.perf_counter() - t0
+    us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in SHARED_KERNELS)
+    return us / 1e6 / wall
+
 
 def median_ratio(a: list[float], b: list[float]) -> float:
     """Median over rounds of a[i] / b[i]."""
@@ -196,7 +228,7 @@ def bench_cpu(args) -> dict:
     rows = []
     for size in args.sizes:
         d, L, H, T, B, V = SIZES[size]
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (getattr(torch, name) for name in args.dtypes):
             for style in ("gpt2", "llama"):
                 cfg = model_config(style, d, L, H, T, V)
                 runners = {}
@@ -234,12 +266,20 @@ def bench_cpu(args) -> dict:
                     "warmup_s": {k: round(r.warmup_s, 1) for k, r in runners.items()},
                     "samples": samples,
                 }
+                if args.kernel_floor:
+                    ours = shared_kernel_share(runners["scratchlm-compiled"], steps)
+                    row["kernel_floor"] = {
+                        "scratchlm_compiled_share": ours,
+                        "hf_eager_share": shared_kernel_share(runners["hf-eager"], steps),
+                        "bound": row["ratio"] / ours,
+                    }
                 rows.append(row)
                 print(
                     f"{size:5s} {row['dtype']:8s} {style:5s}: "
                     + "  ".join(f"{k} {v:9,.0f}" for k, v in row["tok_s"].items())
                     + f"  ratio {row['ratio']:.2f}x (eager {row['ratio_eager']:.2f}x, "
-                    f"both compiled {row['ratio_both_compiled']:.2f}x)",
+                    f"both compiled {row['ratio_both_compiled']:.2f}x)"
+                    + (f"  bound {row['kernel_floor']['bound']:.2f}x" if args.kernel_floor else ""),
                     flush=True,
                 )
                 del runners
@@ -324,6 +364,26 @@ def write(report: dict, stem: str, command: str) -> None:
             "Shapes: tiny = d 128, 4 layers, 4 heads, context 64, batch 12, vocab 65; small = d 384, "
             "6 layers, 6 heads, context 256, batch 8, vocab 4096. Goal: ratio >= 1.3x at both sizes.",
         ]
+        floors = [r for r in report["rows"] if "kernel_floor" in r]
+        if floors:
+            lines += [
+                "",
+                "Kernel floor (`--kernel-floor`): the share of each side's step spent inside the GEMM and "
+                "attention kernels both sides call on the same shapes (aten mm/addmm/bmm, sdpa's CPU flash "
+                "forward + backward), from a profiled round. **bound** = ratio / our share = HF eager step "
+                "/ our time in those kernels: the highest ratio possible on them even if all our other "
+                "work took no time.",
+                "",
+                "| size | dtype | style | share of ours compiled | share of HF eager | measured ratio "
+                "| **bound** |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for r in floors:
+                f = r["kernel_floor"]
+                lines.append(
+                    f"| {r['size']} | {r['dtype']} | {r['style']} | {100 * f['scratchlm_compiled_share']:.0f}% "
+                    f"| {100 * f['hf_eager_share']:.0f}% | {r['ratio']:.2f}x | **{f['bound']:.2f}x** |"
+                )
     else:
         r = report["rows"][0]
         lines += ["| model | tok/s | MFU |", "|---|---|---|"]
@@ -346,6 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="CUDA: also compile HF (CPU: both are always run)")
     p.add_argument("--cuda-batch", type=int, default=16)
+    p.add_argument(
+        "--kernel-floor",
+        action="store_true",
+        help="CPU: profile each side's GEMM + attention kernel time and report the bound it puts on the ratio",
+    )
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     args = p.parse_args(argv)
     command = "python benchmarks/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     device = torch.device(args.device)
