@@ -40,11 +40,19 @@ def fit(config: Config | str | Path | None = None, overrides: list[str] | None =
 class LoadedModel:
     """A trained model ready to generate: ``.model``, ``.tokenizer``, ``.config`` and the ``.engine``."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, config: Config, checkpoint: Path):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        config: Config,
+        checkpoint: Path,
+        run_dir: Path | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
         self.checkpoint = checkpoint
+        self.run_dir = run_dir  # None for a model not loaded from a run directory
         self._engine = None
 
     @property
@@ -99,6 +107,6 @@ def load(run_dir: str | Path, which: str = "best", device: str | torch.device | 
             f"{ckpt}/model.safetensors does not match config.yaml "
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
-    dev = resolve_device(str(device) if device is not None else "auto")
+    dev = resolve_device(str(device) if device is not None else "auto", option="device")
     model.to(dev).eval()
-    return LoadedModel(model, tokenizer, cfg, ckpt)
+    return LoadedModel(model, tokenizer, cfg, ckpt, run_dir)

@@ -17,8 +17,10 @@ from scratchlm.errors import ConfigError
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps`` -> a torch.device that exists on this machine."""
+def resolve_device(name: str = "auto", option: str = "train.device") -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps`` -> a torch.device that exists on this machine.
+
+    ``option`` is what the user set (a config key or a flag), for the error message."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -28,17 +30,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(
-            f"train.device={name!r} is not a device (use auto, cpu, cuda, cuda:N or mps)"
-        ) from None
+        raise ConfigError(f"{option}={name!r} is not a device (use auto, cpu, cuda, cuda:N or mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"train.device={name!r} but CUDA is not available here; use train.device=cpu or auto"
-        )
+        raise ConfigError(f"{option}={name!r} but CUDA is not available here; use {option}=cpu or auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(
-            f"train.device={name!r} but MPS is not available here; use train.device=cpu or auto"
-        )
+        raise ConfigError(f"{option}={name!r} but MPS is not available here; use {option}=cpu or auto")
     return device
 
 

@@ -202,6 +202,29 @@ def test_bad_values_are_one_line_errors(run_dir, capsys, flags, message):
     assert err.startswith(message) and err.count("\n") == 1, err
 
 
+def test_bad_out_path_is_refused_before_generating(run_dir, tmp_path, capsys):
+    cases = [
+        (
+            tmp_path / "missing" / "x.jsonl",
+            "the directory",
+        ),  # was a FileNotFoundError traceback, after the work
+        (tmp_path, "is a directory"),
+    ]
+    for out, fragment in cases:
+        assert (
+            main(["generate", str(run_dir), "--prompt", "x", "--max-new-tokens", "4", "--out", str(out)]) == 2
+        )
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"error: --out {out}") and fragment in captured.err
+        assert captured.err.count("\n") == 1 and captured.out == ""
+    assert not (tmp_path / "missing").exists()
+    assert (
+        main(["generate", str(run_dir), "--prompt", "x", "--device", "cuda:7"]) == 2
+        or torch.cuda.is_available()
+    )
+    assert "device='cuda:7'" in capsys.readouterr().err or torch.cuda.is_available()
+
+
 def test_prompt_too_long_is_one_line_error(run_dir, capsys):
     assert main(["generate", str(run_dir), "--prompt", "x" * 60, "--max-new-tokens", "10"]) == 2
     assert "context_length 48" in capsys.readouterr().err
@@ -402,3 +425,23 @@ def test_repl_history_window_reset_and_ctrl_c():
     lines = out.getvalue().splitlines()
     assert lines[0] == "reply  [stopped]" and "temperature=0.8" in lines[1]
     assert session.history == [("hi", "reply")]
+
+
+def test_repl_unencodable_message_is_one_line_error_and_not_a_turn():
+    """A character the (char) tokenizer never saw: one error line, the REPL goes on, and the message stays
+    out of the history (else every later prompt would contain it and fail again)."""
+    from scratchlm.inference.engine import Engine
+    from scratchlm.tokenizer.char import CharTokenizer
+
+    tok = CharTokenizer.train(["User: hello there\nAssistant: hi, abcdefghijklmnopqrstuvwxyz\n"])
+    torch.manual_seed(0)
+    model = build_model(
+        ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=16, context_length=64)
+    )
+    session = ChatSession(Engine(model.eval(), tok), max_new_tokens=4, temperature=0)
+    out = io.StringIO()
+    assert run_repl(session, io.StringIO("caf\u00e9\nhello\n"), out) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("error: char tokenizer") and "\u00e9" in lines[0]
+    assert len(lines) == 2 and not lines[1].startswith("error")
+    assert [u for u, _ in session.history] == ["hello"]

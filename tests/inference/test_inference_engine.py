@@ -189,6 +189,24 @@ def test_context_policies(tok):
         engine.generate(prompt, max_new_tokens=4, stop_token_ids=[tok.vocab_size])
 
 
+@pytest.mark.parametrize("context", ["stop", "slide"])
+def test_batch_rows_equal_solo_rows_when_the_window_fills(tok, context):
+    # prompts of different lengths share one cache, which fills when the longest row reaches the window;
+    # every row must still stop or slide when it would alone (the short ones were cut short before)
+    model = tiny_gpt(tok.vocab_size, "gpt2", context_length=16)
+    engine = Engine(model, tok)
+    prompts = ["the quick brown", "x", "hello there"]  # 12, 1 and 4 tokens
+    assert len({len(tok.encode(p)) for p in prompts}) == 3
+    options = dict(max_new_tokens=30, temperature=0, context=context, stop_token_ids=[])
+    solo = [engine.generate(p, **options)[0] for p in prompts]
+    batch = engine.generate(prompts, **options)
+    assert [(r.token_ids, r.finish_reason) for r in batch] == [(r.token_ids, r.finish_reason) for r in solo]
+    if context == "stop":  # each row filled its own window: 16 in the cache + the token sampled after
+        assert all(r.finish_reason == "context" and r.prompt_tokens + r.new_tokens == 17 for r in batch)
+    else:
+        assert all(r.new_tokens == 30 for r in batch) and engine.last_stats.slides >= 2
+
+
 @pytest.mark.slow
 def test_compiled_decode_step_gives_the_same_tokens(tok):
     model = tiny_gpt(tok.vocab_size)

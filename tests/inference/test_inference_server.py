@@ -64,7 +64,7 @@ def lm():
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.3)
-    return LoadedModel(model.eval(), tok, cfg, Path("runs/tiny/checkpoints/step_00000001"))
+    return LoadedModel(model.eval(), tok, cfg, Path("runs/tiny/checkpoints/step_00000001"), Path("runs/tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +230,9 @@ def test_client_leaving_a_stream_frees_the_model(server):
         # the server's limits (defaults)
         ({"prompt": "a", "max_new_tokens": 1025}, "max_new_tokens 1025 exceeds this server's limit of 1024"),
         ({"prompts": ["a"] * 65, "max_new_tokens": 1}, "65 prompts exceed this server's limit of 64"),
+        # JSON that json.loads refuses with other errors than JSONDecodeError (they were 500s)
+        (b'{"prompt": "a", "seed": ' + b"9" * 5000 + b"}", "not valid JSON here"),
+        (b'{"prompt": "a", "stop": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
     ],
 )
 def test_bad_requests_are_400_with_a_one_line_error(server, body, fragment):
@@ -239,6 +242,35 @@ def test_bad_requests_are_400_with_a_one_line_error(server, body, fragment):
     err = json.loads(text)
     assert list(err) == ["error"] and "\n" not in err["error"] and "Traceback" not in text
     assert fragment in err["error"]
+
+
+def test_unencodable_prompt_is_400(lm):
+    """A character the char tokenizer never saw is the client's error (it was a 500), streamed or not."""
+    from scratchlm.tokenizer.char import CharTokenizer
+
+    tok = CharTokenizer.train(["hello world"])
+    torch.manual_seed(0)
+    model = build_model(
+        ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=16, context_length=32)
+    )
+    srv = GenerationServer(LoadedModel(model.eval(), tok, Config(model=model.config), Path("r/best")), port=0)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        for body in (
+            {"prompt": "caf\u00e9"},
+            {"prompt": "caf\u00e9", "stream": True},
+            {"prompts": ["h", "\u20ac"]},
+        ):
+            status, _, text = request(srv, "/generate", {**body, "max_new_tokens": 2})
+            assert status == 400, text
+            assert json.loads(text)["error"].startswith("char tokenizer") and "Traceback" not in text
+        assert request(srv, "/generate", {"prompt": "hello", "max_new_tokens": 2})[0] == 200
+        assert json.loads(request(srv, "/health")[2])["model"] == "scratchlm"  # not loaded from a run
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(TIMEOUT)
 
 
 def test_tiny_temperature_is_greedy_not_a_500(server, lm):
@@ -374,6 +406,14 @@ def test_cli_serve_on_a_run_directory(tmp_path, lm, monkeypatch, capsys):
     monkeypatch.setattr(GenerationServer, "serve_forever", serve_one_request)
     assert main(["serve", str(run), "--port", "0", "--which", "latest", "--device", "cpu"]) == 0
     assert seen["address"][0] == "127.0.0.1"
+    # /health names the run directory, whichever checkpoint is served and however the path is spelled
+    from scratchlm.api import load
+
+    monkeypatch.chdir(run)
+    for path, which in ((run, "best"), (Path("."), "latest"), (Path("../run/"), "best")):
+        srv = GenerationServer(load(path, which=which, device="cpu"), port=0)
+        srv.server_close()
+        assert srv.model_name == "run"
     assert seen["text"] == lm.generate("hello", max_new_tokens=8, temperature=0)
     assert f"on http://127.0.0.1:{seen['address'][1]}" in capsys.readouterr().out
     assert main(["serve", str(run), "--port", "70000"]) == 2

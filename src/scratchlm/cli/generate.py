@@ -202,6 +202,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise GenerationError(f"--batch-size must be >= 1, got {args.batch_size}")
     prompts = _read_prompts(args.prompts_file) if args.prompts_file else [_unescape(args.prompt)]
+    _check_out(args)  # before the work, not after it
     lm = _load(args)
     if lm.config.model.arch == "seq2seq":
         rows, new_tokens, seconds = _translate(args, lm, prompts)
@@ -257,16 +258,34 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_out(args: argparse.Namespace) -> None:
+    """--out must name a file in a writable directory that exists."""
+    if not args.out:
+        return
+    out = Path(args.out)
+    if out.is_dir():
+        raise GenerationError(f"--out {out} is a directory; give a file path, e.g. {out / 'results.jsonl'}")
+    parent = out.parent
+    if not parent.is_dir():
+        raise GenerationError(f"--out {out}: the directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise GenerationError(f"--out {out}: the directory {parent} is not writable; choose another path")
+
+
 def _write_rows(args: argparse.Namespace, rows: list[dict]) -> None:
     """--out: the rows as JSON lines, written atomically (a temporary file, then a rename)."""
     if not args.out:
         return
     out = Path(args.out)
     tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise GenerationError(f"--out {out}: cannot write it ({e.strerror or e})") from None
     print(f"wrote {len(rows)} completions to {out}", file=sys.stderr)
 
 

@@ -31,7 +31,7 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from scratchlm.errors import GenerationError
+from scratchlm.errors import GenerationError, TokenizerError
 from scratchlm.inference.sampling import SamplingParams
 
 USER, ASSISTANT = "User:", "Assistant:"
@@ -109,10 +109,11 @@ class ChatSession:
 
     def reply(self, message: str) -> Iterator[str]:
         """Stream the reply to ``message``; the reply (or the part generated before the iterator is closed)
-        is added to the history."""
+        is added to the history. A refused message (one the tokenizer cannot encode, say) is not."""
         options = dataclasses.asdict(self.params)
         options["stop"] = [*options["stop"], STOP]
         parts: list[str] = []
+        refused = False
         try:
             started = False
             for delta in self.engine.stream(self.prompt_for(message), context="slide", **options):
@@ -122,8 +123,12 @@ class ChatSession:
                 if delta:
                     parts.append(delta)
                     yield delta
+        except (GenerationError, TokenizerError):
+            refused = True
+            raise
         finally:
-            self.history.append((message, "".join(parts).strip()))
+            if not refused:
+                self.history.append((message, "".join(parts).strip()))
 
 
 def _unescape(text: str) -> str:
@@ -174,7 +179,7 @@ def run_repl(
         except KeyboardInterrupt:
             reply.close()  # stop generating; the shown part stays in the history
             stdout.write(" [stopped]")
-        except GenerationError as e:
+        except (GenerationError, TokenizerError) as e:  # one line; the session goes on
             stdout.write(f"error: {e}")
         stdout.write("\n")
         if show_stats:

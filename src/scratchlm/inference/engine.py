@@ -25,11 +25,15 @@ Context-window policy (``context=``), when prompt + max_new_tokens exceeds the m
 
 - ``"error"`` (default): raise :class:`GenerationError` before generating, naming the numbers.
 - ``"slide"``: a sliding window. A prompt longer than the window keeps its last ``context_length`` tokens;
-  whenever the cache is full, the oldest tokens are dropped: the last ``context_length // 2`` tokens of each
-  row are re-prefilled in one forward (positions restart at 0) and decoding goes on. The model thus always
-  sees between ``context_length // 2`` and ``context_length`` tokens, and a slide costs one prefill per
+  whenever a row's window is full, its oldest tokens are dropped: its last ``context_length // 2`` tokens
+  are re-prefilled (positions restart at 0) and decoding goes on. The model thus always sees between
+  ``context_length // 2`` and ``context_length`` tokens, and a slide costs one prefill per
   ``context_length // 2`` new tokens.
-- ``"stop"``: generate until the window is full, then finish with ``finish_reason="context"``.
+- ``"stop"``: generate until the row's window is full, then finish with ``finish_reason="context"``.
+
+In a batch the rows share one cache, which fills when the row with the most tokens in it reaches the
+window. Rows whose own window still has room are then re-prefilled whole, without their padding, so every
+row slides or stops exactly when it would alone.
 
 An empty prompt starts after one end-of-text token (documents are separated by it in training).
 """
@@ -108,6 +112,7 @@ class _Row:
 
     prompt_ids: list[int]
     new_ids: list[int] = field(default_factory=list)
+    window: int = 0  # how many of its tokens are in the KV cache now (padding excluded)
     text: str = ""
     finish_reason: str | None = None
     decoder: codecs.IncrementalDecoder = field(
@@ -292,6 +297,35 @@ class Engine:
         full_mask[:, :L] = mask
         return logits[:, -1].float(), full_mask, positions[:, -1:] + 1
 
+    def _prefill_rows(self, rows: list[_Row], seqs: list[list[int]], cache):
+        """:meth:`_prefill` of ``seqs`` (one per row), recording each row's window."""
+        for r, seq in zip(rows, seqs):
+            r.window = len(seq)
+        return self._prefill(seqs, cache)
+
+    def _next_windows(self, rows: list[_Row], context: str, stats: GenerationStats) -> list[list[int]] | None:
+        """The tokens to re-prefill when the cache is full, per row; None when every row is done.
+
+        The cache fills when the row with the most tokens in it reaches the window (a padded batch shares
+        one cache). Each row then does what it would do alone: a row whose window plus its new token still
+        fits is re-prefilled whole, without its padding, and goes on; a full row slides to its last
+        ``context_length // 2`` tokens (``slide``) or ends with ``finish_reason="context"`` (``stop``).
+        Finished rows get a one-token placeholder (their output is ignored).
+        """
+        ctx, seqs, slid = self.context_length, [], False
+        for r in rows:
+            keep = r.window + 1  # the window and the token just sampled (not in the cache yet)
+            if r.finish_reason is None and keep > ctx:
+                if context == "slide":
+                    keep, slid = max(1, ctx // 2), True
+                else:
+                    r.finish("context")
+            seqs.append((r.prompt_ids + r.new_ids)[-keep:] if r.finish_reason is None else [0])
+        if all(r.finish_reason is not None for r in rows):
+            return None
+        stats.slides += slid
+        return seqs
+
     @torch.inference_mode()
     def _run(self, rows: list[_Row], params: SamplingParams, context: str) -> Iterator[None]:
         """Generate into ``rows`` in place; yields after every step (streaming reads the rows then)."""
@@ -321,7 +355,7 @@ class Engine:
                 )
 
         t0 = time.perf_counter()
-        logits, full_mask, positions = self._prefill([r.prompt_ids for r in rows], cache)
+        logits, full_mask, positions = self._prefill_rows(rows, [r.prompt_ids for r in rows], cache)
         stats.prefill_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         ones = torch.ones(B, 1, device=dev)
@@ -351,19 +385,11 @@ class Engine:
                 break
             if counts is not None:
                 counts.scatter_add_(1, next_tokens[:, None], ones)
-            if cache.length >= cache.max_len:  # the window is full
-                if context != "slide":
-                    for r in rows:
-                        if r.finish_reason is None:
-                            r.finish("context")
+            if cache.length >= cache.max_len:  # the cache is full
+                seqs = self._next_windows(rows, context, stats)
+                if seqs is None:
                     break
-                # sliding window: keep the last ctx // 2 tokens of each row (the new token included)
-                stats.slides += 1
-                keep = max(1, ctx // 2)
-                logits, full_mask, positions = self._prefill(
-                    [(r.prompt_ids + r.new_ids)[-keep:] if r.finish_reason is None else [0] for r in rows],
-                    cache,
-                )
+                logits, full_mask, positions = self._prefill_rows(rows, seqs, cache)
                 continue
             idx = next_tokens[:, None]  # (B, 1)
             if full_mask is None:
@@ -373,6 +399,8 @@ class Engine:
                     idx, cache=cache, positions=positions, attention_mask=full_mask[:, : cache.length + 1]
                 )
                 positions = positions + 1
+            for r in rows:
+                r.window += 1
             logits = out[:, -1].float()
         for r in rows:
             if r.finish_reason is None:

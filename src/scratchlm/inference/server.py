@@ -41,9 +41,10 @@ import time
 import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
-from scratchlm.errors import GenerationError
+from scratchlm.errors import GenerationError, TokenizerError
 from scratchlm.inference.sampling import SamplingParams
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
@@ -103,6 +104,10 @@ def parse_generate_request(
         data = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RequestError(400, f"the body is not valid JSON ({_one_line(e)})") from None
+    except ValueError as e:  # an integer of more digits than Python converts (sys.int_info)
+        raise RequestError(400, f"the body is not valid JSON here ({_one_line(e)})") from None
+    except RecursionError:
+        raise RequestError(400, "the body is not valid JSON here (nested too deeply)") from None
     if not isinstance(data, dict):
         raise RequestError(400, 'the body must be a JSON object, e.g. {"prompt": "Hello"}')
     unknown = sorted(set(data) - REQUEST_FIELDS)
@@ -210,8 +215,8 @@ class GenerationServer(ThreadingHTTPServer):
                 raise ValueError(f"{option} must be >= 1, got {value}")
         self.lm = lm
         self.engine = lm.engine
-        checkpoint = getattr(lm, "checkpoint", None)
-        self.model_name = name or (checkpoint.parent.parent.name if checkpoint is not None else "scratchlm")
+        run_dir = getattr(lm, "run_dir", None)  # "runs/x", "." and "/tmp/x/" all name the run by its folder
+        self.model_name = name or (Path(run_dir).resolve().name if run_dir is not None else "scratchlm")
         self.max_body_bytes = max_body_bytes
         self.max_new_tokens_limit = max_new_tokens_limit
         self.max_batch = max_batch
@@ -303,8 +308,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._generate()
         except RequestError as e:
             self._send_json(e.status, {"error": str(e)}, allow=routes.get(path) if e.status == 405 else None)
-        except GenerationError as e:  # the engine refused the request (e.g. prompt too long)
-            self._send_json(400, {"error": str(e)})
+        except (GenerationError, TokenizerError) as e:  # refused: prompt too long, not encodable, ...
+            self._send_json(400, {"error": _one_line(e)})
         except (BrokenPipeError, ConnectionResetError):
             self.log_message("client disconnected: %s %s", method, path)
         except Exception:
