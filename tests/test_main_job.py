@@ -146,3 +146,29 @@ def test_cli_warnings_are_one_line(capsys, monkeypatch):
     assert cli.main([]) == 0
     err = capsys.readouterr().err
     assert err == "warning: checkpoint step_00000010 is corrupt; falling back to the previous checkpoint\n"
+
+
+def test_failed_resume_leaves_the_run_as_it_was(tmp_path, small_corpus, capsys, monkeypatch):
+    """Overrides of a resume that never trained a step are not saved into the run's config.yaml (they were,
+    and a bad one then broke every later resume); a model change is refused with a message that says so."""
+    from scratchlm.errors import TrainingError
+    from scratchlm.train import trainer
+
+    run_dir = tmp_path / "run"
+    assert main(["train", *_overrides(tmp_path, small_corpus, "run"), "eval.sample_tokens=0"]) == 0
+    saved = (run_dir / "config.yaml").read_bytes()
+    capsys.readouterr()
+
+    assert main(["train", "--resume", str(run_dir), "model.d_model=64"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: model.d_model cannot change in a run being resumed") and err.count("\n") == 1
+    )
+
+    def fails(*args, **kwargs):
+        raise TrainingError("the resumed run failed before its first checkpoint")
+
+    monkeypatch.setattr(trainer, "train_model", fails)
+    assert main(["train", "--resume", str(run_dir), "train.max_steps=20", "train.lr=1e-2"]) == 2
+    assert "failed before its first checkpoint" in capsys.readouterr().err
+    assert (run_dir / "config.yaml").read_bytes() == saved

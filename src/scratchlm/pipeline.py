@@ -14,6 +14,7 @@ source fingerprint and the tokenizer settings, so a second ``scratchlm train`` s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -205,8 +206,34 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
             data_dir = dist.main_first(lambda: get_shards(cfg, tokenizer, sources, progress))
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=str(data_dir)))
         cfg = resolved(cfg, tokenizer)
+        saved = _saved_run(cfg.run_dir) if world.is_main else None
         run_dir = dist.on_main(lambda: start_run(cfg, tokenizer))
-        return train_model(cfg, run_dir, tokenizer, data_dir)
+        try:
+            return train_model(cfg, run_dir, tokenizer, data_dir)
+        except BaseException:
+            if saved is not None:
+                _restore_if_unchanged(run_dir, *saved)
+            raise
+
+
+def _saved_run(run_dir: Path) -> tuple[bytes, Path | None] | None:
+    """(config.yaml bytes, latest checkpoint) of a run about to be resumed; None for a new run."""
+    from scratchlm.train.checkpoint import latest_checkpoint
+
+    if not (has_checkpoint(run_dir) and (run_dir / "config.yaml").is_file()):
+        return None
+    return (run_dir / "config.yaml").read_bytes(), latest_checkpoint(run_dir)
+
+
+def _restore_if_unchanged(run_dir: Path, config_bytes: bytes, checkpoint: Path | None) -> None:
+    """A resume that failed before writing a checkpoint leaves the run's config.yaml as it found it, so
+    that overrides which never took effect (a bad value, a typo) are not saved into the run."""
+    from scratchlm.train.checkpoint import latest_checkpoint
+
+    if latest_checkpoint(run_dir) == checkpoint:
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_bytes(config_bytes)
+        tmp.replace(run_dir / "config.yaml")
 
 
 def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
@@ -216,13 +243,21 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Co
     run_dir = Path(run_dir)
     if not has_checkpoint(run_dir):
         raise ConfigError(f"nothing to resume in {run_dir}: no checkpoints/step_* directory")
-    values = to_dict(load_run_config(run_dir))
+    saved = to_dict(load_run_config(run_dir))
+    values = copy.deepcopy(saved)
     for sec, kv in parse_overrides(overrides or []).items():
         if sec == "preset":
             raise ConfigError("preset= cannot change a run being resumed; override single keys instead")
         values[sec].update(kv)
     values["train"].update(run_dir=str(run_dir), resume="auto")
-    return from_dict(values, f"{run_dir}/config.yaml + overrides")
+    cfg = from_dict(values, f"{run_dir}/config.yaml + overrides")
+    changed = [k for k, v in to_dict(cfg)["model"].items() if v != saved["model"].get(k)]
+    if changed:
+        raise ConfigError(
+            f"model.{changed[0]} cannot change in a run being resumed (its checkpoints are of the saved "
+            "model); drop the model override, or start a new run with another train.name"
+        )
+    return cfg
 
 
 def _seq2seq_tokenizer(cfg: Config, progress: bool):
