@@ -15,7 +15,7 @@ if not hasattr(tokenizer_mod, "load_tokenizer"):  # the tokenizer package is wri
     pytest.skip("scratchlm.tokenizer is not available yet", allow_module_level=True)
 
 
-def test_export_cli_writes_a_checkpoint_transformers_loads(tmp_path):
+def test_export_cli_writes_a_checkpoint_transformers_loads(tmp_path, capsys):
     checkpoint = pytest.importorskip("scratchlm.train.checkpoint")
     tok = tokenizer_mod.CharTokenizer.train(["hello world, the quick brown fox"])
     cfg = load_config(
@@ -40,6 +40,18 @@ def test_export_cli_writes_a_checkpoint_transformers_loads(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, model(idx)[0], atol=1e-5, rtol=1e-5)
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+    # a non-empty --out (here: the run itself) is refused untouched; --force re-exports over an export
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()  # transformers' loading bar
+    assert main(["export", str(run), "--out", str(run), "--which", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {run} is not empty") and err.count("\n") == 1
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert main(["export", str(run), "--out", str(tmp_path / "hf"), "--which", "latest"]) == 2
+    assert main(["export", str(run), "--out", str(tmp_path / "hf"), "--which", "latest", "--force"]) == 0
+    assert main(["export", str(run), "--out", str(run / "config.yaml")]) == 2
+    assert "is a file" in capsys.readouterr().err
 
 
 def test_export_cli_reports_a_missing_run(tmp_path, capsys):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from scratchlm.errors import ConfigError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,7 +17,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "models LlamaForCausalLM.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `scratchlm train`")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="output directory: new or empty (created if missing)"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="write into a non-empty --out, replacing files of the same names"
+    )
     p.add_argument("--which", choices=["best", "latest"], default="best", help="checkpoint to export")
     p.set_defaults(func=run_export)
 
@@ -23,6 +31,14 @@ def run_export(args: argparse.Namespace) -> int:
     from scratchlm.api import load
     from scratchlm.model.hf import export_hf
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise ConfigError(
+            f"--out {out} is not empty; export into a new directory, or pass --force to replace "
+            "config.json, model.safetensors and tokenizer.json there"
+        )
     lm = load(args.run_dir, which=args.which, device="cpu")
     out = export_hf(lm.model, args.out, tokenizer=lm.tokenizer)
     arch = "GPT2LMHeadModel" if lm.config.model.pos == "learned" else "LlamaForCausalLM"
