@@ -172,3 +172,28 @@ def test_failed_resume_leaves_the_run_as_it_was(tmp_path, small_corpus, capsys, 
     assert main(["train", "--resume", str(run_dir), "train.max_steps=20", "train.lr=1e-2"]) == 2
     assert "failed before its first checkpoint" in capsys.readouterr().err
     assert (run_dir / "config.yaml").read_bytes() == saved
+
+
+def test_unusable_paths_and_non_utf8_files_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    """OSError and UnicodeDecodeError from a path the user gave: `error: ...`, exit 2, no temporary files
+    (they were tracebacks, and `tokenizer train --out DIR` left a .tmp file beside DIR)."""
+    monkeypatch.chdir(tmp_path)
+    text = tmp_path / "text.txt"
+    text.write_text("hello world, the quick brown fox\n" * 20)
+    (tmp_path / "taken").mkdir()
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_bytes(b"train:\n  lr: 0.001 # caf\xe9\n")
+    cases = [
+        (["tokenizer", "train", "--input", str(text), "--kind", "char", "--out", "taken"], "is a directory"),
+        (
+            ["tokenizer", "train", "--input", str(text), "--kind", "char", "--out", "text.txt/x.json"],
+            "text.txt",
+        ),
+        (["train", str(bad_yaml), "--dry-run"], "not UTF-8"),
+    ]
+    for argv, fragment in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and fragment in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "taken", "text.txt"]
+    assert not any((tmp_path / "taken").iterdir())

@@ -55,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     except ScratchLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path given that cannot be read or written (missing, a directory, no space...)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; check the path and try again", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as e:  # the codec names neither file nor fix: say both as well as we can
+        print(f"error: an input file is not UTF-8 text ({e}); convert it to UTF-8", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -423,8 +423,15 @@ def json_fingerprint(obj: dict) -> str:
 
 def write_json_atomic(path: Path, obj: dict) -> None:
     """Write JSON to a temporary file beside ``path``, then rename it over ``path``."""
+    if path.is_dir():
+        raise TokenizerError(
+            f"{path} is a directory; give a file path for the tokenizer, e.g. {path}/tokenizer.json"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=False, indent=1)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failed write or rename: no temporary file left behind
