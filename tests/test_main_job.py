@@ -197,3 +197,38 @@ def test_unusable_paths_and_non_utf8_files_are_one_line_errors(tmp_path, capsys,
         assert err.startswith("error: ") and fragment in err and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "taken", "text.txt"]
     assert not any((tmp_path / "taken").iterdir())
+
+
+def test_mismatched_tokenizer_config_or_shards_are_refused(tmp_path, small_corpus, capsys):
+    """A run whose tokenizer.json or config.yaml no longer fits its checkpoint, and shards made with another
+    tokenizer, are one-line errors (they were a 50-line traceback, garbage text, an IndexError, and a loss
+    computed on the wrong ids)."""
+    from scratchlm.tokenizer import CharTokenizer
+
+    run_dir = tmp_path / "run"
+    assert main(["train", *_overrides(tmp_path, small_corpus, "run"), "eval.sample_tokens=0"]) == 0
+    assert main(["eval", str(run_dir), "--batches", "1"]) == 0
+    capsys.readouterr()
+
+    text = tmp_path / "other.txt"
+    text.write_text("".join(chr(c) for c in range(32, 127)) * 40)
+    other = tmp_path / "char.json"
+    CharTokenizer.train([text.read_text()]).save(other)
+    shards = tmp_path / "other-shards"
+    assert main(["data", "prepare", "--tokenizer", str(other), str(text), "--out", str(shards)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--data-dir", str(shards), "--batches", "1"]) == 2
+    assert "made with another tokenizer" in capsys.readouterr().err
+
+    config = (run_dir / "config.yaml").read_text()
+    (run_dir / "config.yaml").write_text(config.replace("d_model: 32", "d_model: 64"))
+    assert "d_model: 64" in (run_dir / "config.yaml").read_text()
+    assert main(["generate", str(run_dir), "--prompt", "def", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "does not match" in err and "restore the run's config.yaml" in err and err.count("\n") == 1
+    (run_dir / "config.yaml").write_text(config)
+
+    big = [chr(c) for c in range(0x4E00, 0x4E00 + 5000)]
+    CharTokenizer(big).save(run_dir / "tokenizer.json")
+    assert main(["generate", str(run_dir), "--prompt", "\u4e00", "--max-new-tokens", "2"]) == 2
+    assert "not the tokenizer this run was trained with" in capsys.readouterr().err

@@ -99,8 +99,22 @@ def load(run_dir: str | Path, which: str = "best", device: str | torch.device | 
         if which != "best":
             raise
         ckpt = find_checkpoint(run_dir, "latest")
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise CheckpointError(
+            f"{run_dir}/tokenizer.json has {tokenizer.vocab_size} tokens but the model knows "
+            f"{cfg.model.vocab_size}: it is not the tokenizer this run was trained with; restore that one"
+        )
     model = build_model(cfg.model)
-    missing, unexpected = model.load_state_dict(load_model_state(ckpt), strict=False)
+    state = load_model_state(ckpt)
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if name in expected and expected[name].shape != tensor.shape:
+            raise CheckpointError(
+                f"{ckpt}/model.safetensors does not match {run_dir}/config.yaml: {name} is "
+                f"{tuple(tensor.shape)} in the checkpoint but {tuple(expected[name].shape)} by the config; "
+                "restore the run's config.yaml"
+            )
+    missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if cfg.model.tie_embeddings else set()
     if unexpected or set(missing) - tied:
         raise CheckpointError(

@@ -38,6 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from scratchlm.api import load
     from scratchlm.data.loader import TokenLoader
+    from scratchlm.data.shards import read_meta
     from scratchlm.device import resolve_dtype
     from scratchlm.eval import evaluate_lm, token_byte_lengths
 
@@ -54,6 +55,12 @@ def run_eval(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir or cfg.data.data_dir or "")
     if not (data_dir / "meta.json").is_file():
         raise DataError(f"no shards at '{data_dir}'; pass --data-dir DIR (made by `scratchlm data prepare`)")
+    made_with = read_meta(data_dir).get("tokenizer", {}).get("fingerprint")
+    if made_with != lm.tokenizer.fingerprint:  # the ids would mean other tokens: a silently wrong loss
+        raise DataError(
+            f"the shards in {data_dir} were made with another tokenizer than this run's; make them with "
+            f"`scratchlm data prepare --tokenizer {Path(args.run_dir) / 'tokenizer.json'} ...`"
+        )
     loader = TokenLoader(
         data_dir,
         split=args.split,
