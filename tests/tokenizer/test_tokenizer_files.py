@@ -65,6 +65,11 @@ def test_corrupt_merges_and_vocab(tmp_path, tok):
     (tmp_path / "a.json").write_text(json.dumps(bad))
     with pytest.raises(TokenizerError, match="merge #0"):
         load_tokenizer(tmp_path / "a.json")
+    for merge in (7, [1, 2], ["a"], None):  # not a pair of token strings: was a TypeError
+        bad["model"]["merges"][0] = merge
+        (tmp_path / "a.json").write_text(json.dumps(bad))
+        with pytest.raises(TokenizerError, match="merge #0 .* is not a pair of tokens"):
+            load_tokenizer(tmp_path / "a.json")
     bad = json.loads(json.dumps(data))
     bad["model"]["vocab"]["with space"] = 5000
     (tmp_path / "b.json").write_text(json.dumps(bad))

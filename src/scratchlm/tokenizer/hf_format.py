@@ -172,7 +172,7 @@ def _build(
     ids = {t: i for i, t in vocab.items()}
     pairs = []
     for k, m in enumerate(merges):
-        if len(m) != 2:
+        if not (isinstance(m, list | tuple) and len(m) == 2 and all(isinstance(x, str) for x in m)):
             raise TokenizerError(f"{where}: merge #{k} {m!r} is not a pair of tokens")
         a, b = (str_to_bytes(x, where) for x in m)
         if a not in ids or b not in ids:
