@@ -93,12 +93,7 @@ def load(run_dir: str | Path, which: str = "best", device: str | torch.device | 
     if not (run_dir / "tokenizer.json").is_file():
         raise CheckpointError(f"{run_dir}/tokenizer.json is missing; the run directory is incomplete")
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-    try:
-        ckpt = find_checkpoint(run_dir, which)
-    except CheckpointError:
-        if which != "best":
-            raise
-        ckpt = find_checkpoint(run_dir, "latest")
+    ckpt = find_checkpoint(run_dir, which)  # best falls back to latest itself
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise CheckpointError(
             f"{run_dir}/tokenizer.json has {tokenizer.vocab_size} tokens but the model knows "

@@ -127,10 +127,17 @@ def test_all_corrupt_raises_never_restarts(tmp_path):
     model, opts = setup()
     d = save(tmp_path, 1, model, opts)
     (d / "state.json").write_text("{")
+    d2 = save(tmp_path, 2, model, opts)
+    (d2 / "model.safetensors").write_bytes(b"x")
+    # one error naming both files, and no "falling back" warnings before it (there is nothing to fall to)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(CheckpointError, match="state.json"):
-            ckpt.latest_checkpoint(tmp_path)
+        warnings.simplefilter("error")
+        for which in ("latest", "best"):
+            with pytest.raises(CheckpointError, match="no complete checkpoint") as e:
+                ckpt.find_checkpoint(tmp_path, which)
+            assert "state.json" in str(e.value) and "model.safetensors" in str(e.value)
+            assert "\n" not in str(e.value) and "delete" not in str(e.value)
+    assert (d / "state.json").read_text() == "{"  # left as it was
     assert ckpt.latest_checkpoint(tmp_path / "nothing") is None
     with pytest.raises(CheckpointError, match="no checkpoint"):
         ckpt.find_checkpoint(tmp_path / "nothing")

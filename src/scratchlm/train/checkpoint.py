@@ -175,6 +175,7 @@ def find_checkpoint(run_dir: str | Path, which: str = "latest") -> Path:
     run_dir = Path(run_dir)
     if which not in ("latest", "best"):
         raise CheckpointError(f"which={which!r} must be 'latest' or 'best'")
+    best_errors = []
     if which == "best":
         for cand in (run_dir / BEST, run_dir / f".{BEST}.old"):
             if cand.is_dir():
@@ -182,8 +183,13 @@ def find_checkpoint(run_dir: str | Path, which: str = "latest") -> Path:
                     verify_checkpoint(cand)
                     return cand
                 except CheckpointError as e:
-                    warnings.warn(f"{e}; using the latest checkpoint instead", stacklevel=2)
-    found = latest_checkpoint(run_dir)
+                    best_errors.append(str(e))
+    try:
+        found = latest_checkpoint(run_dir)
+    except CheckpointError as e:
+        raise CheckpointError("; ".join([*best_errors, str(e)])) from None
+    for error in best_errors:
+        warnings.warn(f"{error}; using the latest checkpoint instead", stacklevel=2)
     if found is None:
         raise CheckpointError(
             f"no checkpoint in {run_dir / CHECKPOINTS}; train the run first (scratchlm train)"
@@ -212,14 +218,16 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     for cand in candidates:
         try:
             verify_checkpoint(cand)
-            return cand
         except CheckpointError as e:
-            warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=3)
             errors.append(str(e))
+            continue
+        for error in errors:  # said only when an older checkpoint is used instead (else the error says it)
+            warnings.warn(f"{error}; falling back to the previous checkpoint", stacklevel=3)
+        return cand
     if errors:
         raise CheckpointError(
-            f"no complete checkpoint in {root}: {'; '.join(errors)} (delete the run dir or "
-            "set train.resume=never with a new train.run_dir to start over)"
+            f"no complete checkpoint in {root}: {'; '.join(errors)} (the files are left as they are; "
+            "start a new run with another train.name to train again)"
         )
     return None
 
