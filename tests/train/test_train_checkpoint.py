@@ -202,3 +202,23 @@ def test_save_weights_writes_what_save_model_writes(tmp_path):
     untied = {k: v.clone() for k, v in model.state_dict().items()}  # copies: nothing shares storage
     ckpt.save_weights(untied, tmp_path / "c.safetensors")
     assert set(load_file(str(tmp_path / "c.safetensors"))) == set(untied)
+
+
+class _Payload:
+    """Unpickling this would create a file: the proof that a load ran code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickled_objects_in_optimizer_file_are_refused_unrun(tmp_path):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    marker = tmp_path / "pwned"
+    torch.save({"state": _Payload(marker)}, d / "optimizer.pt")
+    with pytest.raises(CheckpointError, match="holds pickled objects, not tensors") as e:
+        ckpt.load_optimizer_file(d)
+    assert "\n" not in str(e.value) and not marker.exists()

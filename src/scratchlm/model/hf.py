@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -321,7 +322,13 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
             sd.update(load_file(str(path / shard)))
         return sd
     if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise CheckpointError(
+                f"{path}/pytorch_model.bin holds pickled objects, not only tensors; it was not loaded "
+                "(never unpickle an untrusted file): convert it to model.safetensors"
+            ) from None
     raise CheckpointError(f"'{path}' has no model.safetensors or pytorch_model.bin")
 
 

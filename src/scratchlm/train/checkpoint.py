@@ -25,6 +25,7 @@ import base64
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -284,8 +285,13 @@ def load_optimizer_file(ckpt_dir: Path) -> Any:
     path = Path(ckpt_dir) / "optimizer.pt"
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused it: a pickle of objects, not tensors
+        raise CheckpointError(
+            f"checkpoint file {path} holds pickled objects, not tensors; it was not loaded (never unpickle "
+            "a file you did not write): restore it from the run that made it"
+        ) from None
     except Exception as e:
-        raise CheckpointError(f"checkpoint file {path} cannot be read ({e})") from None
+        raise CheckpointError(f"checkpoint file {path} cannot be read ({str(e).splitlines()[0]})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
