@@ -197,3 +197,78 @@ def test_meta_json_is_plain_json(tmp_path):
         "kind": "ByteTokenizer",
     }
     assert meta["source"]["fingerprint"] == "list-v1" and meta["format"] == "scratchlm-shards"
+
+
+def snapshot(root):
+    """{relative path: bytes, or None for a directory} of everything under ``root``."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+def make_run_dir(root):
+    root.mkdir()
+    (root / "config.yaml").write_text("model:\n  n_layer: 2\n")
+    (root / "tokenizer.json").write_text('{"model": {"type": "BPE"}}\n')
+    (root / "checkpoints" / "step_000100").mkdir(parents=True)
+    (root / "checkpoints" / "step_000100" / "model.safetensors").write_bytes(os.urandom(64))
+    return root
+
+
+def test_a_run_directory_as_out_is_refused_and_left_intact(tmp_path, capsys):
+    run = make_run_dir(tmp_path / "run")
+    before = snapshot(run)
+    with pytest.raises(DataError, match="is not empty and is not a shard directory") as e:
+        prepare(ListSource(make_docs(30)), ByteTokenizer(), run, num_workers=1, progress=False)
+    assert str(run) in str(e.value) and "config.yaml" in str(e.value) and "\n" not in str(e.value)
+    assert snapshot(run) == before
+    assert "interrupted" not in capsys.readouterr().err
+    # the same through the CLI, with a real tokenizer file: one line, exit 2, nothing touched
+    from scratchlm.cli import main
+    from scratchlm.tokenizer.char import CharTokenizer
+
+    (tmp_path / "corpus.txt").write_text("hello world\n" * 50)
+    CharTokenizer.train(["hello world\n"]).save(tmp_path / "tok.json")
+    args = ["data", "prepare", str(tmp_path / "corpus.txt"), "--tokenizer", str(tmp_path / "tok.json")]
+    assert main([*args, "--out", str(run), "--workers", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "not a shard directory" in err
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        ["tokenizer.json"],  # a tokenizer's own directory: its tokenizer.json is not a leftover
+        ["meta.json.bak", "train_000000.bin"],
+        ["train_000000.bin", "tokenizer.json", "notes.txt"],
+        ["train_1.bin"],
+    ],
+)
+def test_foreign_files_in_out_are_never_deleted(tmp_path, files):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in files:
+        (out / name).write_bytes(b"keep me")
+    before = snapshot(out)
+    with pytest.raises(DataError, match="not a shard directory"):
+        prepare(ListSource(make_docs(30)), ByteTokenizer(), out, num_workers=1, progress=False)
+    assert snapshot(out) == before
+
+
+def test_out_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(DataError, match="is a file, not a directory"):
+        prepare(ListSource(make_docs(30)), ByteTokenizer(), tmp_path / "out", num_workers=1, progress=False)
+    assert (tmp_path / "out").read_text() == "x"
+
+
+def test_leftovers_of_an_interrupted_commit_are_replaced(tmp_path, capsys):
+    # killed inside shards.commit: shards and tokenizer.json renamed, meta.json not yet written
+    for name in ("train_000000.bin", "train_000000.idx", "val_000000.bin", "tokenizer.json"):
+        (tmp_path / name).write_bytes(b"old")
+    for name in (".val_000000.idx.partial", ".tokenizer.json.partial", ".meta.json.partial"):
+        (tmp_path / name).write_bytes(b"old")
+    docs = make_docs(40)
+    prepare(ListSource(docs), ByteTokenizer(), tmp_path, val_fraction=0.0, num_workers=1, progress=False)
+    assert "removing 7 file(s) of an interrupted prepare" in capsys.readouterr().err
+    assert read_split(tmp_path, "train") == docs
+    assert sorted(os.listdir(tmp_path)) == ["meta.json", "train_000000.bin", "train_000000.idx"]

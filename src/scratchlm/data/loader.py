@@ -37,7 +37,11 @@ STATE_VERSION = 1
 
 
 class TokenLoader:
-    """(x, y) batches from a prepared directory; see the module docstring for modes and resume."""
+    """(x, y) batches from a prepared directory; see the module docstring for modes and resume.
+
+    ``vocab_size`` (optional): the model's embedding rows; DataError up front when the shards were prepared
+    with a larger vocabulary (their ids would not fit the embedding).
+    """
 
     def __init__(
         self,
@@ -52,6 +56,7 @@ class TokenLoader:
         rank: int = 0,
         world_size: int = 1,
         device: str | torch.device = "cpu",
+        vocab_size: int | None = None,
     ):
         if mode not in ("random", "sequential"):
             raise DataError(f"loader mode must be random or sequential, got {mode!r}")
@@ -64,7 +69,9 @@ class TokenLoader:
                 f"batch_size and context_length must be positive, got {batch_size}, {context_length}"
             )
         self.data_dir = Path(data_dir)
-        self.meta = shards.read_meta(self.data_dir)
+        self.meta = shards.read_meta(self.data_dir)  # also checks that every shard file has its size
+        if vocab_size is not None:
+            shards.check_vocab(self.meta, vocab_size, self.data_dir)
         self.split, self.mode, self.doc_aligned = split, mode, doc_aligned
         self.B, self.T = batch_size, context_length
         self.seed, self.rank, self.world_size = seed, rank, world_size

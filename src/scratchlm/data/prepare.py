@@ -67,7 +67,8 @@ def prepare(
     are skipped and counted in ``meta["skipped_empty_documents"]``. ``num_workers``: None = all cores,
     <= 1 = encode in this process. Side effects: creates ``out_dir``, writes ``{train,val}_NNNNNN.{bin,idx}``
     and ``meta.json`` (last, atomically); on any error the partial files are removed.
-    Raises DataError for a mismatching existing directory, an empty source or an empty split.
+    Raises DataError for a mismatching existing directory, a non-empty ``out_dir`` that is not a shard
+    directory (only an interrupted prepare's own files are ever deleted), an empty source or an empty split.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -75,6 +76,7 @@ def prepare(
     settings = _settings(source, tokenizer, val_source, val_fraction, shard_tokens)
     if (out / shards.META).is_file():
         return _reuse(out, settings, progress)
+    _check_out_dir(out)  # before anything is created or deleted
     created = _missing_dirs(out)  # removed again if this prepare fails: nothing half-written stays
     out.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(out)
@@ -198,11 +200,47 @@ def _reuse(out: Path, settings: dict, progress: bool) -> dict[str, Any]:
     return meta
 
 
+def _check_out_dir(out: Path) -> None:
+    """DataError unless ``out`` (no meta.json) is missing, empty, or holds only leftovers of a prepare.
+
+    A non-empty directory that is not a shard directory (a run directory, a tokenizer's directory, ...)
+    is refused rather than cleaned: ``prepare`` deletes leftovers, and nothing else may ever be deleted.
+    """
+    if out.exists() and not out.is_dir():
+        raise DataError(f"'{out}' is a file, not a directory; prepare into a new or empty directory (--out)")
+    if not out.is_dir():
+        return
+    leftovers = set(_leftovers(out))
+    foreign = sorted(p.name for p in out.iterdir() if p not in leftovers)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise DataError(
+            f"'{out}' is not empty and is not a shard directory (it holds {shown}); "
+            f"prepare into a new or empty directory (--out)"
+        )
+
+
+def _leftovers(out: Path) -> list[Path]:
+    """The files an interrupted prepare wrote in ``out``, by their exact names.
+
+    Shard files (final or ``.partial``), ``.tokenizer.json.partial``, ``.meta.json.partial``, and
+    ``tokenizer.json`` only when final shard files show that ``shards.commit`` had begun renaming.
+    """
+    files = [p for p in out.iterdir() if p.is_file() and not p.is_symlink()]
+    committed = any(shards.is_shard_file(p.name, partial=False) for p in files)
+    temp = {shards.partial_name(shards.TOKENIZER), shards.partial_name(shards.META)}
+    return [
+        p
+        for p in files
+        if shards.is_shard_file(p.name) or p.name in temp or (committed and p.name == shards.TOKENIZER)
+    ]
+
+
 def _remove_leftovers(out: Path, quiet: bool = False) -> None:
-    """Delete shard files of an interrupted prepare (no meta.json, so nothing here was complete)."""
-    leftovers = [p for p in out.iterdir() if shards.is_shard_file(p.name) and p.name != shards.META]
+    """Delete the files of an interrupted prepare (no meta.json, so nothing here was complete)."""
+    leftovers = _leftovers(out)
     if leftovers and not quiet:
-        print(f"removing {len(leftovers)} shard file(s) of an interrupted prepare in {out}", file=sys.stderr)
+        print(f"removing {len(leftovers)} file(s) of an interrupted prepare in {out}", file=sys.stderr)
     for p in leftovers:
         p.unlink(missing_ok=True)
 

@@ -30,6 +30,7 @@ META = "meta.json"
 TOKENIZER = "tokenizer.json"  # copy of the tokenizer (when it can save itself)
 SPLITS = ("train", "val")
 INDEX_DTYPE = np.dtype("<u8")
+TOKEN_DTYPES = {"uint16": "<u2", "uint32": "<u4"}  # meta.json "dtype" -> the little-endian numpy dtype
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -45,12 +46,17 @@ def partial_name(name: str) -> str:
     return f".{name}.partial"
 
 
-def is_shard_file(name: str) -> bool:
-    """Files this format owns (final or partial), used to spot leftovers of an interrupted prepare."""
-    base = name[1:].removesuffix(".partial") if name.startswith(".") and name.endswith(".partial") else name
-    stem, _, ext = base.partition(".")
+def is_shard_file(name: str, partial: bool = True) -> bool:
+    """``SPLIT_NNNNNN.bin`` / ``.idx`` (and, when ``partial``, their ``.NAME.partial`` temp files).
+
+    Only these names are shard files: ``meta.json`` and ``tokenizer.json`` are not (a run directory holds a
+    ``tokenizer.json`` too, and it must never be taken for a leftover of an interrupted prepare).
+    """
+    if partial and name.startswith(".") and name.endswith(".partial"):
+        name = name[1:].removesuffix(".partial")
+    stem, _, ext = name.partition(".")
     split, _, num = stem.partition("_")
-    return (split in SPLITS and num.isdigit() and ext in ("bin", "idx")) or base in (META, TOKENIZER)
+    return split in SPLITS and len(num) >= 6 and num.isascii() and num.isdigit() and ext in ("bin", "idx")
 
 
 class ShardWriter:
@@ -115,7 +121,12 @@ def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
 
 
 def read_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
-    """meta.json of a prepared directory, checked for format and version; DataError when absent or foreign."""
+    """meta.json of a prepared directory, checked for format, version and structure, with its shard files.
+
+    Every shard and document index it lists must exist with the size it records (a ``stat`` per file: the
+    data is not read). Raises DataError (one line: the file and the problem) when the directory is not a
+    prepared one, meta.json is corrupt or foreign, or a shard file is missing or truncated.
+    """
     d = Path(data_dir)
     path = d / META
     if not path.is_file():
@@ -128,16 +139,109 @@ def read_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
             f"'{d}' is not a prepared data directory (no meta.json){hint}; "
             f"run `scratchlm data prepare SOURCE --tokenizer PATH --out {d}`"
         )
+    again = f"prepare the data again (delete '{d}' and re-run `scratchlm data prepare`)"
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is corrupt ({e.msg}); delete '{d}' and prepare it again") from None
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is corrupt ({getattr(e, 'msg', e.reason)}); {again}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} is corrupt (a JSON {type(meta).__name__}, not an object); {again}")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise DataError(
             f"{path} is not a {FORMAT} v{VERSION} file (found {meta.get('format')} "
             f"v{meta.get('version')}); prepare the data again into a new directory"
         )
+    problem = _meta_problem(meta)
+    if problem:
+        raise DataError(f"{path} is corrupt ({problem}); {again}")
+    check_files(d, meta)
     return meta
+
+
+def _meta_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with the structure of a v1 meta.json (the fields readers use), or None."""
+
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    def bad_record(x: Any, keys: tuple[str, ...]) -> bool:
+        return not isinstance(x, dict) or any(k not in x for k in keys)
+
+    tok = meta.get("tokenizer")
+    if bad_record(tok, ("fingerprint", "vocab_size", "eot_id", "kind")):
+        return "'tokenizer' must be an object with fingerprint, vocab_size, eot_id and kind"
+    if not (is_int(tok["vocab_size"]) and is_int(tok["eot_id"]) and tok["eot_id"] < tok["vocab_size"]):
+        return f"tokenizer vocab_size {tok['vocab_size']!r} / eot_id {tok['eot_id']!r} are not valid ids"
+    if meta.get("dtype") not in TOKEN_DTYPES:
+        return f"dtype {meta.get('dtype')!r} is not one of {', '.join(TOKEN_DTYPES)}"
+    if tok["vocab_size"] > np.iinfo(TOKEN_DTYPES[meta["dtype"]]).max + 1:
+        return f"dtype {meta['dtype']} cannot hold the ids of vocab_size {tok['vocab_size']}"
+    if bad_record(meta.get("source"), ("fingerprint", "description")):
+        return "'source' must be an object with fingerprint and description"
+    val_source = meta.get("val_source")
+    if val_source is not None and bad_record(val_source, ("fingerprint", "description")):
+        return "'val_source' must be null or an object with fingerprint and description"
+    for key in ("val_fraction", "split_rule", "shard_tokens"):
+        if key not in meta:
+            return f"no '{key}'"
+    splits = meta.get("splits")
+    if not isinstance(splits, dict) or any(s not in splits for s in SPLITS):
+        return f"'splits' must be an object with {' and '.join(SPLITS)}"
+    for split in SPLITS:
+        info = splits[split]
+        if bad_record(info, ("tokens", "documents", "shards")) or not isinstance(info["shards"], list):
+            return f"splits.{split} must be an object with tokens, documents and a list of shards"
+        for i, sh in enumerate(info["shards"]):
+            where = f"splits.{split}.shards[{i}]"
+            if bad_record(sh, ("file", "index", "tokens", "documents")):
+                return f"{where} must be an object with file, index, tokens and documents"
+            names = (sh["file"], ".bin"), (sh["index"], ".idx")
+            if not all(
+                isinstance(n, str) and n.endswith(e) and is_shard_file(n, partial=False) for n, e in names
+            ):
+                return f"{where} names {sh['file']!r} / {sh['index']!r}, not a shard and its index"
+            # prepare never writes an empty shard, and every document holds at least its end-of-text token
+            if not (is_int(sh["tokens"]) and is_int(sh["documents"]) and 0 < sh["documents"] <= sh["tokens"]):
+                return f"{where} has tokens {sh['tokens']!r} / documents {sh['documents']!r}"
+        for key in ("tokens", "documents"):
+            total = sum(sh[key] for sh in info["shards"])
+            if info[key] != total:
+                return f"splits.{split}.{key} is {info[key]!r}, but its shards hold {total}"
+    return None
+
+
+def check_files(data_dir: Path, meta: dict[str, Any]) -> None:
+    """DataError unless every shard and document index of ``meta`` exists with the size it records."""
+    dtype = np.dtype(TOKEN_DTYPES[meta["dtype"]])
+    for split in SPLITS:
+        for sh in meta["splits"][split]["shards"]:
+            for name, expected in (
+                (sh["file"], sh["tokens"] * dtype.itemsize),
+                (sh["index"], sh["documents"] * INDEX_DTYPE.itemsize),
+            ):
+                path = data_dir / name
+                size = path.stat().st_size if path.is_file() else None
+                if size != expected:
+                    found = "missing" if size is None else f"{size} bytes"
+                    raise DataError(
+                        f"shard file '{path}' is {found}, meta.json says {expected} bytes; "
+                        f"prepare the data again (delete '{data_dir}' and re-run `scratchlm data prepare`)"
+                    )
+
+
+def check_vocab(meta: dict[str, Any], vocab_size: int, data_dir: str | os.PathLike) -> None:
+    """DataError unless the shards' token ids (all < meta's tokenizer vocab_size) fit ``vocab_size``.
+
+    ``vocab_size`` is the number of rows of the model's embedding (it may be padded above the tokenizer's,
+    e.g. 50304 for GPT-2's 50257); an id at or above it would be an IndexError deep inside the model.
+    """
+    tok = meta["tokenizer"]
+    if tok["vocab_size"] > vocab_size:
+        raise DataError(
+            f"'{data_dir}' was prepared with a tokenizer of vocab_size {tok['vocab_size']} ({tok['kind']} "
+            f"{tok['fingerprint']}), but the model's vocab_size is {vocab_size}; prepare the data with the "
+            f"model's tokenizer or set model.vocab_size >= {tok['vocab_size']}"
+        )
 
 
 def open_shard(data_dir: Path, shard: dict[str, Any], dtype: np.dtype) -> np.memmap:

@@ -72,6 +72,7 @@ def make_loaders(
         rank=rank,
         world_size=world_size,
         device=device,
+        vocab_size=cfg.model.vocab_size or None,  # ids the embedding has no row for: a DataError up front
     )
     if not _has_val(data_dir):
         return train, None
@@ -88,6 +89,7 @@ def make_loaders(
             rank=rank,
             world_size=world_size,
             device=device,
+            vocab_size=cfg.model.vocab_size or None,
         )
 
     return train, val_loader
