@@ -86,6 +86,84 @@ def test_bad_values_name_the_key(override, message):
         load_config(overrides=[override])
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        # non-finite floats used to pass every range check and train to nan (or crash in the optimizer)
+        ("train.lr=nan", "train.lr must be a finite number, got nan"),
+        ("train.lr=inf", "train.lr must be a finite number, got inf"),
+        ("train.min_lr=nan", "train.min_lr must be a finite number"),
+        ("train.muon_lr=inf", "train.muon_lr must be a finite number"),
+        ("train.weight_decay=nan", "train.weight_decay must be a finite number"),
+        ("train.grad_clip=inf", "train.grad_clip must be a finite number"),
+        ("train.max_time=inf", "train.max_time must be a finite number"),
+        ("model.dropout=nan", "model.dropout must be a finite number"),
+        ("eval.temperature=-inf", "eval.temperature must be a finite number, got -inf"),
+        # out of range: a traceback deep in training, or silently wrong
+        ("train.lr=0", r"train.lr must be > 0, got 0.0"),
+        ("train.min_lr=-1", r"train.min_lr must be in \[0, train.lr=0.001\], got -1.0"),
+        ("train.min_lr=0.01", r"train.min_lr must be in \[0, train.lr=0.001\], got 0.01"),
+        ("train.muon_lr=0", r"train.muon_lr must be > 0, got 0.0"),
+        ("train.muon_momentum=1", r"train.muon_momentum must be in \[0, 1\), got 1.0"),
+        ("train.beta1=1.5", r"train.beta1 must be in \[0, 1\), got 1.5"),
+        ("train.beta2=-0.5", r"train.beta2 must be in \[0, 1\), got -0.5"),
+        ("train.eps=-1", r"train.eps must be > 0, got -1.0"),
+        ("train.weight_decay=-0.1", r"train.weight_decay must be >= 0, got -0.1"),
+        ("train.grad_clip=-1", r"train.grad_clip must be >= 0 \(0 = off\), got -1.0"),
+        ("train.warmup_steps=-1", r"train.warmup_steps must be >= 0, got -1"),
+        ("train.keep_last=0", r"train.keep_last must be >= 1, got 0"),
+        ("train.max_nan_skips=-1", r"train.max_nan_skips must be >= 0, got -1"),
+        ("train.early_stopping_patience=0", r"train.early_stopping_patience must be >= 1 or None"),
+        ("model.init_std=-1", r"model.init_std must be > 0, got -1.0"),
+        ("model.multiple_of=0", r"model.multiple_of must be >= 1, got 0"),
+        ("model.norm_eps=0", r"model.norm_eps must be > 0, got 0.0"),
+        ("model.norm_eps=-1e-5", r"model.norm_eps must be > 0, got -1e-05"),
+        ("model.rope_theta=0", r"model.rope_theta must be > 0, got 0.0"),
+        ("model.d_ff=0", r"model.d_ff must be >= 1 or None \(default width\), got 0"),
+        ("model.n_encoder_layer=0", r"model.n_encoder_layer must be >= 1 or None, got 0"),
+        ("model.n_kv_head=0", r"model.n_kv_head must be >= 1 or None \(= n_head\), got 0"),
+        ("model.vocab_size=-1", r"model.vocab_size must be >= 0 \(0 = from the tokenizer\), got -1"),
+        ("data.max_pair_len=0", r"data.max_pair_len must be positive, got 0"),
+        ("eval.temperature=-1", r"eval.temperature must be >= 0 \(0 = greedy\), got -1.0"),
+        ("eval.top_k=0", r"eval.top_k must be >= 1 or None \(off\), got 0"),
+        ("eval.sample_tokens=-1", r"eval.sample_tokens must be >= 0, got -1"),
+        ("eval.num_samples=-1", r"eval.num_samples must be >= 0 \(0 = off\), got -1"),
+    ],
+)
+def test_out_of_range_values_name_the_key_value_and_range(override, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(overrides=[override])
+    assert len(str(e.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.grad_clip=0",
+        "train.weight_decay=0",
+        "train.min_lr=0",
+        "train.min_lr=1e-3",
+        "train.beta1=0",
+        "train.warmup_steps=0",
+        "model.d_ff=None",
+        "model.d_ff=1",
+        "eval.temperature=0",
+        "eval.top_k=None",
+        "eval.sample_tokens=0",
+        "eval.num_samples=0",
+        "train.early_stopping_patience=None",
+    ],
+)
+def test_range_edges_that_mean_off_or_default_are_valid(override):
+    load_config(overrides=[override])
+
+
+def test_cli_non_finite_lr_exits_2(capsys):
+    assert main(["train", "train.lr=nan", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: train.lr must be a finite number, got nan"
+
+
 def test_yaml_errors(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -491,6 +492,11 @@ _CHOICES = {
 }
 
 
+def _at_least(value: int | None, low: int) -> bool:
+    """None (the field's "off" / default) or ``value >= low``."""
+    return value is None or value >= low
+
+
 def validate(cfg: Config) -> None:
     """Check values (choices, ranges, divisibility) once, with errors that name the key."""
     for key, choices in _CHOICES.items():
@@ -500,7 +506,17 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"{key}={value!r} is not one of {', '.join(choices)}{_closest(str(value), list(choices))}"
             )
-    m, t = cfg.model, cfg.train
+    # non-finite floats first: inf passes every `> 0` below, and nan is better named as such than as a range
+    for sec in SECTIONS:
+        for name, tp in _hints(_SECTION_TYPES[sec]).items():
+            value = getattr(getattr(cfg, sec), name)
+            if (
+                (tp is float or float in typing.get_args(tp))
+                and value is not None
+                and not math.isfinite(value)
+            ):
+                raise ConfigError(f"{sec}.{name} must be a finite number, got {value}")
+    m, t, e = cfg.model, cfg.train, cfg.eval
     positive = {
         "model.n_layer": m.n_layer,
         "model.n_head": m.n_head,
@@ -526,18 +542,46 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.pos=rope needs an even head size, got d_model/n_head={m.d_model // m.n_head}"
         )
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if not 0.0 <= m.label_smoothing < 1.0:
-        raise ConfigError(f"model.label_smoothing must be in [0, 1), got {m.label_smoothing}")
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
-    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
-        raise ConfigError(
-            f"train.lr must be > 0 and 0 <= train.min_lr <= train.lr (got lr={t.lr}, min_lr={t.min_lr})"
-        )
-    if t.warmup_steps < 0 or t.grad_clip < 0 or t.keep_last < 1:
-        raise ConfigError("train.warmup_steps and train.grad_clip must be >= 0 and train.keep_last >= 1")
+    # (key, value, valid range as the message says it, whether the value is in it), checked in order
+    ranges: list[tuple[str, Any, str, bool]] = [
+        ("model.vocab_size", m.vocab_size, ">= 0 (0 = from the tokenizer)", m.vocab_size >= 0),
+        ("model.n_encoder_layer", m.n_encoder_layer, ">= 1 or None", _at_least(m.n_encoder_layer, 1)),
+        ("model.n_kv_head", m.n_kv_head, ">= 1 or None (= n_head)", _at_least(m.n_kv_head, 1)),
+        ("model.d_ff", m.d_ff, ">= 1 or None (default width)", _at_least(m.d_ff, 1)),
+        ("model.multiple_of", m.multiple_of, ">= 1", m.multiple_of >= 1),
+        ("model.norm_eps", m.norm_eps, "> 0", m.norm_eps > 0),
+        ("model.rope_theta", m.rope_theta, "> 0", m.rope_theta > 0),
+        ("model.init_std", m.init_std, "> 0", m.init_std > 0),
+        ("model.dropout", m.dropout, "in [0, 1)", 0.0 <= m.dropout < 1.0),
+        ("model.label_smoothing", m.label_smoothing, "in [0, 1)", 0.0 <= m.label_smoothing < 1.0),
+        ("data.val_fraction", cfg.data.val_fraction, "in [0, 1)", 0.0 <= cfg.data.val_fraction < 1.0),
+        ("data.max_pair_len", cfg.data.max_pair_len, "positive", cfg.data.max_pair_len > 0),
+        ("train.lr", t.lr, "> 0", t.lr > 0),
+        ("train.min_lr", t.min_lr, f"in [0, train.lr={t.lr}]", 0 <= t.min_lr <= t.lr),
+        ("train.muon_lr", t.muon_lr, "> 0", t.muon_lr > 0),
+        ("train.muon_momentum", t.muon_momentum, "in [0, 1)", 0.0 <= t.muon_momentum < 1.0),
+        ("train.weight_decay", t.weight_decay, ">= 0", t.weight_decay >= 0),
+        ("train.beta1", t.beta1, "in [0, 1)", 0.0 <= t.beta1 < 1.0),
+        ("train.beta2", t.beta2, "in [0, 1)", 0.0 <= t.beta2 < 1.0),
+        ("train.eps", t.eps, "> 0", t.eps > 0),
+        ("train.grad_clip", t.grad_clip, ">= 0 (0 = off)", t.grad_clip >= 0),
+        ("train.warmup_steps", t.warmup_steps, ">= 0", t.warmup_steps >= 0),
+        ("train.keep_last", t.keep_last, ">= 1", t.keep_last >= 1),
+        ("train.max_nan_skips", t.max_nan_skips, ">= 0", t.max_nan_skips >= 0),
+        (
+            "train.early_stopping_patience",
+            t.early_stopping_patience,
+            ">= 1 or None (off)",
+            _at_least(t.early_stopping_patience, 1),
+        ),
+        ("eval.num_samples", e.num_samples, ">= 0 (0 = off)", e.num_samples >= 0),
+        ("eval.sample_tokens", e.sample_tokens, ">= 0", e.sample_tokens >= 0),
+        ("eval.temperature", e.temperature, ">= 0 (0 = greedy)", e.temperature >= 0),
+        ("eval.top_k", e.top_k, ">= 1 or None (off)", _at_least(e.top_k, 1)),
+    ]
+    for key, value, valid, ok in ranges:
+        if not ok:
+            raise ConfigError(f"{key} must be {valid}, got {value}")
     if t.tokens_per_step is not None:
         micro = t.batch_size * m.context_length
         if t.tokens_per_step <= 0 or t.tokens_per_step % micro:
