@@ -17,6 +17,11 @@ TRAIN_TEXT = (
     "  def f(x):\n      return x * 12345\n日本語のテキストです。 Ünïcödé café 😀👍🏽\n"
 ) * 40
 
+# Code points assigned in Python's Unicode data (14.0) only: for characters assigned later the libraries
+# compared here disagree among themselves (regex 2026 has Unicode 17 tables, tiktoken's Rust regex an older
+# version: U+323B0, CJK Extension J, is a letter to one and not to the other), so \p{L} splits differ.
+ASSIGNED = st.characters(codec="utf-8", exclude_categories=("Cn",))
+
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tiktoken", "python"])
 def tok(request) -> Tokenizer:
@@ -94,7 +99,7 @@ def test_encode_iterable_keeps_overlapping_specials_across_buffer_edges(tok):
 
 
 @settings(max_examples=150, deadline=None)
-@given(text=st.text(max_size=60))
+@given(text=st.text(alphabet=ASSIGNED, max_size=60))
 def test_roundtrip_arbitrary_strings(text):
     t = _shared()
     assert t.decode(t.encode(text)) == text

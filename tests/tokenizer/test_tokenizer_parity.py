@@ -13,10 +13,14 @@ tiktoken = pytest.importorskip("tiktoken")
 tokenizers = pytest.importorskip("tokenizers")
 
 SPECIALS = ["<|endoftext|>", "<|pad|>"]
+# Code points assigned in Python's Unicode data (14.0) only: for characters assigned later the libraries
+# compared here disagree among themselves (regex 2026 has Unicode 17 tables, tiktoken's Rust regex an older
+# version: U+323B0, CJK Extension J, is a letter to one and not to the other), so \p{L} splits differ.
+ASSIGNED = st.characters(codec="utf-8", exclude_categories=("Cn",))
 
 # unicode text with emoji, CJK, combining marks, whitespace runs, digits, contractions and special tokens
 pieces = st.one_of(
-    st.text(max_size=12),
+    st.text(alphabet=ASSIGNED, max_size=12),
     st.sampled_from(
         ["😀", "👍🏽", "👨‍👩‍👧", "漢字", "日本語", "한국어", "é", "e\u0301", "a\u0308\u0323", "\u200d"]
     ),
@@ -25,7 +29,7 @@ pieces = st.one_of(
     st.sampled_from(
         ["'s", "'LL", "don't", "It's", "<|endoftext|>", "<|endoftext|><|endoftext|>", "<|pad|>", "<|"]
     ),
-    st.text(alphabet=st.characters(codec="utf-8"), max_size=6),
+    st.text(alphabet=ASSIGNED, max_size=6),
 )
 texts = st.lists(pieces, max_size=25).map("".join)
 
