@@ -224,6 +224,28 @@ def test_dry_run_writes_nothing(tmp_path, data_dir, monkeypatch):
     assert float(expected.group(2)) == step > 0
 
 
+def test_a_model_too_large_for_memory_is_refused_up_front(tmp_path, data_dir, monkeypatch):
+    """Weights + gradients + AdamW state beyond the device's memory: a one-line ConfigError from a model
+    built on the meta device (a billion-row embedding was an allocator traceback, after seconds)."""
+    from scratchlm.train import dryrun
+
+    cfg = tiny_config(tmp_path / "run", data_dir, "model.vocab_size=1000000000", "tokenizer.vocab_size=257")
+    with pytest.raises(ConfigError, match=r"need [\d,.]+ GiB, more than the [\d,.]+ GiB of cpu memory"):
+        dryrun.dry_run(cfg)
+    with pytest.raises(ConfigError, match="make the model smaller"):
+        trainer.train_model(cfg, tmp_path / "run", ByteTokenizer(), data_dir)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    small = tiny_config(tmp_path / "run2", data_dir)
+    # exactly at the limit: 16 bytes per parameter (fp32 weights, gradients, two AdamW moments)
+    n = build_model(small.model).num_params()
+    monkeypatch.setattr(dryrun, "device_memory", lambda device: 16 * n)
+    dryrun.check_memory(small, torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(dryrun, "device_memory", lambda device: 16 * n - 1)
+    with pytest.raises(ConfigError):
+        dryrun.check_memory(small, torch.device("cpu"), torch.float32)
+    dryrun.check_memory(small, torch.device("cpu"), torch.float32, world_size=2)  # sharded over 2 ranks
+
+
 def test_plot_cli(tmp_path, data_dir):
     from scratchlm.cli import main
 

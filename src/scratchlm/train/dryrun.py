@@ -18,12 +18,14 @@ It is an estimate (allocator overheads and temporaries vary by +-30%); the measu
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
 
 from scratchlm.config import Config
 from scratchlm.device import resolve_device, resolve_dtype
+from scratchlm.errors import ConfigError
 from scratchlm.model import build_model
 from scratchlm.train.metrics import peak_flops
 from scratchlm.train.optim import build_optimizers, param_groups, set_lr
@@ -62,6 +64,39 @@ def estimate_memory(cfg: Config, model: torch.nn.Module, dtype: torch.dtype) -> 
     }
 
 
+def device_memory(device: torch.device) -> int | None:
+    """Total bytes of the device's memory (RAM for the CPU), or None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not a POSIX system
+            return None
+    return None
+
+
+def check_memory(cfg: Config, device: torch.device, dtype: torch.dtype, world_size: int = 1) -> None:
+    """ConfigError when the weights, gradients and optimizer state alone exceed the device's memory.
+
+    The model is built on the ``meta`` device (shapes, no storage), so a far too large config is refused
+    in milliseconds instead of failing deep in the allocator. Activations are left out: the check refuses
+    only what cannot fit at any batch size. Sharded strategies (FSDP, ZeRO) divide by ``world_size``.
+    """
+    total = device_memory(device)
+    if total is None:
+        return
+    with torch.device("meta"):
+        mem = estimate_memory(cfg, build_model(cfg.model), dtype)
+    need = (mem["weights"] + mem["gradients"] + mem["optimizer"]) / world_size
+    if need > total:
+        raise ConfigError(
+            f"the model's weights, gradients and optimizer state need {need / 2**30:,.1f} GiB, more than "
+            f"the {total / 2**30:,.1f} GiB of {device.type} memory here; make the model smaller "
+            "(model.d_model, model.n_layer, model.vocab_size)"
+        )
+
+
 def _random_batch(cfg: Config, rows: int, device: torch.device, gen: torch.Generator):
     V, T = cfg.model.vocab_size, cfg.model.context_length
     x = torch.randint(0, V, (rows, T + 1), generator=gen).to(device)
@@ -84,6 +119,7 @@ def dry_run(cfg: Config) -> str:
     tc, m = cfg.train, cfg.model
     device = resolve_device(tc.device)
     dtype = resolve_dtype(tc.dtype, device)
+    check_memory(cfg, device, dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tc.seed)
         model = build_model(m).to(device)

@@ -162,6 +162,10 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
     seed_everything(tc.seed)
     device = dist.rank_device(tc.device, world)
     dtype = resolve_dtype(tc.dtype, device)
+    from scratchlm.train.dryrun import check_memory  # (dryrun imports this module)
+
+    sharded = world.size if tc.parallel in ("fsdp", "zero1") else 1
+    check_memory(cfg, device, dtype, sharded)  # a far too large model: one line, not an allocator traceback
     model = build_model(cfg.model).to(device)  # the same initial weights on every rank (same seed)
     if world.size > 1:
         torch.manual_seed(tc.seed + world.rank)  # but independent dropout noise per rank
