@@ -476,11 +476,17 @@ def _logprobs(entries: list, tokenizer, chat: bool) -> dict[str, Any]:
     return {
         "tokens": [piece(t).decode("utf-8", "replace") for t, _, _ in entries],
         "token_logprobs": [lp for _, lp, _ in entries],
-        "top_logprobs": [
-            {piece(a).decode("utf-8", "replace"): alp for a, alp in top} for _, _, top in entries
-        ],
+        "top_logprobs": [_by_text(top, piece) for _, _, top in entries],
         "text_offset": offsets,
     }
+
+
+def _by_text(top: list[tuple[int, float]], piece) -> dict[str, float]:
+    """{token text: log p} of the alternatives, most likely first; tokens of equal text keep the best."""
+    out: dict[str, float] = {}
+    for t, lp in top:
+        out.setdefault(piece(t).decode("utf-8", "replace"), lp)
+    return out
 
 
 def models_list(model_name: str, created: int) -> dict[str, Any]:
