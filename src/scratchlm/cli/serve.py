@@ -99,7 +99,9 @@ def run_serve(args: argparse.Namespace) -> int:
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     if not 0 < args.request_deadline < float("inf"):
-        raise ConfigError(f"--request-deadline must be a positive number of seconds, got {args.request_deadline}")
+        raise ConfigError(
+            f"--request-deadline must be a positive number of seconds, got {args.request_deadline}"
+        )
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     lm = load(args.run_dir, which=args.which, device=args.device)
     try:
