@@ -7,7 +7,7 @@ Endpoints (served by :mod:`scratchlm.inference.server`; docs/serving.md has exam
   such lists), ``max_tokens`` (default 16, as OpenAI), ``temperature``, ``top_p``, ``n``, ``stream``,
   ``stream_options.include_usage``, ``stop``, ``seed``, ``logprobs`` (0..20 most likely tokens),
   ``echo``, ``frequency_penalty``, ``presence_penalty``, ``user`` (ignored) and, as vLLM, the extensions
-  ``top_k``, ``min_p``, ``repetition_penalty``.
+  ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos`` (do not stop at the end-of-text token).
 - ``POST /v1/chat/completions``: ``messages`` (``role`` system | user | assistant, ``content`` a string or a
   list of ``{"type": "text", "text": ...}`` parts) rendered to a prompt by :func:`render_chat`;
   ``max_tokens`` / ``max_completion_tokens`` (default: what is left of the context window), ``logprobs``
@@ -50,7 +50,7 @@ _SAMPLING = {  # OpenAI field -> (SamplingParams field, JSON type)
     "min_p": ("min_p", "number"),  # vLLM extension
     "repetition_penalty": ("repetition_penalty", "number"),  # vLLM extension
 }
-_COMMON = {"model", "n", "stream", "stream_options", "stop", "max_tokens", "user", *_SAMPLING}
+_COMMON = {"model", "n", "stream", "stream_options", "stop", "max_tokens", "user", "ignore_eos", *_SAMPLING}
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "best_of"}
 CHAT_FIELDS = _COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"}
 
@@ -203,6 +203,11 @@ def parse_request(body: bytes, *, chat: bool, model_name: str, max_batch: int) -
         raise OpenAIError(
             400, f"log-probabilities: at most {MAX_LOGPROBS} alternatives, got {logprobs}", "logprobs"
         )
+    ignore_eos = data.get("ignore_eos", False) or False
+    if not isinstance(ignore_eos, bool):
+        raise OpenAIError(400, "'ignore_eos' must be true or false", "ignore_eos")
+    if ignore_eos:
+        sampling["stop_token_ids"] = []
     echo = data.get("echo", False) or False
     if not isinstance(echo, bool):
         raise OpenAIError(400, "'echo' must be true or false", "echo")
