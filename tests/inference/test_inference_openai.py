@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -370,6 +372,11 @@ def test_slow_client_is_cut_off_at_the_request_deadline(lm):
 def test_connection_cap_answers_503_and_backlog_fits(lm):
     srv = start(lm, max_connections=4)
     assert srv.request_queue_size >= srv.max_connections
+    if shutil.which("ss"):  # the kernel's backlog of the listening socket (ss: Send-Q of a LISTEN socket)
+        port = srv.server_address[1]
+        out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, timeout=5)
+        somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+        assert int(out.stdout.split()[2]) == min(srv.request_queue_size, somaxconn) > 5  # Python's default: 5
     idle = [socket.create_connection(srv.server_address[:2], timeout=5) for _ in range(4)]
     try:
         deadline = time.monotonic() + 5

@@ -168,13 +168,14 @@ class _Pending:
 
 @dataclass
 class BatcherStats:
-    """Counters since start: requests and rows served, steps, the widest step, rows cancelled."""
+    """Counters since start: requests and rows served, steps, the widest step, rows cancelled, compactions."""
 
     requests: int = 0
     rows: int = 0
     steps: int = 0
     max_rows_in_step: int = 0
     cancelled_rows: int = 0
+    compactions: int = 0
 
 
 class Batcher:
@@ -492,6 +493,7 @@ class Batcher:
         cache.k = [torch.nn.functional.pad(k[:, :, drop:], (0, 0, 0, drop)) for k in cache.k]
         cache.v = [torch.nn.functional.pad(v[:, :, drop:], (0, 0, 0, drop)) for v in cache.v]
         cache.length -= drop
+        self.stats.compactions += 1
         self._mask = torch.nn.functional.pad(self._mask[:, drop:], (0, drop), value=False)
 
 
