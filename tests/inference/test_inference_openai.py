@@ -400,22 +400,25 @@ def test_connection_cap_answers_503_and_backlog_fits(lm):
         stop(srv)
 
 
-def test_full_queue_answers_503(lm):
+def test_full_queue_answers_503(lm, monkeypatch):
     srv = start(lm, max_batch=1, max_queue=1)
-    conns = []
+    gate, step = threading.Event(), srv.batcher._step
+
+    def held_step():  # the scheduler waits at the gate: requests stay queued
+        gate.wait(TIMEOUT)
+        step()
+
+    monkeypatch.setattr(srv.batcher, "_step", held_step)
+    result: dict = {}
+
+    def first() -> None:
+        result["text"] = (
+            client_for(srv).completions.create(model="tiny", prompt="hello", max_tokens=4).choices[0].text
+        )
+
+    waiting = threading.Thread(target=first)
     try:
-
-        def send(stream: bool):
-            conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=TIMEOUT)
-            body = {"model": "tiny", "prompt": "hello", "max_tokens": 60, "stream": stream, "extra": 1}
-            body.pop("extra")
-            conn.request("POST", "/v1/completions", json.dumps(body))
-            conns.append(conn)
-            return conn
-
-        first = send(True).getresponse()  # holds the only row while we do not read it all
-        assert first.status == 200 and first.readline().startswith(b"data: ")
-        send(False)  # waits in the queue
+        waiting.start()
         deadline = time.monotonic() + 5
         while srv.batcher.queued < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -424,9 +427,12 @@ def test_full_queue_answers_503(lm):
         assert (
             info.value.status_code == 503 and "retry later" in info.value.response.json()["error"]["message"]
         )
+        assert info.value.response.headers["Retry-After"] == "1"
+        gate.set()
+        waiting.join(TIMEOUT)
+        assert "text" in result  # the queued request is served once the scheduler moves
     finally:
-        for c in conns:
-            c.close()
+        gate.set()
         stop(srv)
 
 

@@ -437,12 +437,35 @@ def test_cli_serve_passes_the_limits(tmp_path, lm, monkeypatch, capsys):
     seen: dict = {}
 
     def record(self, poll_interval=0.5):
-        seen.update(limit=self.max_new_tokens_limit, batch=self.max_batch)
+        seen.update(
+            limit=self.max_new_tokens_limit,
+            batch=self.max_batch,
+            queue=self.batcher.max_queue,
+            connections=self.max_connections,
+            deadline=self.watchdog.deadline_s,
+            key=self.api_key,
+        )
 
     monkeypatch.setattr(GenerationServer, "serve_forever", record)
+    monkeypatch.delenv("SCRATCHLM_API_KEY", raising=False)
     args = ["serve", str(run), "--port", "0", "--device", "cpu", "--which", "latest"]
-    assert main([*args, "--max-new-tokens-limit", "32", "--max-batch", "4"]) == 0
-    assert seen == {"limit": 32, "batch": 4}
-    assert main(args) == 0  # the CLI's defaults are the server's
-    assert seen == {"limit": server_module.MAX_NEW_TOKENS_LIMIT, "batch": server_module.MAX_BATCH}
-    assert seen == {"limit": 1024, "batch": 64}
+    assert main([*args, "--max-new-tokens-limit", "32", "--max-batch", "4", "--max-queue", "3"]) == 0
+    assert (seen["limit"], seen["batch"], seen["queue"]) == (32, 4, 3)
+    assert main([*args, "--max-connections", "9", "--request-deadline", "2.5", "--api-key", "k"]) == 0
+    assert (seen["connections"], seen["deadline"], seen["key"]) == (9, 2.5, "k")
+    monkeypatch.setenv("SCRATCHLM_API_KEY", "from-env")
+    assert main(args) == 0  # the CLI's defaults are the server's; the key comes from the environment
+    assert seen == {
+        "limit": server_module.MAX_NEW_TOKENS_LIMIT,
+        "batch": server_module.MAX_BATCH,
+        "queue": server_module.MAX_QUEUE,
+        "connections": server_module.MAX_CONNECTIONS,
+        "deadline": server_module.REQUEST_DEADLINE_S,
+        "key": "from-env",
+    }
+    assert (seen["limit"], seen["batch"], seen["queue"], seen["connections"]) == (1024, 64, 256, 512)
+    capsys.readouterr()
+    for bad in (["--max-queue", "0"], ["--max-connections", "0"], ["--request-deadline", "0"]):
+        assert main([*args, *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {bad[0]} must be") and err.count("\n") == 1

@@ -355,40 +355,17 @@ def _answer(req: OpenAIRequest, ticket, ids, tokenizer, model_name: str, emit, g
     new_tokens = [0] * n_rows
     started = [False] * n_rows  # chat: leading whitespace of the reply is dropped ("Assistant: ...")
     prompt_text = [p if isinstance(p, str) else tokenizer.decode(p) for p in req.prompts]
-    if emit is not None and req.chat:
+
+    def chunk(i: int, reason: str | None = None, logprobs=None, **content) -> None:
+        choice = {"index": i, **content, "logprobs": logprobs, "finish_reason": reason}
+        emit(json.dumps({**head, "choices": [choice]}))
+
+    if emit is not None:  # the openers: the assistant's role (chat), the echoed prompt (completions)
         for i in range(n_rows):
-            emit(
-                json.dumps(
-                    {
-                        **head,
-                        "choices": [
-                            {
-                                "index": i,
-                                "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None,
-                                "finish_reason": None,
-                            }
-                        ],
-                    }
-                )
-            )
-    if emit is not None and req.echo:
-        for i in range(n_rows):
-            emit(
-                json.dumps(
-                    {
-                        **head,
-                        "choices": [
-                            {
-                                "index": i,
-                                "text": prompt_text[i // req.n],
-                                "logprobs": None,
-                                "finish_reason": None,
-                            }
-                        ],
-                    }
-                )
-            )
+            if req.chat:
+                chunk(i, delta={"role": "assistant", "content": ""})
+            elif req.echo:
+                chunk(i, text=prompt_text[i // req.n])
     for event in ticket.events(gone=gone):
         if isinstance(event, ErrorEvent):
             if event.client_error:
@@ -409,12 +386,9 @@ def _answer(req: OpenAIRequest, ticket, ids, tokenizer, model_name: str, emit, g
             reasons[i], new_tokens[i] = event.finish_reason, event.new_tokens
         if emit is not None and (delta or entry is not None or isinstance(event, FinishEvent)):
             reason = event.finish_reason if isinstance(event, FinishEvent) else None
-            lp = (
-                _logprobs([entry] if entry else [], tokenizer, req.chat) if req.logprobs is not None else None
-            )
-            choice = {"index": i, "logprobs": lp, "finish_reason": reason}
-            choice.update({"delta": {"content": delta} if delta else {}} if req.chat else {"text": delta})
-            emit(json.dumps({**head, "choices": [choice]}))
+            lp = None if req.logprobs is None else _logprobs([entry] if entry else [], tokenizer, req.chat)
+            content = {"delta": {"content": delta} if delta else {}} if req.chat else {"text": delta}
+            chunk(i, reason, lp, **content)
     if ticket.cancelled.is_set():
         return None
     usage = {

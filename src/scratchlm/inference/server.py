@@ -620,15 +620,13 @@ class _Handler(BaseHTTPRequestHandler):
             with self.server.lock:
                 deltas = self.server.engine.stream(req.prompts[0], **req.options)
                 try:
-                    first = next(
-                        deltas, None
-                    )  # errors before any output (prompt too long...) are still a 400
-                    self._stream(
-                        lambda emit: [
+                    first = next(deltas, None)  # errors before any output (prompt too long) are still 400s
+
+                    def relay_engine(emit) -> None:
+                        for d in itertools.chain([first] if first else [], deltas):
                             emit(json.dumps({"delta": d}))
-                            for d in itertools.chain([first] if first else [], deltas)
-                        ]
-                    )
+
+                    self._stream(relay_engine)
                 finally:
                     deltas.close()  # stops generating when the client went away
             return
