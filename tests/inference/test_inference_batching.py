@@ -164,3 +164,29 @@ def test_a_failing_step_fails_its_requests_and_the_batcher_goes_on(tok, monkeypa
         assert finished(batcher.submit([[1, 2]], SamplingParams(max_new_tokens=3, temperature=0)))
     finally:
         batcher.close()
+
+
+def test_non_finite_logits_fail_only_their_request(tok, monkeypatch):
+    model = make(tok, "rope")
+    batcher = Batcher(model, tok, max_batch=4)
+    forward = model.forward
+
+    def poisoned(idx, *args, **kwargs):  # NaN logits for every row whose last input token is 7
+        logits, loss = forward(idx, *args, **kwargs)
+        logits = logits.clone()
+        logits[idx[:, -1] == 7] = float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(model, "forward", poisoned)
+    try:
+        params = SamplingParams(max_new_tokens=5, temperature=0, stop_token_ids=[])
+        bad, good = batcher.submit([[1, 7]], params), batcher.submit([[1, 2]], params)
+        events = list(bad.events(timeout=TIMEOUT))
+        assert (
+            isinstance(events[-1], ErrorEvent)
+            and events[-1].client_error
+            and "not finite" in events[-1].message
+        )
+        assert finished(good)[0].new_tokens == 5
+    finally:
+        batcher.close()

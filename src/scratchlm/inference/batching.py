@@ -311,7 +311,14 @@ class Batcher:
             return
         self.stats.steps += 1
         self.stats.max_rows_in_step = max(self.stats.max_rows_in_step, len(self._rows))
-        tokens = [self._sample_row(b, r) for b, r in enumerate(self._rows)]
+        tokens = []
+        for b, r in enumerate(self._rows):
+            try:
+                tokens.append(self._sample_row(b, r))
+            except GenerationError as e:  # this row's logits are not finite: fail its request only
+                r.ticket._put(ErrorEvent(str(e).splitlines()[0], client_error=True))
+                r.ticket.cancel()
+                tokens.append(0)
         keep = self._retire(cancelled_only=False)
         if not self._rows:
             return
