@@ -4,6 +4,7 @@ compacts when it fills, n rows per prompt, cancellation frees rows, and the limi
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -189,4 +190,33 @@ def test_non_finite_logits_fail_only_their_request(tok, monkeypatch):
         )
         assert finished(good)[0].new_tokens == 5
     finally:
+        batcher.close()
+
+
+def test_requests_admitted_together_share_one_padded_prefill(tok, monkeypatch):
+    model = make(tok, "learned")
+    engine, batcher = Engine(model, tok), Batcher(model, tok, max_batch=8)
+    gate, step = threading.Event(), batcher._step
+
+    def held_step():
+        gate.wait(TIMEOUT)
+        step()
+
+    monkeypatch.setattr(batcher, "_step", held_step)
+    try:
+        opts = dict(max_new_tokens=20, temperature=0, stop_token_ids=[])
+        prompts = ["a", "the quick brown fox", "def main():", "naïve café"]
+        tickets = [batcher.submit([tok.encode(p)], SamplingParams(**opts)) for p in prompts]
+        seeded = SamplingParams(max_new_tokens=10, temperature=0.9, seed=11)
+        pair = batcher.submit([tok.encode("hello")], seeded, n=2)
+        gate.set()
+        for p, t in zip(prompts, tickets):
+            assert finished(t)[0].text == engine.generate(p, **opts)[0].text
+        assert [r.text for r in finished(pair)] == [
+            engine.generate("hello", max_new_tokens=10, temperature=0.9, seed=11 + i)[0].text
+            for i in range(2)
+        ]
+        assert batcher.stats.max_rows_in_step == 6  # all six rows from the first step on
+    finally:
+        gate.set()
         batcher.close()

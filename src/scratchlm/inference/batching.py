@@ -10,15 +10,16 @@ per step either way), so clients that arrive together should share steps. The se
 to :meth:`Batcher.submit`; a single scheduler thread owns the model and runs this loop (vLLM and TGI's
 "continuous batching", Yu et al. 2022, *Orca*):
 
-1. **Admit.** While the batch has room (``max_batch`` rows), take the oldest waiting request and prefill
-   its prompt alone (one forward of (1, L) into a fresh cache; its ``n`` rows share it). Its keys and
-   values are then copied into the shared batch cache, right-aligned with the other rows:
+1. **Admit.** While the batch has room (``max_batch`` rows), waiting requests are taken oldest first and
+   their prompts prefilled together, as one left-padded batch into a fresh cache (the ``n`` rows of a
+   prompt share its prefill). Their keys and values are then copied into the shared batch cache,
+   right-aligned with the other rows:
 
        batch cache k[layer]: (B, Hkv, max_len, D); row b holds its window in slots [length - w_b, length)
        key mask (B, max_len) bool: True on each row's real slots (left padding False)
        positions (B,) long: w_b, the position of the row's next token
 
-   When the new prompt is longer than the batch's filled length, the old rows are shifted right first.
+   When a new prompt is longer than the batch's filled length, the old rows are shifted right first.
 2. **Sample.** Each row draws its next token from its own logits with its own :class:`SamplingParams`
    and ``torch.Generator`` (seeded per request, so a seeded request gives the same text whoever shares its
    steps), updates its text (incremental UTF-8), checks stop ids, stop strings and ``max_new_tokens``, and
@@ -325,65 +326,90 @@ class Batcher:
         self._decode(torch.tensor([tokens[b] for b in keep], dtype=torch.long, device=self.device)[:, None])
 
     def _admit(self) -> None:
-        while True:
-            with self._cond:
-                if not self._waiting:
-                    return
+        """Move waiting requests into the batch while their rows fit (oldest first)."""
+        admitted: list[_Pending] = []
+        room = self.max_batch - len(self._rows)
+        with self._cond:
+            while self._waiting:
                 pending = self._waiting[0]
                 if pending.ticket.cancelled.is_set():
                     self._waiting.popleft()
                     self.stats.cancelled_rows += pending.ticket.n_rows
                     continue
-                if len(self._rows) + pending.ticket.n_rows > self.max_batch:
-                    return
-                self._waiting.popleft()
+                if pending.ticket.n_rows > room:
+                    break
+                room -= pending.ticket.n_rows
+                admitted.append(self._waiting.popleft())
+        if not admitted:
+            return
+        groups = []  # (request, prompt ids, its row indices): the n rows of one prompt share a prefill
+        for pending in admitted:
             self.stats.requests += 1
             self.stats.rows += pending.ticket.n_rows
             start = 0
-            while start < len(pending.prompts):  # rows of the same prompt share one prefill
-                ids = pending.prompts[start]
+            while start < len(pending.prompts):
                 end = start + 1
-                while end < len(pending.prompts) and pending.prompts[end] is ids:
+                while end < len(pending.prompts) and pending.prompts[end] is pending.prompts[start]:
                     end += 1
-                self._add_rows(pending, ids, range(start, end))
+                groups.append((pending, pending.prompts[start], range(start, end)))
                 start = end
+        self._add_rows(groups)
 
-    def _add_rows(self, pending: _Pending, ids: list[int], indices: range) -> None:
-        """Prefill ``ids`` alone and append one batch row per index in ``indices`` (module docstring, 1)."""
-        L, n = len(ids), len(indices)
-        single = self.model.make_cache(1, max_len=L)
-        logits, _ = self.model(torch.tensor([ids], dtype=torch.long, device=self.device), cache=single)
-        logits = logits[:, -1].float().expand(n, -1)  # (n, V)
-        B, ctx = len(self._rows), self.context_length
-        if B == 0:
-            cache = self.model.make_cache(n, max_len=ctx)
-            for k, v, k1, v1 in zip(cache.k, cache.v, single.k, single.v):
-                k[:, :, :L] = k1
-                v[:, :, :L] = v1
-            cache.length = L
-            self._cache, self._logits = cache, logits.clone()
-            self._mask = torch.zeros(n, ctx, dtype=torch.bool, device=self.device)
-            self._mask[:, :L] = True
+    @torch.inference_mode()
+    def _prefill(self, seqs: list[list[int]]):
+        """One left-padded forward of ``seqs``: (cache, last logits (G, V) float32, key mask (G, L) bool)."""
+        G, L = len(seqs), max(len(q) for q in seqs)
+        idx = torch.zeros(G, L, dtype=torch.long)
+        mask = torch.zeros(G, L, dtype=torch.bool)
+        for g, q in enumerate(seqs):
+            idx[g, L - len(q) :] = torch.tensor(q, dtype=torch.long)
+            mask[g, L - len(q) :] = True
+        idx, mask = idx.to(self.device), mask.to(self.device)
+        cache = self.model.make_cache(G, max_len=L)
+        if bool(mask.all()):
+            logits, _ = self.model(idx, cache=cache)
         else:
-            cache, length = self._cache, self._cache.length
-            new_len = max(length, L)
-            shift = new_len - length  # old rows move right when the new prompt is longer
-            k_all, v_all = [], []
-            for k, v, k1, v1 in zip(cache.k, cache.v, single.k, single.v):
-                k_new = torch.zeros((B + n, *k.shape[1:]), dtype=k.dtype, device=k.device)
-                v_new = torch.zeros_like(k_new)
-                k_new[:B, :, shift : shift + length] = k[:, :, :length]
-                v_new[:B, :, shift : shift + length] = v[:, :, :length]
-                k_new[B:, :, new_len - L : new_len] = k1
-                v_new[B:, :, new_len - L : new_len] = v1
-                k_all.append(k_new)
-                v_all.append(v_new)
-            cache.k, cache.v, cache.length = k_all, v_all, new_len
-            mask = torch.zeros(B + n, ctx, dtype=torch.bool, device=self.device)
-            mask[:B, shift : shift + length] = self._mask[:, :length]
-            mask[B:, new_len - L : new_len] = True
-            self._mask = mask
-            self._logits = torch.cat([self._logits, logits])
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (G, L): first real token at 0
+            logits, _ = self.model(idx, cache=cache, positions=positions, attention_mask=mask)
+        return cache, logits[:, -1].float(), mask
+
+    def _add_rows(self, groups: list[tuple[_Pending, list[int], range]]) -> None:
+        """Prefill every group's prompt together and append one batch row per row index (docstring, 1)."""
+        fresh, logits, fresh_mask = self._prefill([ids for _, ids, _ in groups])
+        expand = torch.tensor(
+            [g for g, (_, _, rows) in enumerate(groups) for _ in rows], dtype=torch.long, device=self.device
+        )
+        n, L = len(expand), fresh_mask.shape[1]
+        B, ctx = len(self._rows), self.context_length
+        length = self._cache.length if B else 0
+        new_len = max(length, L)
+        shift = new_len - length  # old rows move right when a new prompt is longer
+
+        def merge(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+            """(B, ..., ctx, ...) old rows shifted right + (n, ..., L, ...) new rows, right-aligned at new_len."""
+            out = torch.zeros(
+                (B + n, *new.shape[1:-2], ctx, *new.shape[-1:]), dtype=new.dtype, device=new.device
+            )
+            if B:
+                out[:B, ..., shift : shift + length, :] = old[..., :length, :]
+            out[B:, ..., new_len - L : new_len, :] = new.index_select(0, expand)
+            return out
+
+        if not B:  # an empty (0-row) cache whose tensors the merge replaces
+            self._cache, self._mask = self.model.make_cache(0, max_len=ctx), None
+        cache = self._cache
+        cache.k = [merge(old, new) for old, new in zip(cache.k, fresh.k)]
+        cache.v = [merge(old, new) for old, new in zip(cache.v, fresh.v)]
+        cache.length = new_len
+        self._mask = merge(self._mask[..., None] if B else None, fresh_mask[..., None])[..., 0]
+        logits = logits.index_select(0, expand)
+        self._logits = torch.cat([self._logits, logits]) if B else logits
+        for pending, ids, indices in groups:
+            self._new_rows(pending, ids, indices)
+
+    def _new_rows(self, pending: _Pending, ids: list[int], indices: range) -> None:
+        """The decoding state of the rows ``indices`` of ``pending`` (prompt ``ids``)."""
+        L = len(ids)
         for i in indices:
             params = pending.params[i]
             counts = None
