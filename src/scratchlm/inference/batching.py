@@ -39,6 +39,7 @@ token and the ``top_logprobs`` most likely ones are reported when a request asks
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import queue
 import threading
 import time
@@ -144,7 +145,6 @@ class _Row:
     ticket: Ticket
     index: int  # row number within its request
     params: SamplingParams
-    prompt_len: int
     top_logprobs: int | None  # None: no log-probabilities
     generator: torch.Generator | None
     processors: list
@@ -251,7 +251,7 @@ class Batcher:
         per_row = []
         for i in range(rows):
             seed = None if params.seed is None else (params.seed + i) % SEED_LIMIT
-            per_row.append(SamplingParams(**{**_fields(params), "seed": seed}))
+            per_row.append(dataclasses.replace(params, seed=seed))
         ticket = Ticket(rows, [len(p) for p in prompts])
         with self._cond:
             if self._closed:
@@ -424,7 +424,6 @@ class Batcher:
                     ticket=pending.ticket,
                     index=i,
                     params=params,
-                    prompt_len=L,
                     top_logprobs=pending.top_logprobs,
                     generator=None if params.greedy else make_generator(params.seed, self.device),
                     processors=build_processors(params),
@@ -528,7 +527,3 @@ class Batcher:
         cache.length -= drop
         self.stats.compactions += 1
         self._mask = torch.nn.functional.pad(self._mask[:, drop:], (0, drop), value=False)
-
-
-def _fields(params: SamplingParams) -> dict:
-    return {f: getattr(params, f) for f in params.__dataclass_fields__}
