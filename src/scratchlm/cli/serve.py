@@ -126,6 +126,7 @@ def run_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(f"serving {lm.checkpoint} on {server.url} (Ctrl-C to stop)", flush=True)
+    print(f"OpenAI API: base_url={server.url}/v1, model={server.model_name!r}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

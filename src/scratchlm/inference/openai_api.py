@@ -69,7 +69,7 @@ class OpenAIError(Exception):
         return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
 
 
-def render_chat(messages: list[dict[str, str]]) -> tuple[str, list[str]]:
+def render_chat(messages: list[dict[str, str]], tokenizer=None) -> tuple[str, list[str]]:
     """Messages -> (prompt, stop strings), with the plain transcript of :mod:`scratchlm.inference.chat`.
 
     This is the fallback template for base models (no chat markup)::
@@ -79,8 +79,9 @@ def render_chat(messages: list[dict[str, str]]) -> tuple[str, list[str]]:
         Assistant: <content>\\n
         Assistant:
 
-    The reply ends at ``"\\nUser:"`` (the model starting the next user turn). When a tokenizer carries its
-    own chat template (the fine-tuning stage), that template replaces this function.
+    The reply ends at ``"\\nUser:"`` (the model starting the next user turn). This is the fallback: when
+    the tokenizer carries its own chat template (the fine-tuning stage), that template renders instead;
+    ``tokenizer`` is the served one, passed for that purpose.
     """
     system = "".join(f"{m['content']}\n" for m in messages if m["role"] == "system")
     turns = "".join(
@@ -107,7 +108,9 @@ class OpenAIRequest:
     echo: bool
 
 
-def parse_request(body: bytes, *, chat: bool, model_name: str, max_batch: int) -> OpenAIRequest:
+def parse_request(
+    body: bytes, *, chat: bool, model_name: str, max_batch: int, tokenizer=None
+) -> OpenAIRequest:
     """Check a ``/v1/completions`` (``chat=False``) or ``/v1/chat/completions`` body; raise :class:`OpenAIError`."""
     try:
         data = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
@@ -139,7 +142,7 @@ def parse_request(body: bytes, *, chat: bool, model_name: str, max_batch: int) -
         )
 
     if chat:
-        prompt, template_stop = render_chat(_parse_messages(data.get("messages")))
+        prompt, template_stop = render_chat(_parse_messages(data.get("messages")), tokenizer)
         prompts: list = [prompt]
     else:
         prompts, template_stop = _parse_prompt(data.get("prompt")), []

@@ -588,7 +588,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _openai(self, body: bytes, chat: bool) -> None:
         srv = self.server
-        req = parse_request(body, chat=chat, model_name=srv.model_name, max_batch=srv.max_batch)
+        req = parse_request(
+            body, chat=chat, model_name=srv.model_name, max_batch=srv.max_batch, tokenizer=srv.lm.tokenizer
+        )
         run = functools.partial(
             run_request,
             req,
