@@ -5,8 +5,9 @@
 
 Model: the ``cpu-small`` preset (4 layers, 192 wide, Llama style, context 128) with random weights and a
 BPE vocabulary of 4096 trained on Tiny Shakespeare (the first 300 kB; the built-in corpus when absent).
-The server (``scratchlm.inference.server.GenerationServer``, continuous batching) runs in this process on
-127.0.0.1 with a free port; the clients are the ``openai`` package's ``OpenAI`` clients, one per thread.
+The model is saved as a run directory and served by ``scratchlm serve RUN --port 0 --max-batch 16`` in its
+own process (``--threads`` torch threads), on 127.0.0.1; the clients are the ``openai`` package's ``OpenAI``
+clients, one per thread, in this process.
 
 Each of the 16 requests is ``/v1/completions`` with a different prompt, ``max_tokens`` new tokens
 (``ignore_eos``: no early stop), temperature 0. Sequential: one after another from one client. Concurrent:
@@ -24,25 +25,30 @@ import argparse
 import json
 import os
 import platform
+import re
+import signal
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import torch
 
-from scratchlm.api import LoadedModel
-from scratchlm.config import load_config
-from scratchlm.inference.server import GenerationServer
+from scratchlm.config import load_config, save_config
 from scratchlm.model import build_model
 from scratchlm.tokenizer import train_bpe_from_iterator
+from scratchlm.train.checkpoint import save_checkpoint
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 CLIENTS = 16
 
 
-def machine() -> dict:
+def machine(threads: int) -> dict:
     cpu = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -56,7 +62,7 @@ def machine() -> dict:
         cpu=cpu,
         cores=os.cpu_count(),
         torch=torch.__version__,
-        threads=torch.get_num_threads(),
+        server_threads=threads,
         python=platform.python_version(),
     )
 
@@ -67,6 +73,26 @@ def corpus() -> str:
     from scratchlm.corpus import builtin_corpus
 
     return "\n".join(d for _, d in zip(range(100), builtin_corpus(0.1).train.documents()))
+
+
+def start_server(run: Path, device: str, threads: int) -> tuple[subprocess.Popen, str]:
+    """``scratchlm serve RUN`` in its own process (as a user runs it), on a free port: (process, URL)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "scratchlm", "serve", str(run), "--port", "0", "--which", "latest"]
+    cmd += ["--device", device, "--max-batch", str(CLIENTS)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        found = re.search(r" on (http://127\.0\.0\.1:\d+) ", line)
+        if found:
+            return proc, found.group(1)
+    proc.kill()
+    raise SystemExit("scratchlm serve did not start")
 
 
 def listen_overflows() -> int | None:
@@ -90,7 +116,7 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (default 64)")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    ap.add_argument("--threads", type=int, default=1, help="the server's torch threads (default 1)")
     ap.add_argument("--quick", action="store_true", help="16 new tokens per request")
     ap.add_argument("--device", default="cpu", help="cpu (default) | cuda")
     ap.add_argument(
@@ -99,21 +125,23 @@ def main() -> None:
     args = ap.parse_args()
     import openai
 
-    torch.set_num_threads(args.threads)
     max_tokens = 16 if args.quick else args.max_tokens
     text = corpus()
     cfg = load_config(preset="cpu-small")
     tok = train_bpe_from_iterator([text], vocab_size=cfg.tokenizer.vocab_size, progress=False)
     cfg.model.vocab_size = tok.vocab_size
     torch.manual_seed(0)
-    model = build_model(cfg.model).eval().to(args.device)
-    lm = LoadedModel(model, tok, cfg, Path("cpu-small/random"), Path("cpu-small"))
+    model = build_model(cfg.model).eval()
     lines = [ln.strip() for ln in text.splitlines() if len(ln.strip()) > 20]
     prompts = [lines[i * 7] for i in range(CLIENTS)]
 
-    srv = GenerationServer(lm, host="127.0.0.1", port=0, max_batch=CLIENTS)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+    tmp = tempfile.TemporaryDirectory()
+    run = Path(tmp.name) / "cpu-small"
+    run.mkdir()
+    save_config(cfg, run / "config.yaml")
+    tok.save(run / "tokenizer.json")
+    save_checkpoint(run, 1, model, {}, {"step": 1}, keep_last=1)
+    server, url = start_server(run, args.device, args.threads)
     body = dict(model="cpu-small", max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True})
 
     def one(client, prompt: str) -> tuple[str, int, float]:
@@ -128,7 +156,7 @@ def main() -> None:
 
     def concurrent_round() -> tuple[list, float, int | None]:
         clients = [
-            openai.OpenAI(base_url=srv.url + "/v1", api_key="x", timeout=300, max_retries=0) for _ in prompts
+            openai.OpenAI(base_url=url + "/v1", api_key="x", timeout=300, max_retries=0) for _ in prompts
         ]
         results: dict[int, tuple[str, int, float]] = {}
         barrier = threading.Barrier(CLIENTS + 1, timeout=60)
@@ -151,14 +179,19 @@ def main() -> None:
 
     rounds = []  # (sequential rows, wall, concurrent rows, wall, overflows): alternated, same load drift
     try:
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", timeout=300, max_retries=0)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", timeout=300, max_retries=0)
         one(client, "warm up")
         for _ in range(args.rounds):
             rounds.append((*sequential_round(client), *concurrent_round()))
-        widest = srv.batcher.stats.max_rows_in_step
+        with urllib.request.urlopen(url + "/info", timeout=60) as r:
+            widest = json.load(r)["batching"]["max_rows_in_step"]
     finally:
-        srv.shutdown()
-        srv.server_close()
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        tmp.cleanup()
     for seq_rows, _, conc_rows, _, _ in rounds:
         if [r[0] for r in conc_rows] != [r[0] for r in seq_rows]:
             raise SystemExit("concurrent answers differ from sequential ones: not writing results")
@@ -182,7 +215,7 @@ def main() -> None:
     ratios = [r[1] / r[3] for r in rounds]  # same tokens: tokens/s ratio = wall-time ratio
     speedup = statistics.median(ratios)
     report = dict(
-        machine=machine(),
+        machine=machine(args.threads),
         model="cpu-small preset, random weights, vocab 4096",
         requests=CLIENTS,
         max_tokens=max_tokens,
@@ -205,7 +238,7 @@ def main() -> None:
         f"# Serving: {CLIENTS} concurrent OpenAI clients vs the same requests one after another",
         "",
         f"`python benchmarks/serving.py{' --quick' if args.quick else ''}` on {m['cpu']} ({m['cores']} cores, "
-        f"torch {m['torch']}, {m['threads']} thread(s), device {args.device}). Model: {report['model']}. Each request: "
+        f"torch {m['torch']}, {m['server_threads']} server thread(s), device {args.device}). Model: {report['model']}. Each request: "
         f"/v1/completions, {max_tokens} new tokens, temperature 0.",
         "",
         f"Median of {args.rounds} rounds, sequential and concurrent alternated (the machine's speed drifts).",

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -333,6 +334,11 @@ def test_sixteen_concurrent_clients_are_batched_and_all_served(lm):
         assert not errors and len(got) == 16
         assert [got[i] for i in range(16)] == [greedy(lm, p, max_new_tokens=24) for p in prompts]
         assert srv.batcher.stats.max_rows_in_step > 4  # requests shared decoder steps
+        with urllib.request.urlopen(srv.url + "/info", timeout=TIMEOUT) as r:
+            batching = json.load(r)["batching"]
+        assert (
+            batching["requests"] == 16 and batching["max_rows_in_step"] > 4 and batching["active_rows"] == 0
+        )
         assert client_for(srv).models.list().data[0].id == "tiny"  # alive afterwards
     finally:
         stop(srv)

@@ -43,6 +43,7 @@ The server binds to 127.0.0.1 by default. ``api_key`` (``scratchlm serve --api-k
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hmac
 import itertools
@@ -364,6 +365,11 @@ class GenerationServer(ThreadingHTTPServer):
                 k: v for k, v in vars(cfg).items() if isinstance(v, str | int | float | bool | type(None))
             },
             "limits": {"max_new_tokens": self.max_new_tokens_limit, "max_batch": self.max_batch},
+            "batching": {
+                **dataclasses.asdict(self.batcher.stats),
+                "queued": self.batcher.queued,
+                "active_rows": self.batcher.active_rows,
+            },
         }
 
     def parse(self, body: bytes) -> GenerateRequest:
