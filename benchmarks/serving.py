@@ -15,7 +15,8 @@ Each of the 16 requests is ``/v1/completions`` with a different prompt, ``max_to
 each request's time from send to full answer (p50, p95 over every request of every round). ``--rounds``
 rounds alternate sequential and concurrent, and the speedup is the median of the per-round ratios, so both
 sides see the same load. The concurrent texts are checked equal to the sequential ones before anything is
-written; the kernel's ListenOverflows counter is read around the concurrent rounds.
+written; the kernel's ListenOverflows counter is read around the concurrent rounds, and the server process's
+CPU seconds (psutil) around each mode: a load-independent measure of the same work.
 Goal (issue 16): concurrent >= 4x sequential on 2 cores.
 """
 
@@ -124,6 +125,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     import openai
+    import psutil
 
     max_tokens = 16 if args.quick else args.max_tokens
     text = corpus()
@@ -178,11 +180,23 @@ def main() -> None:
         return [results[i] for i in range(CLIENTS)], wall, None if before is None else after - before
 
     rounds = []  # (sequential rows, wall, concurrent rows, wall, overflows): alternated, same load drift
+    cpu_s: list[tuple[float, float]] = []  # server CPU seconds per round: (sequential, concurrent)
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", timeout=300, max_retries=0)
         one(client, "warm up")
+        proc = psutil.Process(server.pid)
+
+        def cpu() -> float:  # the server process's CPU seconds (all threads): what it cost, whatever the load
+            t = proc.cpu_times()
+            return t.user + t.system
+
         for _ in range(args.rounds):
-            rounds.append((*sequential_round(client), *concurrent_round()))
+            c0 = cpu()
+            seq_round = sequential_round(client)
+            c1 = cpu()
+            conc_round = concurrent_round()
+            cpu_s.append((c1 - c0, cpu() - c1))
+            rounds.append((*seq_round, *conc_round))
         with urllib.request.urlopen(url + "/info", timeout=60) as r:
             widest = json.load(r)["batching"]["max_rows_in_step"]
     finally:
@@ -214,6 +228,9 @@ def main() -> None:
     conc = summary([(r[2], r[3]) for r in rounds])
     ratios = [r[1] / r[3] for r in rounds]  # same tokens: tokens/s ratio = wall-time ratio
     speedup = statistics.median(ratios)
+    seq["server_cpu_s"] = round(statistics.median(c[0] for c in cpu_s), 3)
+    conc["server_cpu_s"] = round(statistics.median(c[1] for c in cpu_s), 3)
+    cpu_ratio = statistics.median(c[0] / c[1] for c in cpu_s)
     report = dict(
         machine=machine(args.threads),
         model="cpu-small preset, random weights, vocab 4096",
@@ -224,6 +241,9 @@ def main() -> None:
         rounds=args.rounds,
         speedup=round(speedup, 2),
         speedup_per_round=[round(x, 2) for x in ratios],
+        server_cpu_ratio=round(
+            cpu_ratio, 2
+        ),  # sequential / concurrent server CPU seconds for the same tokens
         widest_batch=widest,
         listen_overflows_during_concurrent=overflows,  # machine-wide counter: 0 = no connection was dropped
         device=args.device,
@@ -243,20 +263,25 @@ def main() -> None:
         "",
         f"Median of {args.rounds} rounds, sequential and concurrent alternated (the machine's speed drifts).",
         "",
-        "| mode | completion tokens | wall (s) | aggregate tokens/s | p50 latency (s) | p95 latency (s) |",
-        "|---|---|---|---|---|---|",
+        "| mode | completion tokens | wall (s) | aggregate tokens/s | p50 latency (s) | p95 latency (s) | server CPU (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in (("sequential", seq), (f"{CLIENTS} concurrent", conc)):
         md.append(
             f"| {name} | {r['tokens']} | {r['wall_s']} | {r['tokens_per_s']} | {r['p50_latency_s']} | "
-            f"{r['p95_latency_s']} |"
+            f"{r['p95_latency_s']} | {r['server_cpu_s']} |"
         )
     md += [
         "",
         f"Speedup of aggregate tokens/s: **{speedup:.2f}x** (median of the per-round ratios "
         f"{', '.join(f'{x:.2f}' for x in ratios)}; goal >= 4x: {'met' if speedup >= 4 else 'not met'}); "
         f"widest decoder step: {widest} rows. Concurrent answers equal the sequential ones. "
-        f"Kernel ListenOverflows during the concurrent round (machine-wide): {overflows}.",
+        f"Kernel ListenOverflows during the concurrent rounds (machine-wide): {overflows}.",
+        "",
+        f"Server CPU seconds for the same tokens, sequential / concurrent (median over rounds): "
+        f"**{cpu_ratio:.2f}x**. On a shared machine the wall-clock ratio swings with other processes' load; "
+        "the CPU time the server process spent does not, and on an otherwise idle machine the single-threaded "
+        "server's wall time follows it.",
         "",
     ]
     (RESULTS / f"{stem}.md").write_text("\n".join(md))
