@@ -138,6 +138,26 @@ def test_numpy_forward_over_the_gguf_tensors_equals_scratchlm(tmp_path, tok, sty
     assert np.abs(got - ref).max() < 1e-4
 
 
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_transformers_reads_the_gguf_file_as_scratchlm_computes(tmp_path, tok, style):
+    """An independent reader of GGUF: transformers' loader (it undoes llama.cpp's RoPE row order and splits
+    GPT-2's fused qkv itself) gives the same logits, and its GGUF tokenizer the same token ids."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # transformers needs it to load GGUF
+    model = make(tok, GPT2 if style == "gpt2" else LLAMA)
+    export_gguf(model, tok, tmp_path / "m.gguf", dtype="f32")
+    # transformers maps gguf's context_length to n_ctx only; GPT-2's position table needs n_positions
+    extra = {"n_positions": model.config.context_length} if style == "gpt2" else {}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", **extra).eval()
+    ids = tok.encode(IDS_TEXT)
+    with torch.no_grad():
+        ours, theirs = model(torch.tensor([ids]))[0], hf(torch.tensor([ids])).logits
+    assert (ours - theirs).abs().max() < 1e-4
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    text = IDS_TEXT + " naïve café ü<|endoftext|>"
+    assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text, allowed_special="all")
+
+
 def test_q8_0_and_f16_stay_close(tmp_path, tok):
     model = make(tok, LLAMA)
     ids = tok.encode(IDS_TEXT)
