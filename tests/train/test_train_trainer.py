@@ -155,11 +155,14 @@ def test_second_sigint_exits_at_once(tmp_path, data_dir, monkeypatch):
 
 def test_early_stopping_with_patience(tmp_path, data_dir, monkeypatch):
     losses = iter([3.0, 3.5, 3.6, 3.7, 3.8, 3.9])
-    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: next(losses))
+    monkeypatch.setattr(trainer, "evaluate_metrics", lambda *a, **k: {"val_loss": next(losses)})
     result, run_dir = train(
         tmp_path, data_dir, "eval.interval=2", "train.early_stopping_patience=2", "train.max_steps=50"
     )
     assert result["stopped_reason"] == "early_stopping" and result["step"] == 6
+    detail = "early stopping at step 6 after 2 evaluations without improvement (best val loss 3.0000)"
+    assert result["stop_detail"] == detail
+    assert read_metrics(run_dir)[-1] == {"kind": "stop", "step": 6, "reason": "early_stopping", "detail": detail}
     assert result["best_val_loss"] == 3.0
     assert read_state(find_checkpoint(run_dir, "best"))["step"] == 2
 
@@ -253,11 +256,12 @@ def test_plot_cli(tmp_path, data_dir):
     for p in (run_dir / "plots").iterdir():
         p.unlink()
     assert main(["plot", str(run_dir)]) == 0
-    assert len(list((run_dir / "plots").glob("*.png"))) == 3
+    names = {p.name for p in (run_dir / "plots").glob("*.png")}
+    assert names == {"loss.png", "perplexity.png", "lr.png", "throughput.png"}
     assert main(["plot", str(tmp_path / "missing")]) == 2
 
 
 def test_metrics_jsonl_is_json_lines(tmp_path, data_dir):
     _, run_dir = train(tmp_path, data_dir, "train.optimizer=muon")
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        assert json.loads(line)["kind"] in ("train", "eval")
+        assert json.loads(line)["kind"] in ("train", "eval", "stop")
