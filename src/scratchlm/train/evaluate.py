@@ -82,9 +82,7 @@ def evaluate_metrics(
     return out
 
 
-def eval_record(
-    step: int, val_loss: float, data_meta: dict[str, Any] | None, **extra: Any
-) -> dict[str, Any]:
+def eval_record(step: int, val_loss: float, data_meta: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
     """The metrics.jsonl record of one evaluation: loss, perplexity, bits per byte when bytes are known,
     and ``extra`` (accuracies, tokens, time)."""
     record: dict[str, Any] = {

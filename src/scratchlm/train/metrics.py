@@ -141,7 +141,9 @@ def format_eval(record: dict[str, Any]) -> str:
     if record.get("val_bpb") is not None:
         parts.append(f"bpb {record['val_bpb']:.3f}")
     if record.get("val_acc_top1") is not None:
-        parts.append(f"acc top-1 {100 * record['val_acc_top1']:.1f}% top-5 {100 * record['val_acc_top5']:.1f}%")
+        parts.append(
+            f"acc top-1 {100 * record['val_acc_top1']:.1f}% top-5 {100 * record['val_acc_top5']:.1f}%"
+        )
     for key, name in (("val_bleu", "BLEU"), ("val_chrf", "chrF")):
         if record.get(key) is not None:
             parts.append(f"{name} {record[key]:.2f}")
@@ -233,9 +235,16 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.legend()
 
     def perplexity(ax):
-        ax.plot([r["step"] for r in train], [math.exp(min(r["loss"], 50.0)) for r in train], label="train", lw=1)
+        ax.plot(
+            [r["step"] for r in train], [math.exp(min(r["loss"], 50.0)) for r in train], label="train", lw=1
+        )
         if evals:
-            ax.plot([r["step"] for r in evals], [math.exp(min(r["val_loss"], 50.0)) for r in evals], "o-", label="val")
+            ax.plot(
+                [r["step"] for r in evals],
+                [math.exp(min(r["val_loss"], 50.0)) for r in evals],
+                "o-",
+                label="val",
+            )
         ax.set_yscale("log")
         ax.set_ylabel("perplexity exp(loss) (log scale)")
         ax.legend()

@@ -48,7 +48,9 @@ def stop_record(step: int, reason: str, detail: str) -> dict[str, Any]:
     return {"kind": "stop", "step": step, "reason": reason, "detail": detail}
 
 
-def on_non_finite(loss: float, grad_norm: float, state: Any, max_skips: int, run_dir: Path, logger: Any) -> None:
+def on_non_finite(
+    loss: float, grad_norm: float, state: Any, max_skips: int, run_dir: Path, logger: Any
+) -> None:
     """Skip the step (bounded by train.max_nan_skips) or stop with a TrainingError."""
     what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
     if state.nan_skips < max_skips:

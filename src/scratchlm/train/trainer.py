@@ -355,7 +355,9 @@ def _evaluate(
     Each rank evaluates its share of the batches (the result is all-reduced, so identical everywhere);
     rank 0 writes the samples (under FSDP every rank generates them with it: each forward needs all).
     """
-    metrics = evaluate_metrics(model, make_val_loader, cfg.eval.batches, device, dtype, world.rank, world.size)
+    metrics = evaluate_metrics(
+        model, make_val_loader, cfg.eval.batches, device, dtype, world.rank, world.size
+    )
     state.val_loss = metrics.pop("val_loss")
     extra = dict(metrics, tokens=state.tokens, time=round(state.elapsed, 3))
     logger.log(eval_record(state.step, state.val_loss, data_meta, **extra))
