@@ -158,7 +158,7 @@ def test_second_sigint_exits_at_once(tmp_path, data_dir, monkeypatch):
     assert find_checkpoint(tmp_path / "run").name == "step_00000004"  # the earlier one, intact
 
 
-def test_early_stopping_with_patience(tmp_path, data_dir, monkeypatch):
+def test_early_stopping_with_patience(tmp_path, data_dir, monkeypatch, capsys):
     losses = iter([3.0, 3.5, 3.6, 3.7, 3.8, 3.9])
     monkeypatch.setattr(trainer, "evaluate_metrics", lambda *a, **k: {"val_loss": next(losses)})
     result, run_dir = train(
