@@ -216,6 +216,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     def figure(name: str, draw) -> None:
         fig, ax = plt.subplots(figsize=(7, 4))
         draw(ax)
+        ax.set_title(f"{run_dir.name}: {name.removesuffix('.png')}")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         fig.tight_layout()
