@@ -65,10 +65,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_sweep_cmd(args: argparse.Namespace) -> int:
-    from scratchlm.cli.train import split_args
+    from scratchlm.cli.train import MAIN_JOB_PRESET, split_args
     from scratchlm.experiments.sweep import file_grid, parse_vary, run_sweep
 
     config_path, overrides = split_args(args.args)
+    if config_path is None and not any(o.startswith("preset=") for o in overrides):
+        overrides = [f"preset={MAIN_JOB_PRESET}", *overrides]  # as `scratchlm train` with no config
     grid = file_grid(config_path)
     vary = {k: list(v) for k, v in (grid.get("vary") or {}).items()}
     vary.update(parse_vary(args.vary))

@@ -85,8 +85,11 @@ def file_grid(config_path: str | Path | None) -> dict[str, Any]:
         raise ConfigError(
             f"config file '{path}' not found (give a YAML file, e.g. configs/ablations/heads.yaml)"
         )
-    values = yaml.safe_load(path.read_text()) or {}
-    grid = values.get("sweep") or {} if isinstance(values, dict) else {}
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    grid = (values.get("sweep") or {}) if isinstance(values, dict) else {}
     if not isinstance(grid, dict) or set(grid) - {"vary", "seeds", "zip"}:
         raise ConfigError(f"{path}: sweep: must be a mapping with vary (key: [values]), seeds and zip")
     vary = grid.get("vary") or {}
