@@ -152,7 +152,7 @@ def test_sweep_table_mean_and_spread_over_seeds():
         for p, v in zip(points, losses)
     }
     row = sweep_table(points, summaries, ["model.pos"]).splitlines()[2]
-    assert row.startswith("| rope | 3 | 10 |")
+    assert row.startswith("| rope | 3 | 10 | 60 | 100 | 1 ± 0 |")  # size and tokens: no spread to show
     assert f"| {statistics.fmean(losses):.4f} ± {statistics.stdev(losses):.4f} |" in row  # 2.6667 ± 0.7638
 
 

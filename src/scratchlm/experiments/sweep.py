@@ -232,10 +232,11 @@ def aggregate(summaries: list[dict[str, Any]], key: str) -> tuple[float | None, 
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def _cell(summaries: list[dict[str, Any]], key: str, fmt: str) -> str:
+def _cell(summaries: list[dict[str, Any]], key: str, fmt: str, spread: bool = True) -> str:
+    """``mean ± std`` over the seeds (``spread=False``: the mean alone, for what seeds cannot change)."""
     mean, std = aggregate(summaries, key)
     text = format_value(mean, fmt)
-    return text if std is None else f"{text} ± {fmt.format(std)}"
+    return text if std is None or not spread else f"{text} ± {fmt.format(std)}"
 
 
 def sweep_table(points: list[Point], summaries: dict[str, dict[str, Any]], keys: list[str]) -> str:
@@ -252,8 +253,9 @@ def sweep_table(points: list[Point], summaries: dict[str, dict[str, Any]], keys:
     rows = []
     for gid, runs in groups.items():
         row = [str(values_of[gid][k]) for k in keys]
-        row += [str(len(runs)), _cell(runs, "params", "{:,.0f}"), _cell(runs, "flops_per_token", "{:.3g}")]
-        row += [_cell(runs, "tokens", "{:,.0f}"), _cell(runs, "wall_time", "{:.0f}")]
+        row += [str(len(runs)), _cell(runs, "params", "{:,.0f}", False)]
+        row += [_cell(runs, "flops_per_token", "{:.3g}", False), _cell(runs, "tokens", "{:,.0f}", False)]
+        row.append(_cell(runs, "wall_time", "{:.0f}"))
         row += [_cell(runs, key, fmt) for key, _, fmt in present]
         row.append(", ".join(sorted({str(r["stop_reason"]) for r in runs})))
         rows.append(row)
