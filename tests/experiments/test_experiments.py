@@ -78,6 +78,7 @@ def _table_without_time(out: Path) -> str:
     return sweep_table(plan(vary, zipped=False, seeds=1, base_seed=1337), summaries, list(vary))
 
 
+@pytest.mark.slow  # a child process and seven more tiny runs (~20 s on an idle 2-core machine)
 def test_sweep_killed_midway_resumes_and_matches_an_uninterrupted_sweep(study, tmp_path, monkeypatch):
     config = str(study / "tiny.yaml")
     straight = study.parent / "straight"
