@@ -18,19 +18,11 @@ from scratchlm.errors import TrainingError
 from scratchlm.train import checkpoint as ckpt
 
 
-def describe_stop(
-    reason: str,
-    step: int,
-    *,
-    max_steps: int,
-    max_time: float | None = None,
-    elapsed: float = 0.0,
-    patience: int | None = None,
-    best_val_loss: float | None = None,
-    signal_name: str | None = None,
-) -> str:
+def describe_stop(reason: str, state: Any, train_cfg: Any, signal_name: str | None = None) -> str:
     """One sentence for a stop reason, e.g. ``early stopping at step 600 after 3 evaluations without
-    improvement (best val loss 1.8123)``."""
+    improvement (best val loss 1.8123)``; ``state`` is the loop's TrainState, ``train_cfg`` its TrainConfig."""
+    step, max_steps, max_time = state.step, train_cfg.max_steps, train_cfg.max_time
+    elapsed, patience, best_val_loss = state.elapsed, train_cfg.early_stopping_patience, state.best_val_loss
     if reason == "max_steps":
         return f"reached train.max_steps={max_steps}"
     if reason == "max_time":

@@ -309,16 +309,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                     if stopped == "interrupted":
                         logger.message(f"checkpoint {path}; resume with `scratchlm train --resume {run_dir}`")
             reason = stopped or "max_steps"
-            detail = describe_stop(
-                reason,
-                state.step,
-                max_steps=tc.max_steps,
-                max_time=tc.max_time,
-                elapsed=state.elapsed,
-                patience=tc.early_stopping_patience,
-                best_val_loss=state.best_val_loss,
-                signal_name=stop.signal_name,
-            )
+            detail = describe_stop(reason, state, tc, stop.signal_name)
             logger.log(stop_record(state.step, reason, detail))
         finally:
             logger.close()
