@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -354,7 +355,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
     if origin is list:
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v] if value else []
+            value = parse_list(key, value)
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return [_coerce(key, v, args[0]) for v in value]
@@ -414,10 +415,71 @@ def _apply_preset(cfg: dict[str, dict[str, Any]], name: str, where: str) -> None
     _merge(cfg, PRESETS[name], f"preset {name}")
 
 
+def parse_list(key: str, text: str) -> list[Any]:
+    """A list value written on the command line: ``a,b`` or the YAML/bracket form ``['a', 'b']``.
+
+    ``[a.txt, b.txt]`` and ``['<|endoftext|>', '<|bos|>']`` are parsed as YAML flow lists (quotes are
+    YAML's, not part of the items); ``a, b`` splits at commas and strips the spaces; ``''`` or ``[]`` is
+    the empty list. A bracket form that is not a valid YAML list is a ConfigError, never a silent guess.
+    """
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            items = yaml.safe_load(text)
+        except yaml.YAMLError:
+            items = None
+        if not isinstance(items, list):
+            raise ConfigError(
+                f"{key}={text!r} is not a valid list; write {key}=a,b or {key}=\"['a', 'b']\" "
+                "(quote items that contain commas or brackets)"
+            )
+        return items
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+# Fields holding paths of inputs; a relative one written in a config file is relative to that file's
+# folder (the run directory, an output, stays relative to the current directory like its default).
+PATH_FIELDS: dict[str, tuple[str, ...]] = {
+    "data": ("source", "val_source", "data_dir"),
+    "tokenizer": ("path",),
+}
+
+
+def _resolve_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A config file's values with relative paths of :data:`PATH_FIELDS` made absolute against ``folder``.
+
+    Left alone: absolute paths, ``~/...``, ``hf:NAME`` sources and the ``builtin`` corpus. Values of a wrong
+    type pass through unchanged for :func:`_coerce` to name.
+    """
+
+    def fix(v: Any) -> Any:
+        if not isinstance(v, str) or not v or v == "builtin" or v.startswith(("hf:", "~")):
+            return v
+        return v if Path(v).is_absolute() else str(Path(os.path.abspath(folder / v)))
+
+    out = dict(values)
+    for sec, names in PATH_FIELDS.items():
+        section = out.get(sec)
+        if not isinstance(section, dict):
+            continue
+        section = dict(section)
+        for name in names:
+            v = section.get(name)
+            if isinstance(v, list):
+                section[name] = [fix(x) for x in v]
+            elif isinstance(v, str) and name in ("source", "val_source"):
+                section[name] = [fix(x) for x in parse_list(f"{sec}.{name}", v)]
+            elif v is not None:
+                section[name] = fix(v)
+        out[sec] = section
+    return out
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """``["model.n_layer=8", "train.lr=3e-4"]`` -> ``{"model": {"n_layer": "8"}, "train": {"lr": "3e-4"}}``.
 
-    Values stay strings here; :func:`_coerce` parses them against the field's type.
+    Values stay strings here; :func:`_coerce` parses them against the field's type. Paths stay relative
+    to the current directory (only a config file's paths are relative to the file).
     """
     out: dict[str, Any] = {}
     for item in overrides:
@@ -443,7 +505,9 @@ def load_config(
     """Resolve a :class:`Config`: defaults < preset < YAML file < dotted overrides.
 
     The preset is taken from (highest first) ``preset=`` in the overrides, the argument, or ``preset:`` in
-    the YAML file. Raises :class:`ConfigError` naming the key for unknown keys, wrong types, bad values or
+    the YAML file. Relative paths in the file (:data:`PATH_FIELDS`) are resolved against the file's folder
+    and stored absolute; a top-level ``sweep:`` mapping (a study's grid) is skipped here. Raises
+    :class:`ConfigError` naming the key for unknown keys, wrong types, bad values or
     a missing file.
     """
     file_values: dict[str, Any] = {}
@@ -459,6 +523,8 @@ def load_config(
             raise ConfigError(
                 f"config file '{p}' must be a mapping of sections, got {type(file_values).__name__}"
             )
+        file_values.pop("sweep", None)  # a study's grid, read by `scratchlm sweep` (experiments/sweep.py)
+        file_values = _resolve_paths(file_values, p.parent)
     cli_values = parse_overrides(overrides or [])
 
     chosen = cli_values.get("preset") or preset or file_values.get("preset")

@@ -79,8 +79,7 @@ def get_tokenizer(cfg: Config, sources: Sources | None = None, progress: bool = 
     specials = list(tc.special_tokens)
     if cfg.model.arch == "seq2seq":
         specials += [s for s in SEQ2SEQ_SPECIALS if s not in specials]
-    settings = dict(kind=tc.kind, vocab_size=tc.vocab_size, specials=specials, pattern=tc.pattern, v=1)
-    path = cache_dir() / "tokenizers" / _key(sources.train.fingerprint, settings) / "tokenizer.json"
+    path = cached_tokenizer_path(cfg, sources)
     if path.is_file():
         print(f"tokenizer: reusing {path}")
         return load_tokenizer(path)
@@ -110,6 +109,16 @@ def get_tokenizer(cfg: Config, sources: Sources | None = None, progress: bool = 
     tok.save(tmp)
     tmp.replace(path)
     return tok
+
+
+def cached_tokenizer_path(cfg: Config, sources: Sources) -> Path:
+    """Where the tokenizer trained on ``sources`` with ``cfg.tokenizer``'s settings is cached."""
+    tc = cfg.tokenizer
+    specials = list(tc.special_tokens)
+    if cfg.model.arch == "seq2seq":
+        specials += [s for s in SEQ2SEQ_SPECIALS if s not in specials]
+    settings = dict(kind=tc.kind, vocab_size=tc.vocab_size, specials=specials, pattern=tc.pattern, v=1)
+    return cache_dir() / "tokenizers" / _key(sources.train.fingerprint, settings) / "tokenizer.json"
 
 
 def get_shards(cfg: Config, tokenizer, sources: Sources | None = None, progress: bool = True) -> Path:

@@ -41,15 +41,16 @@ import torch
 
 from scratchlm.config import Config
 from scratchlm.device import autocast, resolve_dtype
-from scratchlm.errors import ConfigError, TrainingError
+from scratchlm.errors import ConfigError
 from scratchlm.model import build_model
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train import distributed as dist
 from scratchlm.train.batches import Batch, batch_loss, batch_tokens, make_loaders
-from scratchlm.train.evaluate import eval_record, evaluate, truncate_samples, write_samples
+from scratchlm.train.evaluate import eval_record, evaluate_metrics, truncate_samples, write_samples
 from scratchlm.train.metrics import MetricsLogger, peak_flops, plot_run, truncate_metrics
 from scratchlm.train.optim import set_lr
 from scratchlm.train.signals import StopRequest
+from scratchlm.train.stopping import describe_stop, on_non_finite, stop_record
 
 
 @dataclass
@@ -136,8 +137,9 @@ def train_model(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | Non
     """Train (or resume) the run in ``run_dir``; returns a summary dict.
 
     Side effects in run_dir: metrics.jsonl, checkpoints/, best/, samples.txt, plots/, tensorboard/.
-    Returns ``{"run_dir", "step", "val_loss", "best_val_loss", "tokens", "wall_time", "stopped_reason"}``
-    with ``stopped_reason`` in max_steps | max_time | early_stopping | interrupted.
+    Returns ``{"run_dir", "step", "val_loss", "best_val_loss", "tokens", "wall_time", "stopped_reason",
+    "stop_detail"}`` with ``stopped_reason`` in max_steps | max_time | early_stopping | interrupted and
+    ``stop_detail`` a sentence (train/stopping.py); both are also logged to metrics.jsonl.
     Raises TrainingError on a NaN/Inf loss (after ``train.max_nan_skips`` skips); CheckpointError when the
     run has checkpoints but none is complete.
     """
@@ -244,7 +246,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                 )
                 dt = time.perf_counter() - t0
                 if not math.isfinite(loss) or (scaler is None and not math.isfinite(grad_norm)):
-                    _on_non_finite(loss, grad_norm, state, tc.max_nan_skips, run_dir, logger)
+                    on_non_finite(loss, grad_norm, state, tc.max_nan_skips, run_dir, logger)
                     continue
                 # one all-reduce for what every rank must agree on: tokens of all ranks, a signal on any
                 # rank (nobody stops alone, so nobody waits forever in a collective), the mean clock
@@ -305,10 +307,10 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                 if improved or stopped or at_end or state.step % tc.ckpt_interval == 0:
                     path = save(improved)
                     if stopped == "interrupted":
-                        logger.message(
-                            f"stopped by {stop.signal_name or 'a signal to another rank'} after step "
-                            f"{state.step}; checkpoint {path}; resume with `scratchlm train --resume {run_dir}`"
-                        )
+                        logger.message(f"checkpoint {path}; resume with `scratchlm train --resume {run_dir}`")
+            reason = stopped or "max_steps"
+            detail = describe_stop(reason, state, tc, stop.signal_name)
+            logger.log(stop_record(state.step, reason, detail))
         finally:
             logger.close()
 
@@ -321,7 +323,8 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
         "best_val_loss": state.best_val_loss,
         "tokens": state.tokens,
         "wall_time": state.elapsed,
-        "stopped_reason": stopped or "max_steps",
+        "stopped_reason": reason,
+        "stop_detail": detail,
     }
 
 
@@ -343,8 +346,12 @@ def _evaluate(
     Each rank evaluates its share of the batches (the result is all-reduced, so identical everywhere);
     rank 0 writes the samples (under FSDP every rank generates them with it: each forward needs all).
     """
-    state.val_loss = evaluate(model, make_val_loader, cfg.eval.batches, device, dtype, world.rank, world.size)
-    logger.log(eval_record(state.step, state.val_loss, data_meta))
+    metrics = evaluate_metrics(
+        model, make_val_loader, cfg.eval.batches, device, dtype, world.rank, world.size
+    )
+    state.val_loss = metrics.pop("val_loss")
+    extra = dict(metrics, tokens=state.tokens, time=round(state.elapsed, 3))
+    logger.log(eval_record(state.step, state.val_loss, data_meta, **extra))
     if world.is_main or dist.is_sharded(model):
         args = (model, tokenizer, cfg, run_dir, state.step, device, dtype, make_val_loader)
         write_samples(*args, write=world.is_main)
@@ -353,27 +360,6 @@ def _evaluate(
         return True
     state.bad_evals += 1
     return False
-
-
-def _on_non_finite(
-    loss: float, grad_norm: float, state: TrainState, max_skips: int, run_dir: Path, logger: MetricsLogger
-) -> None:
-    """Skip the step (bounded by train.max_nan_skips) or stop with a TrainingError."""
-    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
-    if state.nan_skips < max_skips:
-        state.nan_skips += 1
-        logger.message(
-            f"warning: {what} at step {state.step + 1}; step skipped "
-            f"({state.nan_skips}/{max_skips} skips allowed by train.max_nan_skips)"
-        )
-        return
-    logger.close()
-    last = ckpt.latest_checkpoint(run_dir)
-    keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-    raise TrainingError(
-        f"{what} at step {state.step + 1} (training diverged); {keep}: lower train.lr, raise "
-        f"train.warmup_steps, or allow skips with train.max_nan_skips=N"
-    )
 
 
 def _restore(ckpt_dir: Path, model, optimizers, scaler, loader, state: TrainState, world: dist.World) -> None:
