@@ -108,7 +108,7 @@ class MetricsLogger:
                 refresh=False,
             )
         elif record["kind"] == "eval":
-            self.bar.write(f"step {record['step']}: val loss {record['val_loss']:.4f}")
+            self.bar.write(eval_line(record))
 
     def advance(self, steps: int = 1) -> None:
         if self.enabled:
@@ -125,6 +125,20 @@ class MetricsLogger:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def eval_line(record: dict[str, Any]) -> str:
+    """The console line of an evaluation: ``step 500 (epoch 3): train loss 2.1 ppl 8.2 | val loss ... BLEU``."""
+    head = f"step {record['step']}" + (f" (epoch {record['epoch']})" if "epoch" in record else "")
+    parts = []
+    if "train_loss" in record:
+        parts.append(f"train loss {record['train_loss']:.4f} ppl {record['train_ppl']:.2f}")
+    val = f"val loss {record['val_loss']:.4f}"
+    if "val_ppl" in record:
+        val += f" ppl {record['val_ppl']:.2f}"
+    if "val_bleu" in record:
+        val += f" BLEU {record['val_bleu']:.2f} chrF {record['val_chrf']:.2f}"
+    return f"{head}: " + " | ".join([*parts, val])
 
 
 def _tensorboard_writer(log_dir: Path):
@@ -212,6 +226,32 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.legend()
 
     figure("loss.png", loss)
+
+    def perplexity(ax):
+        with_train = [r for r in evals if "train_ppl" in r]
+        if with_train:
+            ax.plot(
+                [r["step"] for r in with_train], [r["train_ppl"] for r in with_train], "o-", label="train"
+            )
+        ax.plot([r["step"] for r in evals], [r["val_ppl"] for r in evals], "o-", label="val")
+        ax.set_yscale("log")
+        ax.set_ylabel("perplexity (exp of nats/token)")
+        ax.set_title("train and validation perplexity per evaluation")
+        ax.legend()
+
+    if evals and all("val_ppl" in r for r in evals):
+        figure("perplexity.png", perplexity)
+    bleu = [r for r in evals if "val_bleu" in r]
+    if bleu:
+
+        def bleu_curve(ax):
+            ax.plot([r["step"] for r in bleu], [r["val_bleu"] for r in bleu], "o-", label="sacreBLEU")
+            ax.plot([r["step"] for r in bleu], [r["val_chrf"] for r in bleu], "s--", label="chrF")
+            ax.set_ylabel("score (0-100), greedy, validation subset")
+            ax.set_title("validation BLEU and chrF")
+            ax.legend()
+
+        figure("bleu.png", bleu_curve)
     figure(
         "lr.png",
         lambda ax: (
