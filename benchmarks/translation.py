@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -43,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 DIRECTIONS = {"en-de": ("en", "de"), "de-en": ("de", "en")}
 GOALS = {"en-de": {"beam": 38.0, "greedy": 34.0}, "de-en": {"beam": 40.0}}
+HAVE_SACREBLEU = importlib.util.find_spec("sacrebleu") is not None
 
 
 class StageTimeout(Exception):
@@ -74,7 +76,11 @@ def find_data(arg: str | None) -> Path:
     candidates = [Path(arg)] if arg else []
     if os.environ.get("SCRATCHLM_SHARED_DATA"):
         candidates.append(Path(os.environ["SCRATCHLM_SHARED_DATA"]) / "multi30k")
-    candidates += [REPO.parent / "shared" / "data" / "multi30k", REPO / "shared" / "data" / "multi30k"]
+    candidates += [
+        REPO.parent / "shared" / "data" / "multi30k",
+        REPO / "shared" / "data" / "multi30k",
+        REPO / ".gpu_data" / "multi30k",
+    ]
     for c in candidates:
         if (c / "train.de").is_file() and (c / "test_2016_flickr.en").is_file():
             return c.resolve()
@@ -190,6 +196,62 @@ def render(all_results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lm_dtype(lm) -> torch.dtype:
+    from scratchlm.device import resolve_dtype
+
+    return resolve_dtype(lm.config.train.dtype, lm.device)
+
+
+def reference_loss(*args):
+    from scratchlm.eval.translation import reference_loss as loss
+
+    return loss(*args)
+
+
+def translate_and_score(lm, pairs, *, beams: int, length_penalty: float = 1.0) -> dict:
+    """Translations of the sources (greedy or beam) and, when sacrebleu is importable, their scores."""
+    from scratchlm.device import autocast
+    from scratchlm.inference.translate import translate_texts
+
+    with autocast(lm.device, lm_dtype(lm)):
+        hyps = translate_texts(
+            lm.model,
+            lm.tokenizer,
+            [s for s, _ in pairs],
+            beam_size=beams,
+            length_penalty=length_penalty,
+            batch_size=200 if beams == 1 else 64,
+        )
+    out = {"hypotheses": hyps, "sentences": len(pairs)}
+    if HAVE_SACREBLEU:
+        from scratchlm.eval.bleu import corpus_scores
+
+        out.update(corpus_scores(hyps, [t for _, t in pairs]))
+    return out
+
+
+def rescore(folder: Path, data: Path) -> int:
+    """Score translation files written by a run whose machine lacked sacrebleu (``--rescore $OUT/hyps``)."""
+    from scratchlm.data.pairs import load_pairs
+    from scratchlm.eval.bleu import corpus_scores
+
+    path = RESULTS / "translation.json"
+    results = json.loads(path.read_text())
+    for name, rec in results.get("recipes", {}).items():
+        for d, r in rec["directions"].items():
+            src, tgt = DIRECTIONS[d]
+            for search, t in r.get("test", {}).items():
+                f = folder / t.get("hypotheses_file", "-")
+                if f.is_file():
+                    hyps = f.read_text(encoding="utf-8").splitlines()
+                    refs = [b for _, b in load_pairs(data / "test_2016_flickr", src, tgt)][: len(hyps)]
+                    t.update(corpus_scores(hyps, refs))
+                    log(f"{name} {d} {search}: BLEU {t['bleu']:.2f} chrF {t['chrf']:.2f}")
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    path.with_suffix(".md").write_text(render(results))
+    return 0
+
+
 def train_summary(run_dir: Path, summary: dict) -> dict:
     from scratchlm.train.metrics import read_metrics
 
@@ -212,8 +274,6 @@ def run_direction(args, report: Report, d: str, data: Path, tokenizer_path: Path
     from scratchlm.api import load
     from scratchlm.config import load_config
     from scratchlm.data.pairs import load_pairs
-    from scratchlm.device import resolve_dtype
-    from scratchlm.eval.translation import evaluate_translation
     from scratchlm.pipeline import run
 
     src, tgt = DIRECTIONS[d]
@@ -237,6 +297,8 @@ def run_direction(args, report: Report, d: str, data: Path, tokenizer_path: Path
         overrides.append(f"tokenizer.path={tokenizer_path}")
     if args.train_seconds:
         overrides.append(f"train.max_time={args.train_seconds}")
+    if not HAVE_SACREBLEU:  # train without BLEU; the translations are saved for --rescore
+        overrides += ["eval.bleu_sentences=0", "eval.metric=loss"]
     if args.quick:
         overrides += [
             "model.n_layer=1",
@@ -272,41 +334,37 @@ def run_direction(args, report: Report, d: str, data: Path, tokenizer_path: Path
             if which == "averaged" and not (run_dir / "averaged").is_dir():
                 continue
             lm = load(run_dir, which=which, device=args.device)
-            dtype = resolve_dtype(lm.config.train.dtype, lm.device)
-            r = evaluate_translation(lm.model, lm.tokenizer, val, beam_size=1, batch_size=200, dtype=dtype)
-            choices[which] = r["bleu"]
-            log(f"{d}: validation BLEU (greedy, {len(val)} sentences) of {which}: {r['bleu']:.2f}")
-    rec["val_bleu"] = choices
+            if HAVE_SACREBLEU:  # by greedy BLEU on the validation split
+                choices[which] = translate_and_score(lm, val, beams=1)["bleu"]
+            else:  # by validation loss (negated: higher is better)
+                choices[which] = -reference_loss(lm.model, lm.tokenizer, val, lm_dtype(lm))[0]
+            log(
+                f"{d}: {'validation BLEU' if HAVE_SACREBLEU else '-validation loss'} of {which}: {choices[which]:.2f}"
+            )
+    rec["val_bleu" if HAVE_SACREBLEU else "neg_val_loss"] = choices
     chosen = max(choices, key=choices.get)
-    rec["checkpoint"], rec["val_bleu_chosen"] = chosen, choices[chosen]
+    rec["checkpoint"] = chosen
+    if HAVE_SACREBLEU:
+        rec["val_bleu_chosen"] = choices[chosen]
     rec["stages"]["choose"] = time.perf_counter() - t
     report.write()
 
     lm = load(run_dir, which=chosen, device=args.device)
-    dtype = resolve_dtype(lm.config.train.dtype, lm.device)
     rec["test"] = {}
     for search, beams in (("greedy", 1), ("beam", args.beams)):
         t = time.perf_counter()
         with budget(args.eval_budget, f"{d} test {search}"):
-            r = evaluate_translation(
-                lm.model,
-                lm.tokenizer,
-                test,
-                beam_size=beams,
-                length_penalty=args.length_penalty,
-                batch_size=200 if beams == 1 else 64,
-                dtype=dtype,
-            )
+            r = translate_and_score(lm, test, beams=beams, length_penalty=args.length_penalty)
         rec["stages"][f"test_{search}"] = time.perf_counter() - t
-        hyp_file = run_dir / f"test_2016_flickr.{search}.{tgt}"
-        hyp_file.write_text("".join(h + "\n" for h in r.pop("hypotheses")), encoding="utf-8")
-        rec["test"][search] = {
-            k: r[k] for k in ("bleu", "chrf", "bleu_signature", "chrf_signature", "sentences")
-        }
-        rec["test"][search]["beams"] = beams
-        rec["test"][search]["test_loss"] = r["loss"]
+        hyps = "".join(h + "\n" for h in r.pop("hypotheses"))
+        name = f"{report.name}-{d}.test_2016_flickr.{search}.{tgt}"
+        (run_dir / name).write_text(hyps, encoding="utf-8")
+        if os.environ.get("OUT"):  # the translations come back too: they can be rescored anywhere
+            (Path(os.environ["OUT"]) / "hyps").mkdir(parents=True, exist_ok=True)
+            (Path(os.environ["OUT"]) / "hyps" / name).write_text(hyps, encoding="utf-8")
+        rec["test"][search] = {**r, "beams": beams, "hypotheses_file": name}
         log(
-            f"{d}: test_2016_flickr {search}: BLEU {r['bleu']:.2f} chrF {r['chrf']:.2f} ({len(test)} sentences)"
+            f"{d}: test_2016_flickr {search}: BLEU {fmt(r.get('bleu'), 2)} chrF {fmt(r.get('chrf'), 2)} ({len(test)} sentences)"
         )
         report.write()
     rec["goals"] = GOALS[d]
@@ -328,7 +386,12 @@ def main() -> int:
     p.add_argument("--val-sentences", type=int, help="choose the checkpoint on the first N validation pairs")
     p.add_argument("--eval-budget", type=float, help="seconds allowed per translation stage")
     p.add_argument("--slack", type=float, default=60.0, help="seconds allowed beyond train.max_time (setup)")
+    p.add_argument(
+        "--rescore", metavar="DIR", help="only score the translation files in DIR (e.g. $OUT/hyps)"
+    )
     args = p.parse_args()
+    if args.rescore:
+        return rescore(Path(args.rescore), find_data(args.data))
     if args.quick:  # code paths, not timings: generous budgets for a loaded machine
         args.train_seconds = args.train_seconds or 15
         args.test_sentences = args.test_sentences or 40
@@ -349,6 +412,11 @@ def main() -> int:
         name, "python benchmarks/translation.py " + " ".join(sys.argv[1:]), args.device, args.quick
     )
     report.write()
+    if not HAVE_SACREBLEU:
+        log(
+            "warning: sacrebleu is not installed here: no BLEU during training, checkpoints chosen by validation "
+            "loss; translations saved (under $OUT/hyps too) for `benchmarks/translation.py --rescore DIR`"
+        )
     log(f"Multi30k from {data}; recipe {name}; directions {directions}; results -> {report.json_path}")
     tokenizer_path = None
     t = time.perf_counter()

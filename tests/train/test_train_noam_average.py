@@ -80,3 +80,18 @@ def test_averaging_refuses_too_few_mismatched_and_foreign_outputs(tmp_path):
         average_run(tmp_path / "b", 1, tmp_path / "foreign")
     with pytest.raises(ConfigError, match="train.keep_last"):
         load_config(overrides=["train.average_last=5", "train.keep_last=2"])
+
+
+def test_seq2seq_tokenizer_cache_key_includes_the_special_tokens(tmp_path, monkeypatch):
+    from scratchlm.pipeline import _seq2seq_tokenizer
+
+    monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "p.tsv").write_text("ein hund\ta dog\nder mann\tthe man\n" * 5, encoding="utf-8")
+    base = [f"data.source={tmp_path / 'p.tsv'}", "model.arch=seq2seq", "tokenizer.vocab_size=270"]
+    plain = _seq2seq_tokenizer(load_config(overrides=base), progress=False)
+    extra = _seq2seq_tokenizer(
+        load_config(overrides=[*base, "tokenizer.special_tokens=<|endoftext|>,<|sep|>"]), progress=False
+    )
+    assert "<|sep|>" in extra.special_tokens and "<|sep|>" not in plain.special_tokens
+    again = _seq2seq_tokenizer(load_config(overrides=base), progress=False)  # and the cache still serves
+    assert again.fingerprint == plain.fingerprint

@@ -78,7 +78,13 @@ def test_end_to_end_outputs_and_accumulation_tokens(tmp_path, data_dir):
     assert all(math.isfinite(r["grad_norm"]) and r["tokens_per_s"] > 0 for r in train_recs)
     assert evals[-1]["val_ppl"] == pytest.approx(math.exp(evals[-1]["val_loss"]))
     assert (run_dir / "samples.txt").read_text().count("=== step") == 2
-    assert sorted(p.name for p in (run_dir / "plots").iterdir()) == ["loss.png", "lr.png", "throughput.png"]
+    assert sorted(p.name for p in (run_dir / "plots").iterdir()) == [
+        "loss.png",
+        "lr.png",
+        "perplexity.png",
+        "throughput.png",
+    ]
+    assert evals[-1]["train_ppl"] == pytest.approx(math.exp(evals[-1]["train_loss"]))
     assert read_state(find_checkpoint(run_dir, "best"))["step"] == 12
     state = read_state(find_checkpoint(run_dir))
     assert state["train_state"]["step"] == 12 and "torch" in state["rng"] and state["versions"]["torch"]

@@ -2,7 +2,8 @@
 
 ``metrics.jsonl`` holds one JSON object per line: ``{"kind": "train", "step", "loss", "lr", "grad_norm",
 "tokens", "tokens_per_s", "mfu", "time"}`` every ``train.log_interval`` steps and ``{"kind": "eval", "step",
-"val_loss", "val_ppl", "val_bpb"?}`` at each evaluation. It is the single source for the plots; TensorBoard
+"val_loss", "val_ppl", "val_bpb"?, "train_loss", "train_ppl", "epoch"?, "val_bleu"?, "val_chrf"?}`` at each
+evaluation (``train/validation.py``). It is the single source for the plots; TensorBoard
 files (``train.tensorboard``) carry the same scalars.
 
 MFU (model FLOPs utilisation) = ``flops_per_token * tokens_per_s / peak_flops``, where ``flops_per_token`` is
@@ -180,7 +181,8 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """Write plots/loss.png, plots/lr.png and plots/throughput.png from metrics.jsonl; returns the paths."""
+    """Write plots/loss.png, lr.png, throughput.png, perplexity.png (train and val per evaluation) and, when
+    the run scored translations, bleu.png from metrics.jsonl; returns the paths."""
     try:
         import matplotlib
 
