@@ -1,6 +1,6 @@
 """Multi30k translation recipes end to end: train, average, translate test_2016_flickr, score with sacrebleu.
 
-    python benchmarks/translation.py --device cuda     # configs/multi30k-{en-de,de-en}.yaml, ~85 s of training each
+    python benchmarks/translation.py --device cuda     # configs/multi30k-{en-de,de-en}.yaml, ~80 s of training each
     python benchmarks/translation.py --device cpu      # configs/multi30k-*-cpu.yaml, 30 min of training each
     python benchmarks/translation.py --quick           # tiny settings, minutes on a CPU: checks the script
 
@@ -230,12 +230,12 @@ def translate_and_score(lm, pairs, *, beams: int, length_penalty: float = 1.0) -
     return out
 
 
-def rescore(folder: Path, data: Path) -> int:
+def rescore(folder: Path, data: Path, stem: str) -> int:
     """Score translation files written by a run whose machine lacked sacrebleu (``--rescore $OUT/hyps``)."""
     from scratchlm.data.pairs import load_pairs
     from scratchlm.eval.bleu import corpus_scores
 
-    path = RESULTS / "translation.json"
+    path = RESULTS / f"{stem}.json"
     results = json.loads(path.read_text())
     for name, rec in results.get("recipes", {}).items():
         for d, r in rec["directions"].items():
@@ -391,7 +391,9 @@ def main() -> int:
     )
     args = p.parse_args()
     if args.rescore:
-        return rescore(Path(args.rescore), find_data(args.data))
+        return rescore(
+            Path(args.rescore), find_data(args.data), "translation_quick" if args.quick else "translation"
+        )
     if args.quick:  # code paths, not timings: generous budgets for a loaded machine
         args.train_seconds = args.train_seconds or 15
         args.test_sentences = args.test_sentences or 40

@@ -108,12 +108,15 @@ def test_eval_cli_scores_with_sacrebleu_and_stores_the_result(copy_run, tmp_path
     assert record["val_ppl"] < 2.0 and record["sentences"] == len(val)
     stored = list((run_dir / "eval").glob("val_*_beam1.json"))
     assert len(stored) == 1 and json.loads(stored[0].read_text())["val_chrf"] == pytest.approx(100.0)
-    (tmp_path / "s.txt").write_text("cat dog\nsun red sky\n", encoding="utf-8")
-    (tmp_path / "r.txt").write_text("cat dog\nsun sky sky\n", encoding="utf-8")
+    (tmp_path / "s.txt").write_text("cat dog sun sky\nred blue cat dog\n", encoding="utf-8")
+    (tmp_path / "r.txt").write_text("cat dog sun sky\nred blue dog dog\n", encoding="utf-8")
     assert main(["eval", str(run_dir), "--src", str(tmp_path / "s.txt"), "--ref", str(tmp_path / "r.txt"),
                  "--beams", "2", "--json"]) == 0  # fmt: skip
     r = json.loads(capsys.readouterr().out)
     assert 0 < r["bleu"] < 100 and r["beams"] == 2
+    assert main(["eval", str(run_dir), "--which", "averaged", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["checkpoint"].endswith("averaged") and r["val_bleu"] > 90
     (tmp_path / "short.txt").write_text("cat dog\n", encoding="utf-8")
     assert (
         main(["eval", str(run_dir), "--src", str(tmp_path / "s.txt"), "--ref", str(tmp_path / "short.txt")])

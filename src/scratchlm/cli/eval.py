@@ -19,7 +19,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "and bits per byte (independent of the tokenizer).",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `scratchlm train`")
-    p.add_argument("--which", choices=["best", "latest"], default="best", help="checkpoint to evaluate")
+    p.add_argument(
+        "--which",
+        choices=["best", "latest", "averaged"],
+        default="best",
+        help="checkpoint to evaluate (averaged: made by `scratchlm average`)",
+    )
     p.add_argument("--split", choices=["val", "train"], default="val", help="shard split to evaluate on")
     p.add_argument("--data-dir", help="shard directory (default: the one recorded in the run's config)")
     p.add_argument("--batches", type=int, default=50, help="batches to evaluate (sequential, from the start)")
