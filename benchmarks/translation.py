@@ -252,6 +252,27 @@ def rescore(folder: Path, data: Path, stem: str) -> int:
     return 0
 
 
+def partial_train(run_dir: Path) -> dict:
+    """What a run that did not finish logged: steps, training seconds, target tokens/s, last eval."""
+    from scratchlm.train.metrics import read_metrics
+
+    try:
+        records = read_metrics(run_dir)
+    except Exception:  # noqa: BLE001 (no metrics at all: nothing to add)
+        return {}
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    if not train:
+        return {}
+    out = {"steps": train[-1]["step"], "wall_time": train[-1]["time"], "tokens": train[-1]["tokens"]}
+    out["tokens_per_s"] = train[-1]["tokens"] / max(train[-1]["time"], 1e-9)
+    if evals:
+        out.update(
+            epochs=evals[-1].get("epoch"), val_loss=evals[-1]["val_loss"], val_bleu=evals[-1].get("val_bleu")
+        )
+    return out
+
+
 def train_summary(run_dir: Path, summary: dict) -> dict:
     from scratchlm.train.metrics import read_metrics
 
@@ -385,7 +406,11 @@ def main() -> int:
     p.add_argument("--test-sentences", type=int, help="score only the first N test sentences")
     p.add_argument("--val-sentences", type=int, help="choose the checkpoint on the first N validation pairs")
     p.add_argument("--eval-budget", type=float, help="seconds allowed per translation stage")
-    p.add_argument("--slack", type=float, default=60.0, help="seconds allowed beyond train.max_time (setup)")
+    p.add_argument(
+        "--slack",
+        type=float,
+        help="seconds allowed beyond train.max_time for setup and the final evaluation (60 GPU, 900 CPU)",
+    )
     p.add_argument(
         "--rescore", metavar="DIR", help="only score the translation files in DIR (e.g. $OUT/hyps)"
     )
@@ -398,7 +423,9 @@ def main() -> int:
         args.train_seconds = args.train_seconds or 15
         args.test_sentences = args.test_sentences or 40
         args.val_sentences = args.val_sentences or 40
-        args.slack = max(args.slack, 300.0)
+        args.slack = max(args.slack or 0.0, 300.0)
+    if args.slack is None:
+        args.slack = 60.0 if args.device.startswith("cuda") else 900.0
     if args.eval_budget is None:
         args.eval_budget = 90.0 if args.device.startswith("cuda") else 1200.0
     directions = [d.strip() for d in args.directions.split(",") if d.strip()]
@@ -449,6 +476,8 @@ def main() -> int:
             failures += 1
             rec = report.direction(d)
             rec["status"], rec["error"] = "failed", f"{type(e).__name__}: {e}"
+            if "train" not in rec:  # what the unfinished training logged
+                rec["train"] = partial_train(REPO / "benchmarks" / "runs" / f"{report.name}-{d}")
             log(f"{d}: FAILED: {type(e).__name__}: {e}")
             traceback.print_exc()
             report.write()

@@ -21,8 +21,10 @@ Batching by tokens (``batch_tokens``, as fairseq's ``--max-tokens`` and the pape
 tokens per batch): every epoch all pairs are shuffled, stably sorted by length (so equal lengths stay in
 random order), and cut greedily into batches whose *padded* size ``rows * (S + T)`` stays within
 ``batch_tokens``; the batches are then shuffled. Neighbours in the sorted order have nearly the same
-length, so almost no padding is computed, and S and T are rounded up to a multiple of ``pad_to`` (8) so
-that the shapes stay few (kernels, allocator blocks and compiled graphs are reused).
+length, so little padding is computed. ``pad_to`` rounds S and T up to a multiple (the trainer uses 8 with
+``train.compile``, so that a compiled model sees few shapes, and 1 otherwise). Measured on Multi30k De->En
+(one epoch, 12,000-token batches): padding 10% with pad_to 1 (88 shapes), 23% with pad_to 8 (18 shapes);
+128-row batches: 14% (138 shapes) and 2.6x fewer target tokens per step.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ class PairLoader:
         world_size: int = 1,
         device: str | torch.device = "cpu",
         batch_tokens: int | None = None,
-        pad_to: int = 8,
+        pad_to: int = 1,
     ):
         if batch_size <= 0 or max_len <= 0:
             raise DataError(f"batch_size and max_len must be positive, got {batch_size}, {max_len}")
@@ -284,6 +286,7 @@ def build_pair_loaders(
     tgt_tokenizer: Any = None,
     rank: int = 0,
     world_size: int = 1,
+    pad_to: int = 1,
 ):
     """The trainer's entry point: ``(train_loader, make_val_loader)`` from a :class:`DataConfig`.
 
@@ -305,6 +308,7 @@ def build_pair_loaders(
         world_size=world_size,
         device=device,
         batch_tokens=data_cfg.batch_tokens,
+        pad_to=pad_to,
     )
     val_encoded = PairLoader(
         val_pairs,
@@ -317,6 +321,7 @@ def build_pair_loaders(
         world_size=world_size,
         device=device,
         batch_tokens=data_cfg.batch_tokens,
+        pad_to=pad_to,
     )
 
     def make_val_loader() -> PairLoader:
