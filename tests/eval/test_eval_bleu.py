@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -20,25 +21,13 @@ def test_scores_equal_the_sacrebleu_cli(tmp_path, shared_data):
     (tmp_path / "ref.en").write_text("\n".join(refs) + "\n", encoding="utf-8")
     (tmp_path / "hyp.en").write_text("\n".join(hyps) + "\n", encoding="utf-8")
     ours = corpus_scores(hyps, refs)
-    cli = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sacrebleu",
-            str(tmp_path / "ref.en"),
-            "-i",
-            str(tmp_path / "hyp.en"),
-            "-m",
-            "bleu",
-            "chrf",
-            "-b",
-            "-w",
-            "6",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
+    printed = subprocess.run(
+        [sys.executable, "-m", "sacrebleu", str(tmp_path / "ref.en"), "-i", str(tmp_path / "hyp.en"),
+         "-m", "bleu", "chrf", "-b", "-w", "6"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    cli = re.findall(r"\d+\.\d+", printed)  # "[\n 31.123456,\n 55.654321\n]": BLEU, then chrF
+    assert len(cli) == 2, printed
     assert ours["bleu"] == pytest.approx(float(cli[0]), abs=1e-5)
     assert ours["chrf"] == pytest.approx(float(cli[1]), abs=1e-5)
     assert 10 < ours["bleu"] < 90 and ours["sentences"] == 200

@@ -161,7 +161,9 @@ def test_second_sigint_exits_at_once(tmp_path, data_dir, monkeypatch):
 
 def test_early_stopping_with_patience(tmp_path, data_dir, monkeypatch):
     losses = iter([3.0, 3.5, 3.6, 3.7, 3.8, 3.9])
-    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: next(losses))
+    from scratchlm.train import validation
+
+    monkeypatch.setattr(validation, "evaluate", lambda *a, **k: next(losses))
     result, run_dir = train(
         tmp_path, data_dir, "eval.interval=2", "train.early_stopping_patience=2", "train.max_steps=50"
     )
@@ -259,7 +261,7 @@ def test_plot_cli(tmp_path, data_dir):
     for p in (run_dir / "plots").iterdir():
         p.unlink()
     assert main(["plot", str(run_dir)]) == 0
-    assert len(list((run_dir / "plots").glob("*.png"))) == 3
+    assert len(list((run_dir / "plots").glob("*.png"))) == 4  # loss, lr, throughput, perplexity
     assert main(["plot", str(tmp_path / "missing")]) == 2
 
 
