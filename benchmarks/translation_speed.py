@@ -172,6 +172,11 @@ def main() -> int:
         )
     md += ["", f"Speed-up of token batches: {ratio:.2f}x target tokens/s.", ""]
     (RESULTS / f"translation_speed{suffix}.md").write_text("\n".join(md))
+    if os.environ.get("OUT"):  # a device run: the results come back from $OUT
+        out_dir = Path(os.environ["OUT"])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"translation_speed{suffix}.json").write_text(json.dumps(out, indent=1) + "\n")
+        (out_dir / f"translation_speed{suffix}.md").write_text("\n".join(md))
     print("\n".join(md))
     return 0
 
