@@ -103,6 +103,9 @@ class DataConfig:
     src_lang: str = doc("de", "seq2seq: source language suffix of the parallel files")
     tgt_lang: str = doc("en", "seq2seq: target language suffix of the parallel files")
     max_pair_len: int = doc(128, "seq2seq: drop pairs longer than this many tokens on either side")
+    batch_tokens: int | None = doc(
+        None, "seq2seq: batch by tokens (padded source + target per batch); None = train.batch_size rows"
+    )
 
 
 @dataclass
@@ -134,7 +137,9 @@ class TrainConfig:
     beta2: float = doc(0.95, "AdamW beta2")
     eps: float = doc(1e-8, "AdamW epsilon")
     grad_clip: float = doc(1.0, "clip the global gradient norm to this (0 = off)")
-    schedule: str = doc("cosine", "cosine (warmup + cosine) | wsd (warmup-stable-decay) | constant")
+    schedule: str = doc(
+        "cosine", "cosine (warmup + cosine) | wsd (warmup-stable-decay) | constant | noam (inverse sqrt)"
+    )
     warmup_steps: int = doc(100, "linear warmup steps")
     decay_fraction: float = doc(0.2, "wsd: fraction of steps spent in the final decay")
     schedule_clock: str = doc(
@@ -145,6 +150,7 @@ class TrainConfig:
     keep_last: int = doc(2, "keep this many recent checkpoints (best/ is kept apart)")
     resume: str = doc("auto", "auto (continue the run in run_dir if it has a checkpoint) | never")
     early_stopping_patience: int | None = doc(None, "stop after N evals without val improvement")
+    average_last: int = doc(0, "seq2seq: at the end, average the last K checkpoints into averaged/ (0 = off)")
     max_nan_skips: int = doc(0, "skip up to N steps with a NaN/Inf loss before stopping (0 = stop)")
     deterministic: bool = doc(False, "use deterministic algorithms (exact resume tests)")
     tensorboard: bool = doc(False, "write TensorBoard event files (needs the tensorboard extra)")
@@ -162,6 +168,10 @@ class EvalConfig:
     sample_tokens: int = doc(128, "tokens per sample")
     temperature: float = doc(0.8, "sampling temperature for those samples")
     top_k: int | None = doc(50, "top-k for those samples (None = off)")
+    metric: str = doc("loss", "what selects best/: loss (val loss) | bleu (seq2seq val BLEU, greedy)")
+    bleu_sentences: int = doc(
+        0, "seq2seq: validation pairs translated (greedy) for BLEU/chrF per eval; 0 = off"
+    )
 
 
 @dataclass
@@ -551,7 +561,8 @@ _CHOICES = {
     "data.loader": ("random", "sequential"),
     "train.dtype": ("auto", "float32", "bfloat16", "float16"),
     "train.optimizer": ("adamw", "muon"),
-    "train.schedule": ("cosine", "wsd", "constant"),
+    "train.schedule": ("cosine", "wsd", "constant", "noam"),
+    "eval.metric": ("loss", "bleu"),
     "train.schedule_clock": ("steps", "time"),
     "train.resume": ("auto", "never"),
     "train.parallel": ("ddp", "fsdp", "zero1"),
@@ -644,6 +655,14 @@ def validate(cfg: Config) -> None:
         ("eval.sample_tokens", e.sample_tokens, ">= 0", e.sample_tokens >= 0),
         ("eval.temperature", e.temperature, ">= 0 (0 = greedy)", e.temperature >= 0),
         ("eval.top_k", e.top_k, ">= 1 or None (off)", _at_least(e.top_k, 1)),
+        ("eval.bleu_sentences", e.bleu_sentences, ">= 0 (0 = off)", e.bleu_sentences >= 0),
+        ("train.average_last", t.average_last, ">= 0 (0 = off)", t.average_last >= 0),
+        (
+            "data.batch_tokens",
+            cfg.data.batch_tokens,
+            ">= 1 or None (rows)",
+            _at_least(cfg.data.batch_tokens, 1),
+        ),
     ]
     for key, value, valid, ok in ranges:
         if not ok:
@@ -663,6 +682,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "train.schedule_clock=time needs train.max_time (seconds); or use schedule_clock=steps"
         )
+    if e.metric == "bleu" and (m.arch != "seq2seq" or e.bleu_sentences <= 0):
+        raise ConfigError("eval.metric=bleu needs model.arch=seq2seq and eval.bleu_sentences > 0 (e.g. 500)")
+    if t.average_last > t.keep_last:
+        raise ConfigError(
+            f"train.average_last={t.average_last} averages more checkpoints than train.keep_last="
+            f"{t.keep_last} keeps; raise train.keep_last to at least {t.average_last}"
+        )
+    if t.schedule == "noam" and t.warmup_steps <= 0:
+        raise ConfigError("train.schedule=noam needs train.warmup_steps >= 1 (its peak is at warmup)")
     specials = cfg.tokenizer.special_tokens
     if len(set(specials)) != len(specials):
         raise ConfigError(f"tokenizer.special_tokens lists a token twice: {specials}")

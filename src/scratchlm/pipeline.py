@@ -285,21 +285,22 @@ def _seq2seq_tokenizer(cfg: Config, progress: bool):
     if prefix.lower().endswith(".tsv"):
         files = [prefix]
     else:
-        files = [f"{prefix}.{cfg.data.src_lang}", f"{prefix}.{cfg.data.tgt_lang}"]
+        # sorted: one joint tokenizer for both directions (de-en and en-de share the cache entry)
+        files = sorted([f"{prefix}.{cfg.data.src_lang}", f"{prefix}.{cfg.data.tgt_lang}"])
     load_pairs(prefix, cfg.data.src_lang, cfg.data.tgt_lang)  # checks the files exist and line up
-    key = _key(
+    specials = list(cfg.tokenizer.special_tokens) + [
+        s for s in SEQ2SEQ_SPECIALS if s not in cfg.tokenizer.special_tokens
+    ]
+    key = _key(  # every setting that changes the tokenizer, the special tokens (and their order) included
         [str(Path(f).resolve()) for f in files],
         [Path(f).stat().st_mtime_ns for f in files],
         cfg.tokenizer.vocab_size,
         cfg.tokenizer.pattern,
-        SEQ2SEQ_SPECIALS,
+        specials,
     )
     path = cache_dir() / "tokenizers" / key / "tokenizer.json"
     if path.is_file():
         return load_tokenizer(path)
-    specials = list(cfg.tokenizer.special_tokens) + [
-        s for s in SEQ2SEQ_SPECIALS if s not in cfg.tokenizer.special_tokens
-    ]
     tok = train_bpe(
         files,
         cfg.tokenizer.vocab_size,

@@ -84,6 +84,7 @@ def test_end_to_end_outputs_and_accumulation_tokens(tmp_path, data_dir):
         "perplexity.png",
         "throughput.png",
     ]
+    assert evals[-1]["train_ppl"] == pytest.approx(math.exp(evals[-1]["train_loss"]))
     assert read_state(find_checkpoint(run_dir, "best"))["step"] == 12
     state = read_state(find_checkpoint(run_dir))
     assert state["train_state"]["step"] == 12 and "torch" in state["rng"] and state["versions"]["torch"]
@@ -160,7 +161,9 @@ def test_second_sigint_exits_at_once(tmp_path, data_dir, monkeypatch):
 
 def test_early_stopping_with_patience(tmp_path, data_dir, monkeypatch, capsys):
     losses = iter([3.0, 3.5, 3.6, 3.7, 3.8, 3.9])
-    monkeypatch.setattr(trainer, "evaluate_metrics", lambda *a, **k: {"val_loss": next(losses)})
+    from scratchlm.train import validation
+
+    monkeypatch.setattr(validation, "evaluate_metrics", lambda *a, **k: {"val_loss": next(losses)})
     result, run_dir = train(
         tmp_path, data_dir, "eval.interval=2", "train.early_stopping_patience=2", "train.max_steps=50"
     )

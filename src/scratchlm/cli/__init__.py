@@ -21,6 +21,7 @@ from scratchlm.errors import ScratchLMError
 _MODULES = [
     "train",
     "generate",
+    "translate",
     "tokenizer",
     "data",
     "eval",

@@ -124,4 +124,5 @@ def _pair_loaders(cfg: Config, tokenizer: Any, device: torch.device, rank: int, 
         device,
         rank=rank,
         world_size=world_size,
+        pad_to=8 if cfg.train.compile else 1,  # few shapes for a compiled model, least padding otherwise
     )

@@ -2,10 +2,10 @@
 
 ``metrics.jsonl`` holds one JSON object per line: ``{"kind": "train", "step", "loss", "lr", "grad_norm",
 "tokens", "tokens_per_s", "mfu", "time"}`` every ``train.log_interval`` steps and ``{"kind": "eval", "step",
-"val_loss", "val_ppl", "val_bpb"?, "val_acc_top1", "val_acc_top5", "tokens", "time"}`` at each evaluation
-(seq2seq runs may add ``val_bleu``, ``val_chrf``), and ``{"kind": "stop", "step", "reason", "detail"}``
-when the run ends (train/stopping.py). It is the single source for the plots; TensorBoard
-files (``train.tensorboard``) carry the same scalars.
+"val_loss", "val_ppl", "val_bpb"?, "val_acc_top1", "val_acc_top5", "train_loss"?, "train_ppl"?,
+"epoch"?, "val_bleu"?, "val_chrf"?, "tokens", "time"}`` at each evaluation (``train/validation.py``),
+and ``{"kind": "stop", "step", "reason", "detail"}`` when the run ends (train/stopping.py). It is the
+single source for the plots; TensorBoard files (``train.tensorboard``) carry the same scalars.
 
 MFU (model FLOPs utilisation) = ``flops_per_token * tokens_per_s / peak_flops``, where ``flops_per_token`` is
 the model's forward+backward count (6N + attention, PaLM appendix B) and the peak is the device's dense
@@ -114,7 +114,7 @@ class MetricsLogger:
             else:  # no bar to carry it: one line per log interval
                 self.bar.write(f"step {record['step']}/{self.max_steps}: {line}")
         elif record["kind"] == "eval":
-            self.bar.write(f"step {record['step']}: {format_eval(record)}")
+            self.bar.write(eval_line(record))
         elif record["kind"] == "stop":
             self.bar.write(f"stopped: {record['detail']}")
 
@@ -148,6 +148,15 @@ def format_eval(record: dict[str, Any]) -> str:
         if record.get(key) is not None:
             parts.append(f"{name} {record[key]:.2f}")
     return ", ".join(parts)
+
+
+def eval_line(record: dict[str, Any]) -> str:
+    """The console line of an evaluation: ``step 500 (epoch 3): train loss 2.1 ppl 8.2 | val loss ...``."""
+    head = f"step {record['step']}" + (f" (epoch {record['epoch']})" if "epoch" in record else "")
+    parts = []
+    if "train_loss" in record:
+        parts.append(f"train loss {record['train_loss']:.4f} ppl {record['train_ppl']:.2f}")
+    return f"{head}: " + " | ".join([*parts, format_eval(record)])
 
 
 def _tensorboard_writer(log_dir: Path):
@@ -189,7 +198,8 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """Write plots/{loss,perplexity,lr,throughput}.png from metrics.jsonl; returns the paths."""
+    """Write plots/{loss,perplexity,lr,throughput}.png from metrics.jsonl and, when the run scored
+    translations, bleu.png; returns the paths."""
     try:
         import matplotlib
 
@@ -252,6 +262,17 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
     figure("loss.png", loss)
     figure("perplexity.png", perplexity)
+    bleu = [r for r in evals if "val_bleu" in r]
+    if bleu:
+
+        def bleu_curve(ax):
+            ax.plot([r["step"] for r in bleu], [r["val_bleu"] for r in bleu], "o-", label="sacreBLEU")
+            ax.plot([r["step"] for r in bleu], [r["val_chrf"] for r in bleu], "s--", label="chrF")
+            ax.set_ylabel("score (0-100), greedy, validation subset")
+            ax.set_title("validation BLEU and chrF")
+            ax.legend()
+
+        figure("bleu.png", bleu_curve)
     figure(
         "lr.png",
         lambda ax: (

@@ -46,11 +46,12 @@ from scratchlm.model import build_model
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train import distributed as dist
 from scratchlm.train.batches import Batch, batch_loss, batch_tokens, make_loaders
-from scratchlm.train.evaluate import eval_record, evaluate_metrics, truncate_samples, write_samples
+from scratchlm.train.evaluate import truncate_samples
 from scratchlm.train.metrics import MetricsLogger, peak_flops, plot_run, truncate_metrics
 from scratchlm.train.optim import set_lr
 from scratchlm.train.signals import StopRequest
 from scratchlm.train.stopping import describe_stop, on_non_finite, stop_record
+from scratchlm.train.validation import run_evaluation
 
 
 @dataclass
@@ -61,6 +62,8 @@ class TrainState:
     tokens: int = 0  # predicted tokens seen
     val_loss: float | None = None  # last validation loss
     best_val_loss: float | None = None
+    val_bleu: float | None = None  # last validation BLEU (seq2seq, eval.bleu_sentences > 0)
+    best_val_bleu: float | None = None
     bad_evals: int = 0  # evaluations since the last improvement (early stopping)
     nan_skips: int = 0  # steps skipped for a non-finite loss
     elapsed: float = 0.0  # training wall seconds, summed over resumed runs
@@ -199,7 +202,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
         enabled=world.is_main,
     )
     run_start, elapsed_before = time.perf_counter(), state.elapsed
-    interval_tokens, interval_time, stopped = 0, 0.0, None
+    interval_tokens, interval_time, stopped, losses = 0, 0.0, None, []  # losses: train, since the last eval
 
     def save(improved: bool) -> Path:
         """Every rank gathers (FSDP / ZeRO-1 shards, RNG states); rank 0 writes; all get its path or error."""
@@ -256,6 +259,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                     elapsed_before + time.perf_counter() - run_start,
                 )
                 state.step += 1
+                losses.append(loss)
                 state.tokens += int(n_tokens)
                 state.elapsed = clock / world.size
                 interval_tokens, interval_time = interval_tokens + int(n_tokens), interval_time + dt
@@ -286,7 +290,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                 if make_val_loader is not None and (
                     state.step % ec.interval == 0 or at_end or stopped == "max_time"
                 ):
-                    improved = _evaluate(
+                    improved = run_evaluation(
                         model,
                         make_val_loader,
                         cfg,
@@ -298,7 +302,10 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                         tokenizer,
                         run_dir,
                         world,
+                        train_loss=sum(losses) / len(losses),
+                        epoch=getattr(train_loader, "epoch", None),
                     )
+                    losses.clear()
                     if (
                         tc.early_stopping_patience is not None
                         and state.bad_evals >= tc.early_stopping_patience
@@ -315,6 +322,11 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
             logger.close()
 
     if world.is_main:
+        if tc.average_last and cfg.model.arch == "seq2seq":
+            from scratchlm.train.average import average_run
+
+            out, n = average_run(run_dir, tc.average_last, allow_fewer=True)
+            print(f"averaged the last {n} checkpoints into {out}")
         _plots(run_dir)
     return {
         "run_dir": str(run_dir),
@@ -326,40 +338,6 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
         "stopped_reason": reason,
         "stop_detail": detail,
     }
-
-
-def _evaluate(
-    model,
-    make_val_loader,
-    cfg: Config,
-    state: TrainState,
-    device,
-    dtype,
-    data_meta,
-    logger,
-    tokenizer,
-    run_dir: Path,
-    world: dist.World,
-) -> bool:
-    """Validation loss + samples; updates best/early-stopping counters; returns whether it improved.
-
-    Each rank evaluates its share of the batches (the result is all-reduced, so identical everywhere);
-    rank 0 writes the samples (under FSDP every rank generates them with it: each forward needs all).
-    """
-    metrics = evaluate_metrics(
-        model, make_val_loader, cfg.eval.batches, device, dtype, world.rank, world.size
-    )
-    state.val_loss = metrics.pop("val_loss")
-    extra = dict(metrics, tokens=state.tokens, time=round(state.elapsed, 3))
-    logger.log(eval_record(state.step, state.val_loss, data_meta, **extra))
-    if world.is_main or dist.is_sharded(model):
-        args = (model, tokenizer, cfg, run_dir, state.step, device, dtype, make_val_loader)
-        write_samples(*args, write=world.is_main)
-    if state.best_val_loss is None or state.val_loss < state.best_val_loss:
-        state.best_val_loss, state.bad_evals = state.val_loss, 0
-        return True
-    state.bad_evals += 1
-    return False
 
 
 def _restore(ckpt_dir: Path, model, optimizers, scaler, loader, state: TrainState, world: dist.World) -> None:
