@@ -102,6 +102,7 @@ def _triton_missing() -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result  # torch.compile: evaluated once while tracing, not traced
 def flash_available(device: torch.device | str) -> tuple[bool, str]:
     """Whether the Triton kernels can run on ``device``: (True, "") or (False, why).
 
@@ -391,6 +392,15 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
 
 
+@torch.compiler.assume_constant_result  # torch.compile: evaluated once while tracing, not traced
+def _kernels_missing(device_type: str) -> str | None:
+    """Why the kernels cannot run on tensors of this device type (None: they can)."""
+    missing = _triton_missing()
+    if missing is None and device_type == "cpu" and not _kernels().INTERPRETED:
+        missing = "the Triton kernels were defined without TRITON_INTERPRET=1, so they cannot run on the CPU"
+    return missing
+
+
 @functools.cache
 def _say_fallback_once(reason: str) -> None:
     warnings.warn(f"flash_attention: {reason}; using the plain-PyTorch tiled reference instead", stacklevel=3)
@@ -418,9 +428,7 @@ def flash_attention(
     if input_precision not in ("ieee", "tf32"):
         raise ValueError(f"input_precision must be 'ieee' or 'tf32', got {input_precision!r}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    missing = _triton_missing()
-    if missing is None and q.device.type == "cpu" and not _kernels().INTERPRETED:
-        missing = "the Triton kernels were defined without TRITON_INTERPRET=1, so they cannot run on the CPU"
+    missing = _kernels_missing(q.device.type)
     if missing is not None:
         _say_fallback_once(missing)
         return flash_attention_reference(q, k, v, causal, scale)
