@@ -114,6 +114,12 @@ class TrainConfig:
     device: str = doc("auto", "auto | cpu | cuda | cuda:N | mps")
     dtype: str = doc("auto", "auto (bf16 where supported) | float32 | bfloat16 | float16")
     compile: bool = doc(False, "torch.compile the model (the saved state dict is always the plain module's)")
+    activation_checkpointing: bool = doc(
+        False, "recompute each block's activations in the backward: less memory, ~1/3 more compute"
+    )
+    loss_chunk_rows: int = doc(
+        0, "training loss over this many rows of output logits at a time (0 = all at once; e.g. 4096)"
+    )
     batch_size: int = doc(16, "micro-batch size (rows)")
     tokens_per_step: int | None = doc(
         None, "tokens per optimizer step, summed over ranks; None = batch_size * context per rank (no accum)"
@@ -568,6 +574,7 @@ def validate(cfg: Config) -> None:
         ("train.warmup_steps", t.warmup_steps, ">= 0", t.warmup_steps >= 0),
         ("train.keep_last", t.keep_last, ">= 1", t.keep_last >= 1),
         ("train.max_nan_skips", t.max_nan_skips, ">= 0", t.max_nan_skips >= 0),
+        ("train.loss_chunk_rows", t.loss_chunk_rows, ">= 0 (0 = off)", t.loss_chunk_rows >= 0),
         (
             "train.early_stopping_patience",
             t.early_stopping_patience,

@@ -21,8 +21,10 @@ import torch
 pytest.importorskip("triton", reason="Triton is not installed (pip install 'scratchlm[triton]')")
 
 from scratchlm.config import ModelConfig  # noqa: E402
-from scratchlm.model import build_model  # noqa: E402
-from scratchlm.model import layers  # noqa: E402
+from scratchlm.model import (
+    build_model,  # noqa: E402
+    layers,  # noqa: E402
+)
 from scratchlm.model.kernels import flash_attention as fa  # noqa: E402
 from scratchlm.model.kernels import flash_tiles  # noqa: E402
 
@@ -49,7 +51,13 @@ def launches(monkeypatch) -> collections.Counter:
 def tiny_flash_gpt(monkeypatch, device: str) -> torch.nn.Module:
     """A 1-layer GPT (D = 16, GQA 4:2, T = 16) whose attention takes the flash_triton path on ``device``."""
     cfg = ModelConfig(
-        vocab_size=64, context_length=16, n_layer=1, n_head=4, n_kv_head=2, d_model=64, attention="flash_triton"
+        vocab_size=64,
+        context_length=16,
+        n_layer=1,
+        n_head=4,
+        n_kv_head=2,
+        d_model=64,
+        attention="flash_triton",
     )
     if device == "cpu":  # the interpreter: let the layer call the kernels on CPU tensors
         monkeypatch.setattr(layers.Attention, "_flash_ok", lambda self, q, plain, p: (True, ""))
@@ -204,7 +212,9 @@ class FakeKernel:
 
 def test_auto_mode_launches_the_table_tiles(monkeypatch):
     kernel = FakeKernel()
-    monkeypatch.setattr(fa, "_kernels", lambda: types.SimpleNamespace(INTERPRETED=False, attn_fwd_kernel=kernel))
+    monkeypatch.setattr(
+        fa, "_kernels", lambda: types.SimpleNamespace(INTERPRETED=False, attn_fwd_kernel=kernel)
+    )
     monkeypatch.setattr(fa, "_fixed_choice", {})
     monkeypatch.setattr(flash_tiles, "load_table", lambda: TABLE)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")

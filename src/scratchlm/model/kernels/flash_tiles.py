@@ -31,7 +31,9 @@ TABLE_PATH = Path(__file__).with_name("flash_tiles.json")
 Tiles = tuple[int, int, int, int]  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 
 
-def entry_key(kernel: str, head_dim: int, dtype: torch.dtype | str, causal: bool, group: int, t_bucket: int) -> str:
+def entry_key(
+    kernel: str, head_dim: int, dtype: torch.dtype | str, causal: bool, group: int, t_bucket: int
+) -> str:
     """The table key of one kernel specialisation, e.g. ``attn_fwd_kernel|D=64|bfloat16|causal=1|group=1|T=1024``."""
     dtype_name = str(dtype).removeprefix("torch.")
     return f"{kernel}|D={head_dim}|{dtype_name}|causal={int(bool(causal))}|group={group}|T={t_bucket}"
