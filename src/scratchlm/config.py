@@ -67,7 +67,10 @@ class ModelConfig:
     dropout: float = doc(0.0, "dropout probability (embeddings, attention, residual)")
     tie_embeddings: bool = doc(True, "share the token embedding with the output head")
     qk_norm: bool = doc(False, "normalise queries and keys per head before attention")
-    attention: str = doc("sdpa", "attention backend: sdpa | manual | flash_triton")
+    attention: str = doc(
+        "sdpa",
+        "attention backend: sdpa | manual | flash_triton | auto (the faster of sdpa and flash_triton, timed)",
+    )
     init_std: float = doc(0.02, "std of the normal init; residual projections get std/sqrt(2*n_layer)")
     share_embeddings: bool = doc(True, "seq2seq: one embedding table for source and target")
     label_smoothing: float = doc(0.0, "label smoothing of the cross-entropy (0.1 in the Transformer paper)")
@@ -485,7 +488,7 @@ _CHOICES = {
     "model.pos": ("learned", "sinusoidal", "rope", "none"),
     "model.rope_style": ("half", "interleaved"),
     "model.mlp": ("gelu", "swiglu", "relu2", "relu"),
-    "model.attention": ("sdpa", "manual", "flash_triton"),
+    "model.attention": ("sdpa", "manual", "flash_triton", "auto"),
     "tokenizer.kind": ("bpe", "char", "gpt2"),
     "tokenizer.pattern": ("gpt2", "gpt4"),
     "data.loader": ("random", "sequential"),

@@ -46,6 +46,7 @@ from scratchlm.config import Config
 from scratchlm.device import resolve_dtype
 from scratchlm.errors import ConfigError, TrainingError
 from scratchlm.model import build_model
+from scratchlm.model.attention_choice import resolve_attention
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train import distributed as dist
 from scratchlm.train.batches import batch_tokens, make_loaders
@@ -131,6 +132,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
 
     sharded = world.size if tc.parallel in ("fsdp", "zero1") else 1
     check_memory(cfg, device, dtype, sharded)  # a far too large model: one line, not an allocator traceback
+    cfg = dataclasses.replace(cfg, model=resolve_attention(cfg.model, tc.batch_size, device, dtype))
     model = build_model(cfg.model).to(device)  # the same initial weights on every rank (same seed)
     apply_memory_options(model, tc)  # activation checkpointing, chunked loss: names unchanged
     if world.size > 1:
