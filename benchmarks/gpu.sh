@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu.sh --cpu --budget 600   # plumbing check without a GPU (tiny model)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
 exec "$PY" benchmarks/gpu_bench.py all "$@"

@@ -48,8 +48,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-# (part, seconds on a GPU, seconds with --cpu); the GPU budgets sum to 265 s (+ ~5 s of start-up)
-PARTS = [("loop", 100, 240), ("attention", 70, 120), ("cli", 55, 200), ("flash_compile", 40, 120)]
+# (part, seconds on a GPU, seconds with --cpu); the GPU budgets sum to 265 s (+ ~5 s of start-up); time a
+# part leaves unused goes to the later ones, so attention (last: each case it manages adds data) gets it
+PARTS = [("loop", 95, 240), ("cli", 55, 200), ("flash_compile", 55, 120), ("attention", 60, 120)]
 CPU_MODEL = [
     "model.n_layer=2",
     "model.n_head=2",
@@ -168,7 +169,8 @@ def part_loop(workdir: Path, deadline: float, cpu: bool) -> None:
     warmup, steps = (2, 3) if cpu else (6, 20)
     torch.backends.cuda.matmul.allow_tf32 = True
 
-    def run(label: str, batch: int, path: str, extra: tuple[str, ...] = ()) -> None:
+    def run(label: str, batch: int, paths: tuple[str, ...], extra: tuple[str, ...]) -> None:
+        """Build and compile the model once, then time each path on it (one compilation for all)."""
         cfg = gpt2_config(cpu, f"train.batch_size={batch}", *extra)
         torch.manual_seed(0)
         model = build_model(cfg.model).to(device)
@@ -177,71 +179,76 @@ def part_loop(workdir: Path, deadline: float, cpu: bool) -> None:
         fwd = model if cpu else torch.compile(model)  # --cpu: eager (compiling on a small CPU takes minutes)
         T, V = cfg.model.context_length, cfg.model.vocab_size
         data = torch.randint(0, V, (4, batch, T + 1), device=device)
-        batches = [(d[:, :-1], d[:, 1:]) for d in data]
+        # contiguous like the loader's batches, so the CLI run finds this compilation in Inductor's cache
+        batches = [(d[:, :-1].contiguous(), d[:, 1:].contiguous()) for d in data]
         i = [0]
 
         def next_batch():
             i[0] += 1
             return batches[i[0] % len(batches)]
 
-        if path == "bare":  # nanoGPT's loop: no host sync inside a step
-            opt = torch.optim.AdamW(
-                model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda"
-            )
+        def bare_step(opt):  # nanoGPT's loop: no host sync inside a step
+            x, y = next_batch()
+            with autocast(device, dtype):
+                loss = fwd(x, y)[1]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
-            def step():
-                x, y = next_batch()
-                with autocast(device, dtype):
-                    loss = fwd(x, y)[1]
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        else:
-            opts = build_optimizers(model, cfg.train)
-
-            def step():
-                train_step(fwd, model, opts, [next_batch()], grad_clip=1.0, device=device, dtype=dtype)
-
-        t0 = time.perf_counter()
-        sec = measure(step, warmup, steps, sync)
-        tokens_per_s = batch * T / sec
-        row = {
-            "label": label,
-            "path": path,
-            "batch": batch,
-            "context": T,
-            "tokens_per_s": round(tokens_per_s),
-            "ms_per_step": round(sec * 1e3, 2),
-            "mfu": round(model.flops_per_token() * tokens_per_s / peak, 4) if peak else None,
-            "wall_s_incl_compile": round(time.perf_counter() - t0, 1),
-        }
-        if device.type == "cuda":
-            row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
-            torch.cuda.reset_peak_memory_stats()
-        out.add(row)
+        for path in paths:
+            if path == "bare":
+                opt = torch.optim.AdamW(
+                    model.parameters(),
+                    lr=1e-4,
+                    betas=(0.9, 0.95),
+                    weight_decay=0.1,
+                    fused=device.type == "cuda",
+                )
+                step = lambda opt=opt: bare_step(opt)
+            else:
+                opts = build_optimizers(model, cfg.train)
+                step = lambda opts=opts: train_step(
+                    fwd, model, opts, [next_batch()], grad_clip=1.0, device=device, dtype=dtype
+                )
+            t0 = time.perf_counter()
+            sec = measure(step, warmup, steps, sync)
+            tokens_per_s = batch * T / sec
+            row = {
+                "label": "train_step" if path == "train_step" else label,
+                "path": path,
+                "batch": batch,
+                "context": T,
+                "tokens_per_s": round(tokens_per_s),
+                "ms_per_step": round(sec * 1e3, 2),
+                "mfu": round(model.flops_per_token() * tokens_per_s / peak, 4) if peak else None,
+                "wall_s_incl_compile": round(time.perf_counter() - t0, 1),
+            }
+            if device.type == "cuda":
+                row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+                torch.cuda.reset_peak_memory_stats()
+            out.add(row)
 
     # batch 32 (518K tokens/s in the issue's bare-loop measurement, the best of 16 and 32) for the three
-    # compared paths, so that the CLI run reuses this compilation (Inductor's on-disk cache); then larger
-    # batches with the memory savers while time remains (each is a new compilation)
+    # compared paths: the bare loop and train_step share one compilation, which the CLI run finds in
+    # Inductor's on-disk cache; then batch 64 with the memory savers while time remains (new compilations)
     b = 2 if cpu else 32
     plan = [
-        ("bare loop", b, "bare", ()),
-        ("train_step", b, "train_step", ()),
-        ("bare loop, loss_chunk_rows=8192", 2 * b, "bare", ("train.loss_chunk_rows=8192",)),
-        ("bare loop, activation ckpt + chunked loss", 2 * b, "bare",
+        ("bare loop", b, ("bare", "train_step"), ()),
+        ("bare loop, loss_chunk_rows=8192", 2 * b, ("bare",), ("train.loss_chunk_rows=8192",)),
+        ("bare loop, activation ckpt + chunked loss", 2 * b, ("bare",),
          ("train.activation_checkpointing=true", "train.loss_chunk_rows=8192")),
     ]  # fmt: skip
-    for label, batch, path, extra in plan:
+    for label, batch, paths, extra in plan:
         if time.time() > deadline - (5 if cpu else 45):  # a compiled measurement needs ~40 s on a GPU
             out.note(f"skipped (out of time): {label} B={batch}")
             continue
         log(f"loop: {label}, batch {batch}")
         try:
-            run(label, batch, path, extra)
+            run(label, batch, paths, extra)
         except Exception as e:
             save_traceback(workdir, "loop", f"{label} B={batch}")
-            out.add({"label": label, "path": path, "batch": batch, "error": failure(e)})
+            out.add({"label": label, "path": paths[-1], "batch": batch, "error": failure(e)})
         torch._dynamo.reset()  # drop this measurement's compiled frames (and their hold on the model)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -260,19 +267,21 @@ def part_attention(workdir: Path, deadline: float, cpu: bool) -> None:
     import attention as bench  # benchmarks/attention.py: the same cases, providers and FLOP convention
     from scratchlm.model.kernels import flash_attention as fa
 
-    names = [bench.OURS, "sdpa_flash", "sdpa_cudnn"]
-    providers = {n: f for n, f in bench.providers().items() if n in names}
+    names = ["sdpa_cudnn", "sdpa_flash", bench.OURS]  # the references first: ours may spend the time tuning
+    all_providers = bench.providers()
+    providers = {n: all_providers[n] for n in names}
     tiles_path = workdir / "flash_tiles.json"
     # in order of use: the targets (D = 128), then D = 64 (the gpt2 preset's head size); each new shape
     # autotunes 22 tile configurations (~20 s), so a bounded run may stop before the GQA cases
     cases = [(128, 2048, 1), (64, 2048, 1), (128, 8192, 1), (64, 8192, 1)]
     cases += [(128, 2048, 4), (128, 8192, 4), (64, 2048, 4), (64, 8192, 4)]
     for D, T, group in cases:
-        if time.time() > deadline - 12:
+        if time.time() > deadline - 15:
             out.note(f"skipped (out of time): D={D} T={T} group={group}")
             continue
         B, Hq = bench.TOKENS // T, bench.HIDDEN // D
         row = {"D": D, "T": T, "B": B, "Hq": Hq, "Hkv": Hq // group, "results": {}}
+        out.data["rows"].append(row)  # flushed after every provider: a case cut short keeps what it has
         log(f"attention: D={D} T={T} Hq={Hq} Hkv={Hq // group}")
         for name, fn in providers.items():
             try:
@@ -280,6 +289,8 @@ def part_attention(workdir: Path, deadline: float, cpu: bool) -> None:
             except Exception as e:
                 save_traceback(workdir, "attention", f"{name} D={D} T={T} group={group}")
                 row["results"][name] = {"error": failure(e)}
+            out.flush()
+            log(f"attention: {name}: {json.dumps(row['results'][name])}")
         ours = row["results"].get(bench.OURS, {})
         for ref in ("sdpa_flash", "sdpa_cudnn"):
             r = row["results"].get(ref, {})
@@ -287,7 +298,7 @@ def part_attention(workdir: Path, deadline: float, cpu: bool) -> None:
                 key = f"{what}_tflops"
                 if key in ours and key in r:
                     row[f"ours_vs_{ref}_{what}"] = round(ours[key] / r[key], 3)
-        out.add(row)
+        out.flush()
         tiles_path.write_text(json.dumps({machine()["gpu"]: fa.autotuned_tiles()}, indent=1))
 
 
@@ -309,7 +320,7 @@ def part_cli(workdir: Path, deadline: float, cpu: bool) -> None:
             break
     text.write_text("".join(parts), encoding="utf-8")
     run_dir = workdir / "cli_run"
-    steps, interval = (6, 2) if cpu else (80, 10)
+    steps, interval = (6, 2) if cpu else (60, 10)
     args = [
         "preset=gpt2",
         *(CPU_MODEL if cpu else []),
@@ -343,15 +354,22 @@ def part_cli(workdir: Path, deadline: float, cpu: bool) -> None:
         raise RuntimeError(f"scratchlm train exited {proc.returncode}: {proc.stderr.strip()[-400:]}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r.get("kind") == "train"]
-    steady = [r for r in train if r["step"] > 2 * interval]  # the first intervals include compilation
-    steady = steady or train[-1:]
-    rates = sorted(r["tokens_per_s"] for r in steady)
+    steady = [r for r in train if r["step"] >= 2 * interval]  # the first intervals include compilation
+    if len(steady) < 2:
+        raise RuntimeError(f"too few steady-state log records in metrics.jsonl: {train}")
+    # wall clock between log records (every bit of the loop counted), and the loop's own tokens/s field
+    # (which times the steps only)
+    first, last = steady[0], steady[-1]
+    wall = (last["tokens"] - first["tokens"]) / (last["time"] - first["time"])
+    rates = sorted(r["tokens_per_s"] for r in steady[1:])
     out.add(
         {
             "label": "scratchlm train (CLI)",
             "batch": 2 if cpu else 32,
-            "tokens_per_s": round(rates[len(rates) // 2]),
-            "mfu": steady[-1].get("mfu"),
+            "tokens_per_s": round(wall),
+            "metrics_tokens_per_s_median": round(rates[len(rates) // 2]),
+            "mfu": round(last["mfu"] * wall / last["tokens_per_s"], 4) if last.get("mfu") else None,
+            "steps": f"{first['step']}..{last['step']}",
             "intervals": [(r["step"], round(r["tokens_per_s"])) for r in train],
             "wall_s": round(time.time() - t0, 1),
         }
@@ -373,6 +391,7 @@ def part_flash_compile(workdir: Path, deadline: float, cpu: bool) -> None:
     import torch
 
     from scratchlm.model import build_model
+    from scratchlm.model.kernels import flash_attention as fa
     from scratchlm.train.metrics import peak_flops
     from scratchlm.train.optim import build_optimizers
     from scratchlm.train.step import train_step
@@ -385,9 +404,12 @@ def part_flash_compile(workdir: Path, deadline: float, cpu: bool) -> None:
     opts = build_optimizers(model, cfg.train)
     T = cfg.model.context_length
     x = torch.randint(0, cfg.model.vocab_size, (16, T + 1), device=device)  # one batch, learned by heart
-    losses, t0 = [], time.perf_counter()
+    row = {"label": "gpt2, attention=flash_triton, compile", "batch": 16, "losses": [], "trains": False}
+    out.data["rows"].append(row)  # flushed after every step: a run cut short shows how far it got
+    t0 = time.perf_counter()
     for i in range(30):
         if time.time() > deadline - 3:
+            out.note(f"stopped after {i} steps (out of time)")
             break
         if i == 10:
             torch.cuda.synchronize()
@@ -395,19 +417,26 @@ def part_flash_compile(workdir: Path, deadline: float, cpu: bool) -> None:
         loss, _ = train_step(
             fwd, model, opts, [(x[:, :-1], x[:, 1:])], grad_clip=1.0, device=device, dtype=dtype
         )
-        losses.append(round(loss, 4))
+        row["losses"].append(round(loss, 4))
+        row["flash_kernels_ran"] = bool(fa._fixed_choice)  # fixed tiles chosen = our kernels launched
+        row["wall_s_incl_compile"] = round(time.perf_counter() - t0, 1)
+        out.flush()
+        if i == 0:
+            log(
+                f"flash_compile: first step (compilation) done in {row['wall_s_incl_compile']} s, loss {loss:.3f}"
+            )
     torch.cuda.synchronize()
-    steady_steps = len(losses) - 10
-    row = {"label": "gpt2, attention=flash_triton, compile", "batch": 16, "losses": losses}
-    if steady_steps > 0:
-        tokens_per_s = steady_steps * 16 * T / (time.perf_counter() - t_steady)
+    losses = row["losses"]
+    peak = peak_flops(device, dtype)
+    if len(losses) > 10:
+        tokens_per_s = (len(losses) - 10) * 16 * T / (time.perf_counter() - t_steady)
         row.update(
             tokens_per_s=round(tokens_per_s),
-            mfu=round(model.flops_per_token() * tokens_per_s / peak_flops(device, dtype), 4),
+            mfu=round(model.flops_per_token() * tokens_per_s / peak, 4) if peak else None,
         )
-    row["trains"] = len(losses) >= 5 and losses[-1] < losses[0] - 0.5
-    row["wall_s_incl_compile"] = round(time.perf_counter() - t0, 1)
-    out.add(row)
+    row["trains"] = row["flash_kernels_ran"] and len(losses) >= 5 and losses[-1] < losses[0] - 0.5
+    out.flush()
+    log(f"result: {json.dumps(row)}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -424,7 +453,9 @@ def to_markdown(report: dict) -> str:
         "",
         "Machine: " + ", ".join(f"{k}={v}" for k, v in m.items()),
         "",
-        "## Training throughput (gpt2 preset, 124M, context 1024, bf16 autocast, torch.compile)",
+        "## Training throughput (gpt2 preset, 124M, context 1024, bf16 autocast, torch.compile)"
+        if not report["cpu"]
+        else "## Training throughput (--cpu: tiny gpt2-shaped model, fp32, eager)",
         "",
         "| path | batch | tokens/s | MFU | ms/step | peak GiB |",
         "|---|---|---|---|---|---|",
@@ -436,8 +467,9 @@ def to_markdown(report: dict) -> str:
             lines.append(f"| {r['label']} | {r.get('batch')} | error: {r['error']} | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
+        tps = f"{r['tokens_per_s']:,}" if isinstance(r.get("tokens_per_s"), int) else "n/a"
         lines.append(
-            f"| {r['label']} | {r.get('batch')} | {r.get('tokens_per_s', 'n/a'):,} | {mfu} | "
+            f"| {r['label']} | {r.get('batch')} | {tps} | {mfu} | "
             f"{r.get('ms_per_step', '')} | {r.get('peak_mem_gib', '')} |"
         )
     loop = {
@@ -464,7 +496,8 @@ def to_markdown(report: dict) -> str:
     fc = report["parts"].get("flash_compile", {}).get("rows", [])
     if fc and "error" not in fc[0]:
         lines.append(
-            f"- flash_triton + compile trains the gpt2 preset: {fc[0]['trains']} (losses {fc[0]['losses'][:3]} ... {fc[0]['losses'][-3:]})"
+            f"- flash_triton + compile trains the gpt2 preset: {fc[0]['trains']} (our kernels ran: "
+            f"{fc[0].get('flash_kernels_ran')}; losses {fc[0]['losses'][:3]} ... {fc[0]['losses'][-3:]})"
         )
     cmd = report["parts"].get("cli", {}).get("command")
     if cmd:
@@ -507,9 +540,15 @@ def to_markdown(report: dict) -> str:
 def write_report(report: dict, workdir: Path, slug: str, out_dir: Path | None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_cpu_dryrun" if report["cpu"] else ""
+    try:
+        markdown = to_markdown(report)
+    except Exception:  # the JSON has everything; never lose it over the table
+        markdown = (
+            f"# gpu_bench report\n\nThe table could not be drawn:\n\n```\n{traceback.format_exc()}```\n"
+        )
     files = {
         RESULTS / f"gpu_{slug}{suffix}.json": json.dumps(report, indent=1),
-        RESULTS / f"gpu_{slug}{suffix}.md": to_markdown(report),
+        RESULTS / f"gpu_{slug}{suffix}.md": markdown,
     }
     for path, text in files.items():
         path.write_text(text)
@@ -544,6 +583,11 @@ def run_all(args) -> int:
     if not args.cpu and "gpu" not in report["machine"]:
         log("no CUDA GPU visible: run with --cpu for the plumbing check")
         return 2
+    missing = [
+        m for m in ("yaml", "numpy", "safetensors", "tqdm", "regex") if "MISSING" in str(report["machine"][m])
+    ]
+    if missing:  # yaml: every part (scratchlm.config); the others: the CLI part (and the loader, checkpoints)
+        log(f"WARNING: missing packages {missing}; parts that import them will fail (see logs/)")
     parts = [p for p in PARTS if not args.parts or p[0] in args.parts]
     reserved = {name: (cpu_s if args.cpu else gpu_s) for name, gpu_s, cpu_s in parts}
     for i, (name, _, _) in enumerate(parts):
