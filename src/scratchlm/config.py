@@ -123,6 +123,9 @@ class TrainConfig:
     loss_chunk_rows: int = doc(
         0, "training loss over this many rows of output logits at a time (0 = all at once; e.g. 4096)"
     )
+    auto_micro_batch: bool = doc(
+        False, "CUDA: split each step into the largest micro-batches that fit in memory (same training)"
+    )
     batch_size: int = doc(16, "micro-batch size (rows)")
     tokens_per_step: int | None = doc(
         None, "tokens per optimizer step, summed over ranks; None = batch_size * context per rank (no accum)"

@@ -97,3 +97,49 @@ def test_trainer_with_checkpointing_and_chunked_loss_ends_with_the_same_weights(
         weights.append(load_model_state(find_checkpoint(run_dir)))
     for key, value in weights[0].items():
         torch.testing.assert_close(weights[1][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_auto_micro_batch_picks_the_largest_divisor_that_fits(monkeypatch, capsys):
+    """Steps of R rows per rank are split into micro-batches of the largest divisor of R that fits."""
+    import dataclasses
+
+    from scratchlm.config import load_config
+    from scratchlm.errors import ConfigError
+    from scratchlm.train import memory
+
+    cfg = load_config(None, ["model.context_length=16", "model.vocab_size=64", "train.batch_size=24"])
+    cuda = torch.device("cuda")
+    tried = []
+    monkeypatch.setattr(memory, "step_fits", lambda c, rows, d, t: tried.append(rows) or rows <= 10)
+    out = memory.fit_micro_batch(cfg, cuda, torch.bfloat16)
+    assert tried == [24, 12, 8] and out.train.batch_size == 8 and out.train.tokens_per_step == 24 * 16
+    assert trainer.micro_steps(out) == 3 and "8 rows, 3 per step" in capsys.readouterr().out
+    two_ranks = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, tokens_per_step=2 * 6 * 16))
+    tried.clear()
+    monkeypatch.setattr(memory, "step_fits", lambda c, rows, d, t: tried.append(rows) or True)
+    monkeypatch.setattr(memory.dist, "all_gather_objects", lambda b: [b, 3])  # the other rank fits 3 rows
+    out = memory.fit_micro_batch(two_ranks, cuda, torch.bfloat16, world_size=2)
+    assert tried == [6] and out.train.batch_size == 3 and trainer.micro_steps(out, 2) == 2
+    assert memory.fit_micro_batch(cfg, torch.device("cpu"), torch.float32) is cfg  # CUDA only
+    monkeypatch.setattr(memory, "step_fits", lambda c, rows, d, t: False)
+    with pytest.raises(ConfigError, match="not even one row"):
+        memory.fit_micro_batch(cfg, cuda, torch.bfloat16)
+
+
+def test_step_fits_runs_a_real_step_and_reports_out_of_memory(monkeypatch):
+    from scratchlm.config import load_config
+    from scratchlm.train import memory, step
+
+    cfg = load_config(
+        None, ["model.context_length=8", "model.vocab_size=32", "model.n_layer=1", "model.d_model=16"]
+    )
+    cpu = torch.device("cpu")
+    state = torch.random.get_rng_state()
+    assert memory.step_fits(cfg, 2, cpu, torch.float32)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the probe leaves the seeds alone
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(step, "train_step", oom)
+    assert not memory.step_fits(cfg, 2, cpu, torch.float32)

@@ -51,7 +51,7 @@ from scratchlm.train import checkpoint as ckpt
 from scratchlm.train import distributed as dist
 from scratchlm.train.batches import batch_tokens, make_loaders
 from scratchlm.train.evaluate import eval_record, evaluate, truncate_samples, write_samples
-from scratchlm.train.memory import apply_memory_options
+from scratchlm.train.memory import apply_memory_options, fit_micro_batch
 from scratchlm.train.metrics import MetricsLogger, peak_flops, plot_run, truncate_metrics
 from scratchlm.train.optim import set_lr
 from scratchlm.train.signals import StopRequest
@@ -123,11 +123,13 @@ def train_model(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | Non
 
 
 def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, world: dist.World) -> dict:
+    device = dist.rank_device(cfg.train.device, world)
+    dtype = resolve_dtype(cfg.train.dtype, device)
+    if cfg.train.auto_micro_batch:  # the same step in micro-batches that fit (before anything is built)
+        cfg = fit_micro_batch(cfg, device, dtype, world.size)
     tc, ec = cfg.train, cfg.eval
     accum = micro_steps(cfg, world.size)
     seed_everything(tc.seed)
-    device = dist.rank_device(tc.device, world)
-    dtype = resolve_dtype(tc.dtype, device)
     from scratchlm.train.dryrun import check_memory  # (dryrun imports this module)
 
     sharded = world.size if tc.parallel in ("fsdp", "zero1") else 1
