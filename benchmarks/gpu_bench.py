@@ -538,7 +538,9 @@ def to_markdown(report: dict) -> str:
 
 
 def write_report(report: dict, workdir: Path, slug: str, out_dir: Path | None) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """The report in benchmarks/results/ (a --cpu run: in the scratch directory only), and under $OUT."""
+    results = workdir if report["cpu"] else RESULTS
+    results.mkdir(parents=True, exist_ok=True)
     suffix = "_cpu_dryrun" if report["cpu"] else ""
     try:
         markdown = to_markdown(report)
@@ -547,14 +549,14 @@ def write_report(report: dict, workdir: Path, slug: str, out_dir: Path | None) -
             f"# gpu_bench report\n\nThe table could not be drawn:\n\n```\n{traceback.format_exc()}```\n"
         )
     files = {
-        RESULTS / f"gpu_{slug}{suffix}.json": json.dumps(report, indent=1),
-        RESULTS / f"gpu_{slug}{suffix}.md": markdown,
+        results / f"gpu_{slug}{suffix}.json": json.dumps(report, indent=1),
+        results / f"gpu_{slug}{suffix}.md": markdown,
     }
     for path, text in files.items():
         path.write_text(text)
     tiles = workdir / "flash_tiles.json"
     if tiles.exists():
-        shutil.copy(tiles, RESULTS / f"flash_tiles_{slug}.json")
+        shutil.copy(tiles, results / f"flash_tiles_{slug}.json")
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         for path in files:
@@ -649,7 +651,8 @@ def run_all(args) -> int:
     report["wall_s"] = time.time() - t_start
     write_report(report, workdir, slug, out_dir)
     log(
-        f"done in {report['wall_s']:.0f} s: benchmarks/results/gpu_{slug}{'_cpu_dryrun' if args.cpu else ''}.md"
+        f"done in {report['wall_s']:.0f} s: "
+        + str(workdir / f"gpu_{slug}_cpu_dryrun.md" if args.cpu else RESULTS / f"gpu_{slug}.md")
     )
     return 0
 
