@@ -88,3 +88,25 @@ def test_gpt_with_loss_chunks_trains_the_same(tied):
     model.eval()
     logits, loss = model(x, y)
     assert logits.shape == (3, 16, 97)
+
+
+@pytest.mark.slow
+def test_chunked_loss_and_activation_checkpointing_compile_fullgraph():
+    """torch.compile traces both (no graph break): the same loss and gradients as eager."""
+    from scratchlm.train.memory import apply_activation_checkpointing
+
+    cfg = ModelConfig(vocab_size=97, context_length=16, n_layer=2, n_head=2, d_model=32)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.loss_chunk_rows = 10
+    apply_activation_checkpointing(model)
+    x, y = torch.randint(0, 97, (3, 16)), torch.randint(0, 97, (3, 16))
+    eager = model(x, y)[1]
+    eager.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x, y)[1]
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-6, msg=name)
