@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from scratchlm.cli import main
@@ -222,3 +224,67 @@ def test_every_config_file_loads():
     assert files
     for path in files:
         load_config(path)
+
+
+def test_list_override_in_bracket_form_is_parsed_not_mangled():
+    cfg = load_config(overrides=["tokenizer.special_tokens=['<|endoftext|>', '<|bos|>']"])
+    assert cfg.tokenizer.special_tokens == ["<|endoftext|>", "<|bos|>"]
+    assert load_config(overrides=["data.source=[a.txt, b.txt]"]).data.source == ["a.txt", "b.txt"]
+    assert load_config(overrides=["data.source=a.txt, b.txt"]).data.source == ["a.txt", "b.txt"]
+    assert load_config(overrides=["data.source=[]"]).data.source == []
+    with pytest.raises(ConfigError, match=r"data.source='\[a.txt' is not a valid list"):
+        load_config(overrides=["data.source=[a.txt"])
+
+
+def test_train_help_shows_the_list_and_path_syntax(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "\"tokenizer.special_tokens=['<|endoftext|>', '<|bos|>']\"" in out
+    assert "relative paths in a CONFIG.yaml are relative to that file's folder" in out
+
+
+def test_config_file_paths_resolve_against_the_file_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "configs" / "sub"
+    folder.mkdir(parents=True)
+    path = folder / "c.yaml"
+    path.write_text(
+        "data:\n  source: [../../data/a.txt, /abs/b.txt, hf:roneneldan/TinyStories, builtin]\n"
+        "  val_source: ../../data/v.txt\n  data_dir: shards\ntokenizer:\n  path: ../tok.json\n"
+        "train:\n  run_dir: runs/x\n"
+    )
+    monkeypatch.chdir(tmp_path / "configs")  # anywhere but the file's folder
+    cfg = load_config(path.relative_to(tmp_path / "configs"))
+    assert cfg.data.source == [
+        str(tmp_path / "data/a.txt"),
+        "/abs/b.txt",
+        "hf:roneneldan/TinyStories",
+        "builtin",
+    ]
+    assert cfg.data.val_source == [str(tmp_path / "data/v.txt")]
+    assert cfg.data.data_dir == str(folder / "shards")
+    assert cfg.tokenizer.path == str(tmp_path / "configs/tok.json")
+    assert cfg.train.run_dir == "runs/x"  # an output: relative to the current directory, like runs/<name>
+    # command-line overrides stay relative to the current directory
+    cfg = load_config(path.relative_to(tmp_path / "configs"), ["data.source=here.txt"])
+    assert cfg.data.source == ["here.txt"]
+
+
+def test_shipped_configs_find_the_shared_data_from_any_directory(tmp_path, monkeypatch):
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(repo / "configs" / "shakespeare-char.yaml")
+    assert (
+        Path(cfg.data.source[0]).resolve()
+        == (repo.parent / "shared" / "data" / "tinyshakespeare.txt").resolve()
+    )
+
+
+def test_dry_run_checks_sources_and_sizes_the_real_vocabulary(tmp_path, capsys):
+    assert main(["train", "preset=cpu-tiny", f"data.source={tmp_path / 'missing.txt'}", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data source") and "missing.txt' not found" in err
+    text = tmp_path / "abc.txt"
+    text.write_text("abcabc\nba ca\n" * 10)  # 5 characters + <|endoftext|>
+    assert main(["train", "preset=cpu-tiny", "tokenizer.kind=char", f"data.source={text}", "--dry-run"]) == 0
+    assert "vocab 6 (char tokenizer" in capsys.readouterr().out

@@ -82,7 +82,10 @@ class LoadedModel:
 
 
 def load(run_dir: str | Path, which: str = "best", device: str | torch.device | None = None) -> LoadedModel:
-    """Load a run directory's model (``best`` by validation, falling back to ``latest``) and tokenizer."""
+    """Load a run directory's model (``best`` by validation, falling back to ``latest``) and tokenizer.
+
+    ``which="averaged"``: the average of the last checkpoints written by ``scratchlm average``.
+    """
     from scratchlm.device import resolve_device
     from scratchlm.model import build_model
     from scratchlm.tokenizer import load_tokenizer
@@ -93,7 +96,18 @@ def load(run_dir: str | Path, which: str = "best", device: str | torch.device | 
     if not (run_dir / "tokenizer.json").is_file():
         raise CheckpointError(f"{run_dir}/tokenizer.json is missing; the run directory is incomplete")
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-    ckpt = find_checkpoint(run_dir, which)  # best falls back to latest itself
+    if which == "averaged":
+        from scratchlm.train.average import AVERAGED
+        from scratchlm.train.checkpoint import verify_checkpoint
+
+        ckpt = run_dir / AVERAGED
+        if not ckpt.is_dir():
+            raise CheckpointError(
+                f"{ckpt} does not exist; make it with `scratchlm average {run_dir} --last K`"
+            )
+        verify_checkpoint(ckpt)
+    else:
+        ckpt = find_checkpoint(run_dir, which)  # best falls back to latest itself
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise CheckpointError(
             f"{run_dir}/tokenizer.json has {tokenizer.vocab_size} tokens but the model knows "

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -105,6 +106,9 @@ class DataConfig:
     src_lang: str = doc("de", "seq2seq: source language suffix of the parallel files")
     tgt_lang: str = doc("en", "seq2seq: target language suffix of the parallel files")
     max_pair_len: int = doc(128, "seq2seq: drop pairs longer than this many tokens on either side")
+    batch_tokens: int | None = doc(
+        None, "seq2seq: batch by tokens (padded source + target per batch); None = train.batch_size rows"
+    )
 
 
 @dataclass
@@ -145,7 +149,9 @@ class TrainConfig:
     beta2: float = doc(0.95, "AdamW beta2")
     eps: float = doc(1e-8, "AdamW epsilon")
     grad_clip: float = doc(1.0, "clip the global gradient norm to this (0 = off)")
-    schedule: str = doc("cosine", "cosine (warmup + cosine) | wsd (warmup-stable-decay) | constant")
+    schedule: str = doc(
+        "cosine", "cosine (warmup + cosine) | wsd (warmup-stable-decay) | constant | noam (inverse sqrt)"
+    )
     warmup_steps: int = doc(100, "linear warmup steps")
     decay_fraction: float = doc(0.2, "wsd: fraction of steps spent in the final decay")
     schedule_clock: str = doc(
@@ -156,6 +162,7 @@ class TrainConfig:
     keep_last: int = doc(2, "keep this many recent checkpoints (best/ is kept apart)")
     resume: str = doc("auto", "auto (continue the run in run_dir if it has a checkpoint) | never")
     early_stopping_patience: int | None = doc(None, "stop after N evals without val improvement")
+    average_last: int = doc(0, "seq2seq: at the end, average the last K checkpoints into averaged/ (0 = off)")
     max_nan_skips: int = doc(0, "skip up to N steps with a NaN/Inf loss before stopping (0 = stop)")
     deterministic: bool = doc(False, "use deterministic algorithms (exact resume tests)")
     tensorboard: bool = doc(False, "write TensorBoard event files (needs the tensorboard extra)")
@@ -173,6 +180,10 @@ class EvalConfig:
     sample_tokens: int = doc(128, "tokens per sample")
     temperature: float = doc(0.8, "sampling temperature for those samples")
     top_k: int | None = doc(50, "top-k for those samples (None = off)")
+    metric: str = doc("loss", "what selects best/: loss (val loss) | bleu (seq2seq val BLEU, greedy)")
+    bleu_sentences: int = doc(
+        0, "seq2seq: validation pairs translated (greedy) for BLEU/chrF per eval; 0 = off"
+    )
 
 
 @dataclass
@@ -366,7 +377,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
     if origin is list:
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v] if value else []
+            value = parse_list(key, value)
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return [_coerce(key, v, args[0]) for v in value]
@@ -426,10 +437,71 @@ def _apply_preset(cfg: dict[str, dict[str, Any]], name: str, where: str) -> None
     _merge(cfg, PRESETS[name], f"preset {name}")
 
 
+def parse_list(key: str, text: str) -> list[Any]:
+    """A list value written on the command line: ``a,b`` or the YAML/bracket form ``['a', 'b']``.
+
+    ``[a.txt, b.txt]`` and ``['<|endoftext|>', '<|bos|>']`` are parsed as YAML flow lists (quotes are
+    YAML's, not part of the items); ``a, b`` splits at commas and strips the spaces; ``''`` or ``[]`` is
+    the empty list. A bracket form that is not a valid YAML list is a ConfigError, never a silent guess.
+    """
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            items = yaml.safe_load(text)
+        except yaml.YAMLError:
+            items = None
+        if not isinstance(items, list):
+            raise ConfigError(
+                f"{key}={text!r} is not a valid list; write {key}=a,b or {key}=\"['a', 'b']\" "
+                "(quote items that contain commas or brackets)"
+            )
+        return items
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+# Fields holding paths of inputs; a relative one written in a config file is relative to that file's
+# folder (the run directory, an output, stays relative to the current directory like its default).
+PATH_FIELDS: dict[str, tuple[str, ...]] = {
+    "data": ("source", "val_source", "data_dir"),
+    "tokenizer": ("path",),
+}
+
+
+def _resolve_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A config file's values with relative paths of :data:`PATH_FIELDS` made absolute against ``folder``.
+
+    Left alone: absolute paths, ``~/...``, ``hf:NAME`` sources and the ``builtin`` corpus. Values of a wrong
+    type pass through unchanged for :func:`_coerce` to name.
+    """
+
+    def fix(v: Any) -> Any:
+        if not isinstance(v, str) or not v or v == "builtin" or v.startswith(("hf:", "~")):
+            return v
+        return v if Path(v).is_absolute() else str(Path(os.path.abspath(folder / v)))
+
+    out = dict(values)
+    for sec, names in PATH_FIELDS.items():
+        section = out.get(sec)
+        if not isinstance(section, dict):
+            continue
+        section = dict(section)
+        for name in names:
+            v = section.get(name)
+            if isinstance(v, list):
+                section[name] = [fix(x) for x in v]
+            elif isinstance(v, str) and name in ("source", "val_source"):
+                section[name] = [fix(x) for x in parse_list(f"{sec}.{name}", v)]
+            elif v is not None:
+                section[name] = fix(v)
+        out[sec] = section
+    return out
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """``["model.n_layer=8", "train.lr=3e-4"]`` -> ``{"model": {"n_layer": "8"}, "train": {"lr": "3e-4"}}``.
 
-    Values stay strings here; :func:`_coerce` parses them against the field's type.
+    Values stay strings here; :func:`_coerce` parses them against the field's type. Paths stay relative
+    to the current directory (only a config file's paths are relative to the file).
     """
     out: dict[str, Any] = {}
     for item in overrides:
@@ -455,7 +527,9 @@ def load_config(
     """Resolve a :class:`Config`: defaults < preset < YAML file < dotted overrides.
 
     The preset is taken from (highest first) ``preset=`` in the overrides, the argument, or ``preset:`` in
-    the YAML file. Raises :class:`ConfigError` naming the key for unknown keys, wrong types, bad values or
+    the YAML file. Relative paths in the file (:data:`PATH_FIELDS`) are resolved against the file's folder
+    and stored absolute; a top-level ``sweep:`` mapping (a study's grid) is skipped here. Raises
+    :class:`ConfigError` naming the key for unknown keys, wrong types, bad values or
     a missing file.
     """
     file_values: dict[str, Any] = {}
@@ -471,6 +545,8 @@ def load_config(
             raise ConfigError(
                 f"config file '{p}' must be a mapping of sections, got {type(file_values).__name__}"
             )
+        file_values.pop("sweep", None)  # a study's grid, read by `scratchlm sweep` (experiments/sweep.py)
+        file_values = _resolve_paths(file_values, p.parent)
     cli_values = parse_overrides(overrides or [])
 
     chosen = cli_values.get("preset") or preset or file_values.get("preset")
@@ -497,7 +573,8 @@ _CHOICES = {
     "data.loader": ("random", "sequential"),
     "train.dtype": ("auto", "float32", "bfloat16", "float16"),
     "train.optimizer": ("adamw", "muon"),
-    "train.schedule": ("cosine", "wsd", "constant"),
+    "train.schedule": ("cosine", "wsd", "constant", "noam"),
+    "eval.metric": ("loss", "bleu"),
     "train.schedule_clock": ("steps", "time"),
     "train.resume": ("auto", "never"),
     "train.parallel": ("ddp", "fsdp", "zero1"),
@@ -591,6 +668,14 @@ def validate(cfg: Config) -> None:
         ("eval.sample_tokens", e.sample_tokens, ">= 0", e.sample_tokens >= 0),
         ("eval.temperature", e.temperature, ">= 0 (0 = greedy)", e.temperature >= 0),
         ("eval.top_k", e.top_k, ">= 1 or None (off)", _at_least(e.top_k, 1)),
+        ("eval.bleu_sentences", e.bleu_sentences, ">= 0 (0 = off)", e.bleu_sentences >= 0),
+        ("train.average_last", t.average_last, ">= 0 (0 = off)", t.average_last >= 0),
+        (
+            "data.batch_tokens",
+            cfg.data.batch_tokens,
+            ">= 1 or None (rows)",
+            _at_least(cfg.data.batch_tokens, 1),
+        ),
     ]
     for key, value, valid, ok in ranges:
         if not ok:
@@ -610,6 +695,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "train.schedule_clock=time needs train.max_time (seconds); or use schedule_clock=steps"
         )
+    if e.metric == "bleu" and (m.arch != "seq2seq" or e.bleu_sentences <= 0):
+        raise ConfigError("eval.metric=bleu needs model.arch=seq2seq and eval.bleu_sentences > 0 (e.g. 500)")
+    if t.average_last > t.keep_last:
+        raise ConfigError(
+            f"train.average_last={t.average_last} averages more checkpoints than train.keep_last="
+            f"{t.keep_last} keeps; raise train.keep_last to at least {t.average_last}"
+        )
+    if t.schedule == "noam" and t.warmup_steps <= 0:
+        raise ConfigError("train.schedule=noam needs train.warmup_steps >= 1 (its peak is at warmup)")
     specials = cfg.tokenizer.special_tokens
     if len(set(specials)) != len(specials):
         raise ConfigError(f"tokenizer.special_tokens lists a token twice: {specials}")

@@ -79,8 +79,7 @@ def get_tokenizer(cfg: Config, sources: Sources | None = None, progress: bool = 
     specials = list(tc.special_tokens)
     if cfg.model.arch == "seq2seq":
         specials += [s for s in SEQ2SEQ_SPECIALS if s not in specials]
-    settings = dict(kind=tc.kind, vocab_size=tc.vocab_size, specials=specials, pattern=tc.pattern, v=1)
-    path = cache_dir() / "tokenizers" / _key(sources.train.fingerprint, settings) / "tokenizer.json"
+    path = cached_tokenizer_path(cfg, sources)
     if path.is_file():
         print(f"tokenizer: reusing {path}")
         return load_tokenizer(path)
@@ -110,6 +109,16 @@ def get_tokenizer(cfg: Config, sources: Sources | None = None, progress: bool = 
     tok.save(tmp)
     tmp.replace(path)
     return tok
+
+
+def cached_tokenizer_path(cfg: Config, sources: Sources) -> Path:
+    """Where the tokenizer trained on ``sources`` with ``cfg.tokenizer``'s settings is cached."""
+    tc = cfg.tokenizer
+    specials = list(tc.special_tokens)
+    if cfg.model.arch == "seq2seq":
+        specials += [s for s in SEQ2SEQ_SPECIALS if s not in specials]
+    settings = dict(kind=tc.kind, vocab_size=tc.vocab_size, specials=specials, pattern=tc.pattern, v=1)
+    return cache_dir() / "tokenizers" / _key(sources.train.fingerprint, settings) / "tokenizer.json"
 
 
 def get_shards(cfg: Config, tokenizer, sources: Sources | None = None, progress: bool = True) -> Path:
@@ -276,21 +285,22 @@ def _seq2seq_tokenizer(cfg: Config, progress: bool):
     if prefix.lower().endswith(".tsv"):
         files = [prefix]
     else:
-        files = [f"{prefix}.{cfg.data.src_lang}", f"{prefix}.{cfg.data.tgt_lang}"]
+        # sorted: one joint tokenizer for both directions (de-en and en-de share the cache entry)
+        files = sorted([f"{prefix}.{cfg.data.src_lang}", f"{prefix}.{cfg.data.tgt_lang}"])
     load_pairs(prefix, cfg.data.src_lang, cfg.data.tgt_lang)  # checks the files exist and line up
-    key = _key(
+    specials = list(cfg.tokenizer.special_tokens) + [
+        s for s in SEQ2SEQ_SPECIALS if s not in cfg.tokenizer.special_tokens
+    ]
+    key = _key(  # every setting that changes the tokenizer, the special tokens (and their order) included
         [str(Path(f).resolve()) for f in files],
         [Path(f).stat().st_mtime_ns for f in files],
         cfg.tokenizer.vocab_size,
         cfg.tokenizer.pattern,
-        SEQ2SEQ_SPECIALS,
+        specials,
     )
     path = cache_dir() / "tokenizers" / key / "tokenizer.json"
     if path.is_file():
         return load_tokenizer(path)
-    specials = list(cfg.tokenizer.special_tokens) + [
-        s for s in SEQ2SEQ_SPECIALS if s not in cfg.tokenizer.special_tokens
-    ]
     tok = train_bpe(
         files,
         cfg.tokenizer.vocab_size,

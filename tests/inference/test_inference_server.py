@@ -347,19 +347,23 @@ def test_malformed_request_line_gets_json(server):
     with socket.create_connection((host, port), timeout=TIMEOUT) as s:
         s.sendall(b"GARBAGE\r\n\r\n")
         reply = s.makefile("rb").read().decode()
-    assert reply.startswith("HTTP/1.0 400") and '{"error": ' in reply
+    assert reply.split(" ")[1] == "400" and '{"error": ' in reply
 
 
 def test_server_error_is_500_without_traceback(server, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(server.engine, "generate", broken)
-    status, _, text = request(server, "/generate", {"prompt": "a", "max_new_tokens": 2})
-    assert status == 500
-    assert json.loads(text) == {"error": "internal server error (see the server log)"}
-    assert "secret" not in text
-    assert "RuntimeError: secret internal detail" in capsys.readouterr().err  # logged for the operator
+    monkeypatch.setattr(server.engine, "generate", broken)  # the engine's path ("context": "slide")
+    monkeypatch.setattr(server.batcher, "_sample_row", broken)  # the batcher's (every other request)
+    for body in ({"context": "slide"}, {}):
+        status, _, text = request(server, "/generate", {"prompt": "a", "max_new_tokens": 2, **body})
+        assert status == 500
+        assert json.loads(text) == {"error": "internal server error (see the server log)"}
+        assert "secret" not in text
+        assert "RuntimeError: secret internal detail" in capsys.readouterr().err  # logged for the operator
+    monkeypatch.undo()
+    assert request(server, "/generate", {"prompt": "a", "max_new_tokens": 2})[0] == 200  # still serving
 
 
 def test_generation_is_serialised(server, lm):
@@ -433,12 +437,35 @@ def test_cli_serve_passes_the_limits(tmp_path, lm, monkeypatch, capsys):
     seen: dict = {}
 
     def record(self, poll_interval=0.5):
-        seen.update(limit=self.max_new_tokens_limit, batch=self.max_batch)
+        seen.update(
+            limit=self.max_new_tokens_limit,
+            batch=self.max_batch,
+            queue=self.batcher.max_queue,
+            connections=self.max_connections,
+            deadline=self.watchdog.deadline_s,
+            key=self.api_key,
+        )
 
     monkeypatch.setattr(GenerationServer, "serve_forever", record)
+    monkeypatch.delenv("SCRATCHLM_API_KEY", raising=False)
     args = ["serve", str(run), "--port", "0", "--device", "cpu", "--which", "latest"]
-    assert main([*args, "--max-new-tokens-limit", "32", "--max-batch", "4"]) == 0
-    assert seen == {"limit": 32, "batch": 4}
-    assert main(args) == 0  # the CLI's defaults are the server's
-    assert seen == {"limit": server_module.MAX_NEW_TOKENS_LIMIT, "batch": server_module.MAX_BATCH}
-    assert seen == {"limit": 1024, "batch": 64}
+    assert main([*args, "--max-new-tokens-limit", "32", "--max-batch", "4", "--max-queue", "3"]) == 0
+    assert (seen["limit"], seen["batch"], seen["queue"]) == (32, 4, 3)
+    assert main([*args, "--max-connections", "9", "--request-deadline", "2.5", "--api-key", "k"]) == 0
+    assert (seen["connections"], seen["deadline"], seen["key"]) == (9, 2.5, "k")
+    monkeypatch.setenv("SCRATCHLM_API_KEY", "from-env")
+    assert main(args) == 0  # the CLI's defaults are the server's; the key comes from the environment
+    assert seen == {
+        "limit": server_module.MAX_NEW_TOKENS_LIMIT,
+        "batch": server_module.MAX_BATCH,
+        "queue": server_module.MAX_QUEUE,
+        "connections": server_module.MAX_CONNECTIONS,
+        "deadline": server_module.REQUEST_DEADLINE_S,
+        "key": "from-env",
+    }
+    assert (seen["limit"], seen["batch"], seen["queue"], seen["connections"]) == (1024, 64, 256, 512)
+    capsys.readouterr()
+    for bad in (["--max-queue", "0"], ["--max-connections", "0"], ["--request-deadline", "0"]):
+        assert main([*args, *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {bad[0]} must be") and err.count("\n") == 1

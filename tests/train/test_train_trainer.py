@@ -79,7 +79,13 @@ def test_end_to_end_outputs_and_accumulation_tokens(tmp_path, data_dir):
     assert all(math.isfinite(r["grad_norm"]) and r["tokens_per_s"] > 0 for r in train_recs)
     assert evals[-1]["val_ppl"] == pytest.approx(math.exp(evals[-1]["val_loss"]))
     assert (run_dir / "samples.txt").read_text().count("=== step") == 2
-    assert sorted(p.name for p in (run_dir / "plots").iterdir()) == ["loss.png", "lr.png", "throughput.png"]
+    assert sorted(p.name for p in (run_dir / "plots").iterdir()) == [
+        "loss.png",
+        "lr.png",
+        "perplexity.png",
+        "throughput.png",
+    ]
+    assert evals[-1]["train_ppl"] == pytest.approx(math.exp(evals[-1]["train_loss"]))
     assert read_state(find_checkpoint(run_dir, "best"))["step"] == 12
     state = read_state(find_checkpoint(run_dir))
     assert state["train_state"]["step"] == 12 and "torch" in state["rng"] and state["versions"]["torch"]
@@ -154,13 +160,23 @@ def test_second_sigint_exits_at_once(tmp_path, data_dir, monkeypatch):
     assert find_checkpoint(tmp_path / "run").name == "step_00000004"  # the earlier one, intact
 
 
-def test_early_stopping_with_patience(tmp_path, data_dir, monkeypatch):
+def test_early_stopping_with_patience(tmp_path, data_dir, monkeypatch, capsys):
     losses = iter([3.0, 3.5, 3.6, 3.7, 3.8, 3.9])
-    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: next(losses))
+    from scratchlm.train import validation
+
+    monkeypatch.setattr(validation, "evaluate_metrics", lambda *a, **k: {"val_loss": next(losses)})
     result, run_dir = train(
         tmp_path, data_dir, "eval.interval=2", "train.early_stopping_patience=2", "train.max_steps=50"
     )
     assert result["stopped_reason"] == "early_stopping" and result["step"] == 6
+    detail = "early stopping at step 6 after 2 evaluations without improvement (best val loss 3.0000)"
+    assert result["stop_detail"] == detail
+    assert read_metrics(run_dir)[-1] == {
+        "kind": "stop",
+        "step": 6,
+        "reason": "early_stopping",
+        "detail": detail,
+    }
     assert result["best_val_loss"] == 3.0
     assert read_state(find_checkpoint(run_dir, "best"))["step"] == 2
 
@@ -254,11 +270,12 @@ def test_plot_cli(tmp_path, data_dir):
     for p in (run_dir / "plots").iterdir():
         p.unlink()
     assert main(["plot", str(run_dir)]) == 0
-    assert len(list((run_dir / "plots").glob("*.png"))) == 3
+    names = {p.name for p in (run_dir / "plots").glob("*.png")}
+    assert names == {"loss.png", "perplexity.png", "lr.png", "throughput.png"}
     assert main(["plot", str(tmp_path / "missing")]) == 2
 
 
 def test_metrics_jsonl_is_json_lines(tmp_path, data_dir):
     _, run_dir = train(tmp_path, data_dir, "train.optimizer=muon")
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        assert json.loads(line)["kind"] in ("train", "eval")
+        assert json.loads(line)["kind"] in ("train", "eval", "stop")

@@ -18,7 +18,19 @@ from scratchlm import __version__
 from scratchlm.errors import ScratchLMError
 
 # subcommand modules, in the order `scratchlm --help` lists them
-_MODULES = ["train", "generate", "tokenizer", "data", "eval", "export", "plot", "explain", "serve"]
+_MODULES = [
+    "train",
+    "generate",
+    "translate",
+    "tokenizer",
+    "data",
+    "eval",
+    "export",
+    "plot",
+    "experiments",
+    "explain",
+    "serve",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""``scratchlm eval RUN_DIR``: validation loss, perplexity and bits per byte of a trained decoder."""
+"""``scratchlm eval RUN_DIR``: validation loss, perplexity and bits per byte of a trained decoder; on a
+seq2seq run, loss, perplexity, sacreBLEU and chrF of its translations (``--src F --ref F``)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "and bits per byte (independent of the tokenizer).",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `scratchlm train`")
-    p.add_argument("--which", choices=["best", "latest"], default="best", help="checkpoint to evaluate")
+    p.add_argument(
+        "--which",
+        choices=["best", "latest", "averaged"],
+        default="best",
+        help="checkpoint to evaluate (averaged: made by `scratchlm average`)",
+    )
     p.add_argument("--split", choices=["val", "train"], default="val", help="shard split to evaluate on")
     p.add_argument("--data-dir", help="shard directory (default: the one recorded in the run's config)")
     p.add_argument("--batches", type=int, default=50, help="batches to evaluate (sequential, from the start)")
@@ -32,6 +38,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--task-file", metavar="PATH", help="the task's data, e.g. hellaswag_val.jsonl")
     p.add_argument("--limit", type=int, help="score only the first N items of the task")
+    from scratchlm.cli.translate import add_search_options
+
+    t = p.add_argument_group("seq2seq runs: BLEU and chrF (sacrebleu) of the translations")
+    t.add_argument("--src", metavar="FILE", help="source sentences (default: the run's validation pairs)")
+    t.add_argument("--ref", metavar="FILE", help="reference translations, line-aligned with --src")
+    add_search_options(p, batch_size=False)
     p.set_defaults(func=run_eval)
 
 
@@ -44,12 +56,18 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.batches <= 0:
         raise ConfigError(f"--batches must be positive, got {args.batches}")
+    if (args.src is None) != (args.ref is None):
+        raise ConfigError("--src and --ref go together (line-aligned source and reference files)")
     if args.task and not args.task_file:
         raise ConfigError(f"--task {args.task} needs --task-file PATH (e.g. hellaswag_val.jsonl)")
     lm = load(args.run_dir, which=args.which, device=args.device)
     cfg = lm.config
-    if cfg.model.arch != "gpt":
-        raise ConfigError("scratchlm eval measures decoder LMs; translation models are scored by their BLEU")
+    if cfg.model.arch == "seq2seq":
+        from scratchlm.cli.eval_translation import run_translation_eval
+
+        return run_translation_eval(args, lm)
+    if args.src is not None:
+        raise ConfigError(f"--src/--ref score translations; {args.run_dir} is a decoder run (model.arch=gpt)")
     if args.task:
         return _run_task(args, lm)
     data_dir = Path(args.data_dir or cfg.data.data_dir or "")

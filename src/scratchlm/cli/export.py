@@ -1,4 +1,5 @@
-"""``scratchlm export RUN_DIR --out DIR``: write a trained GPT as a Hugging Face transformers checkpoint."""
+"""``scratchlm export RUN_DIR --out DIR``: write a trained GPT as a Hugging Face transformers checkpoint, or
+``scratchlm export RUN_DIR --format gguf --out FILE.gguf [--dtype f32|f16|q8_0]`` for llama.cpp and Ollama."""
 
 from __future__ import annotations
 
@@ -11,14 +12,25 @@ from scratchlm.errors import ConfigError
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="export a trained GPT to the Hugging Face format (GPT2LMHeadModel / LlamaForCausalLM)",
-        description="Write config.json, model.safetensors and tokenizer.json that transformers loads with "
-        "AutoModelForCausalLM.from_pretrained(DIR). GPT-2 style models become GPT2LMHeadModel, Llama style "
-        "models LlamaForCausalLM.",
+        help="export a trained GPT to the Hugging Face format or to GGUF (llama.cpp, Ollama)",
+        description="--format hf (default): write config.json, model.safetensors and tokenizer.json that "
+        "transformers loads with AutoModelForCausalLM.from_pretrained(DIR). GPT-2 style models become "
+        "GPT2LMHeadModel, Llama style models LlamaForCausalLM. --format gguf: write one .gguf file (llama or "
+        "gpt2 architecture, with the tokenizer) for llama.cpp and Ollama; see docs/serving.md.",
+    )
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="hf (a directory) or gguf (a file)")
+    p.add_argument(
+        "--dtype",
+        choices=["f32", "f16", "q8_0"],
+        default="f16",
+        help="GGUF weight type (default f16; q8_0 = 8-bit blocks; norms and biases stay f32)",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `scratchlm train`")
     p.add_argument(
-        "--out", required=True, metavar="DIR", help="output directory: new or empty (created if missing)"
+        "--out",
+        required=True,
+        metavar="PATH",
+        help="hf: output directory, new or empty (created if missing); gguf: the .gguf file to write",
     )
     p.add_argument(
         "--force", action="store_true", help="write into a non-empty --out, replacing files of the same names"
@@ -32,6 +44,8 @@ def run_export(args: argparse.Namespace) -> int:
     from scratchlm.model.hf import export_hf
 
     out = Path(args.out)
+    if args.format == "gguf":
+        return _export_gguf(args, out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a directory")
     if out.is_dir() and any(out.iterdir()) and not args.force:
@@ -43,4 +57,23 @@ def run_export(args: argparse.Namespace) -> int:
     out = export_hf(lm.model, args.out, tokenizer=lm.tokenizer)
     arch = "GPT2LMHeadModel" if lm.config.model.pos == "learned" else "LlamaForCausalLM"
     print(f"exported {lm.checkpoint} as {arch} to {out}")
+    return 0
+
+
+def _export_gguf(args: argparse.Namespace, out: Path) -> int:
+    from scratchlm.api import load
+    from scratchlm.model.gguf import export_gguf, gguf_architecture
+
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; give the .gguf file to write")
+    if out.exists() and not args.force:
+        raise ConfigError(f"--out {out} exists; pass --force to replace it")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: the directory {out.parent} does not exist")
+    lm = load(args.run_dir, which=args.which, device="cpu")
+    arch = gguf_architecture(lm.config.model)
+    export_gguf(lm.model, lm.tokenizer, out, dtype=args.dtype)
+    print(
+        f"exported {lm.checkpoint} as GGUF ({arch}, {args.dtype}) to {out} ({out.stat().st_size / 1e6:.1f} MB)"
+    )
     return 0

@@ -1,4 +1,4 @@
-"""``scratchlm plot RUN_DIR``: loss, learning-rate and throughput curves of a run as PNG files."""
+"""``scratchlm plot RUN_DIR``: loss, perplexity, learning-rate and throughput curves of a run as PNG files."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import argparse
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "plot",
-        help="write loss / lr / throughput plots of a run (RUN_DIR/plots/*.png)",
-        description="Read RUN_DIR/metrics.jsonl and write RUN_DIR/plots/{loss,lr,throughput}.png.",
+        help="write loss / perplexity / lr / throughput plots of a run (RUN_DIR/plots/*.png)",
+        description="Read RUN_DIR/metrics.jsonl and write RUN_DIR/plots/{loss,perplexity,lr,throughput}.png.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a training run directory (holds metrics.jsonl)")
     p.set_defaults(func=run_plot)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -13,7 +14,13 @@ MAIN_JOB_PRESET = "cpu-small"
 
 
 def _options_help() -> str:
-    lines = ["options (section.key=value; defaults < preset < YAML < command line):"]
+    lines = [
+        "options (section.key=value; defaults < preset < YAML < command line):",
+        "  list values: data.source=a.txt,b.txt or, quoted for the shell, "
+        "\"tokenizer.special_tokens=['<|endoftext|>', '<|bos|>']\"",
+        "  paths: relative paths in a CONFIG.yaml are relative to that file's folder; on the command line,",
+        "  relative to the current directory",
+    ]
     section = None
     for key, type_name, default, text in field_docs():
         sec = key.split(".")[0]
@@ -114,7 +121,9 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"\nrun directory: {result['run_dir']}")
     print(f"steps: {result['step']}, tokens: {result['tokens']:,}, wall time: {time.time() - start:.0f} s")
     if result.get("val_loss") is not None:
-        print(f"final validation loss: {result['val_loss']:.4f}")
+        ppl = math.exp(min(result["val_loss"], 50.0))
+        print(f"final validation loss: {result['val_loss']:.4f} (perplexity {ppl:.2f})")
+    print(f"stopped: {result['stop_detail']}")
     _print_sample(result["run_dir"], cfg)
     return 0
 

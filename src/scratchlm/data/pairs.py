@@ -16,6 +16,15 @@ Batches are length-bucketed so that padding stays small: every epoch the pairs a
 (source, target) length inside a chunk, cut into batches of B, and the batches shuffled. Validation loaders
 (``shuffle=False``) sort all pairs by length once and read them in that fixed order. The state is
 ``(epoch, batch index)``: JSON integers, exact resume. DDP ranks take every world_size-th batch.
+
+Batching by tokens (``batch_tokens``, as fairseq's ``--max-tokens`` and the paper's ~25,000 source + target
+tokens per batch): every epoch all pairs are shuffled, stably sorted by length (so equal lengths stay in
+random order), and cut greedily into batches whose *padded* size ``rows * (S + T)`` stays within
+``batch_tokens``; the batches are then shuffled. Neighbours in the sorted order have nearly the same
+length, so little padding is computed. ``pad_to`` rounds S and T up to a multiple (the trainer uses 8 with
+``train.compile``, so that a compiled model sees few shapes, and 1 otherwise). Measured on Multi30k De->En
+(one epoch, 12,000-token batches): padding 10% with pad_to 1 (88 shapes), 23% with pad_to 8 (18 shapes);
+128-row batches: 14% (138 shapes) and 2.6x fewer target tokens per step.
 """
 
 from __future__ import annotations
@@ -99,6 +108,8 @@ class PairLoader:
         rank: int = 0,
         world_size: int = 1,
         device: str | torch.device = "cpu",
+        batch_tokens: int | None = None,
+        pad_to: int = 1,
     ):
         if batch_size <= 0 or max_len <= 0:
             raise DataError(f"batch_size and max_len must be positive, got {batch_size}, {max_len}")
@@ -123,6 +134,14 @@ class PairLoader:
         src_len, tgt_len = np.array([len(a) for a in self.src]), np.array([len(b) for b in self.tgt])
         self.lengths = src_len * (tgt_len.max() + 1) + tgt_len
         self.B, self.shuffle, self.seed, self.bucket_batches = batch_size, shuffle, seed, bucket_batches
+        self.batch_tokens, self.max_len = batch_tokens, max_len
+        self.pad_to = pad_to if batch_tokens else 1
+        if batch_tokens is not None and batch_tokens < 2 * self._padded(max_len + 1):
+            raise DataError(
+                f"data.batch_tokens={batch_tokens} cannot hold one pair of {max_len} tokens per side; "
+                f"use at least {2 * self._padded(max_len + 1)} or lower data.max_pair_len"
+            )
+        self._src_len, self._tgt_len = src_len, tgt_len
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.fingerprint = hashlib.sha256(
             b"".join(a.tobytes() + b"|" + b.tobytes() + b"\n" for a, b in zip(self.src, self.tgt))
@@ -138,7 +157,9 @@ class PairLoader:
         if self._plan_epoch == epoch:
             return self._plan
         n, B = len(self.src), self.B
-        if self.shuffle:
+        if self.batch_tokens is not None:
+            batches = self._token_batches(epoch)
+        elif self.shuffle:
             rng = np.random.default_rng([self.seed, epoch])
             order = rng.permutation(n)
             chunk = B * self.bucket_batches
@@ -154,6 +175,33 @@ class PairLoader:
         usable = len(batches) - len(batches) % self.world_size  # every rank gets the same number
         self._plan_epoch, self._plan = epoch, batches[self.rank : usable : self.world_size]
         return self._plan
+
+    def _padded(self, length: int) -> int:
+        """``length`` rounded up to a multiple of pad_to, at most max_len + 1 (what the context holds)."""
+        return min(-(-length // self.pad_to) * self.pad_to, self.max_len + 1)
+
+    def _token_batches(self, epoch: int) -> list[np.ndarray]:
+        """Length-sorted batches of at most ``batch_tokens`` padded source + target tokens (module docstring)."""
+        n = len(self.src)
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(n)
+            order = order[np.argsort(self.lengths[order], kind="stable")]
+        else:
+            order = np.argsort(self.lengths, kind="stable")
+        batches, start, max_s, max_t = [], 0, 0, 0
+        for pos, i in enumerate(order):
+            s = self._padded(int(self._src_len[i]) + 1)
+            t = self._padded(int(self._tgt_len[i]) + 1)
+            rows = pos - start + 1
+            if rows > 1 and rows * (max(max_s, s) + max(max_t, t)) > self.batch_tokens:
+                batches.append(order[start:pos])
+                start, max_s, max_t = pos, 0, 0
+            max_s, max_t = max(max_s, s), max(max_t, t)
+        batches.append(order[start:])
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
 
     @property
     def batches_per_epoch(self) -> int:
@@ -174,24 +222,30 @@ class PairLoader:
             yield self.collate(idx)
 
     def collate(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
-        """Pad the pairs ``idx`` into a batch (shapes in the module docstring)."""
+        """Pad the pairs ``idx`` into a batch (shapes in the module docstring), in numpy then one copy each."""
         s, t = self.src_special, self.tgt_special
-        S = max(len(self.src[i]) for i in idx) + 1
-        T = max(len(self.tgt[i]) for i in idx) + 1
-        src = torch.full((len(idx), S), s["pad"], dtype=torch.long)
-        tgt_in = torch.full((len(idx), T), t["pad"], dtype=torch.long)
-        targets = torch.full((len(idx), T), -100, dtype=torch.long)
+        src_len = np.array([len(self.src[i]) for i in idx])
+        tgt_len = np.array([len(self.tgt[i]) for i in idx])
+        S, T = self._padded(int(src_len.max()) + 1), self._padded(int(tgt_len.max()) + 1)
+        rows = np.arange(len(idx))
+        src = np.full((len(idx), S), s["pad"], dtype=np.int64)
+        tgt_in = np.full((len(idx), T), t["pad"], dtype=np.int64)
+        targets = np.full((len(idx), T), -100, dtype=np.int64)
         for row, i in enumerate(idx):
-            a, b = torch.from_numpy(self.src[i]), torch.from_numpy(self.tgt[i])
+            a, b = self.src[i], self.tgt[i]
             src[row, : len(a)] = a
-            src[row, len(a)] = s["eos"]
-            tgt_in[row, 0] = t["bos"]
             tgt_in[row, 1 : len(b) + 1] = b
             targets[row, : len(b)] = b
-            targets[row, len(b)] = t["eos"]
-        src_lens = torch.tensor([len(self.src[i]) + 1 for i in idx])
-        src_mask = torch.arange(S)[None, :] < src_lens[:, None]
-        batch = {"src": src, "src_mask": src_mask, "tgt_in": tgt_in, "targets": targets}
+        src[rows, src_len] = s["eos"]
+        tgt_in[:, 0] = t["bos"]
+        targets[rows, tgt_len] = t["eos"]
+        src_mask = np.arange(S)[None, :] < (src_len + 1)[:, None]
+        batch = {
+            "src": torch.from_numpy(src),
+            "src_mask": torch.from_numpy(src_mask),
+            "tgt_in": torch.from_numpy(tgt_in),
+            "targets": torch.from_numpy(targets),
+        }
         if self.device.type == "cuda":
             return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
         return {k: v.to(self.device) for k, v in batch.items()}
@@ -206,12 +260,13 @@ class PairLoader:
             "batch_size": self.B,
             "world_size": self.world_size,
             "shuffle": self.shuffle,
+            "batch_tokens": self.batch_tokens,
             "pairs": self.fingerprint,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = self.state_dict()
-        for key in ("version", "seed", "batch_size", "world_size", "shuffle", "pairs"):
+        for key in ("version", "seed", "batch_size", "world_size", "shuffle", "pairs", "batch_tokens"):
             if state.get(key) != mine[key]:
                 raise DataError(
                     f"cannot resume the pair loader: {key} was {state.get(key)!r}, now {mine[key]!r}; "
@@ -231,6 +286,7 @@ def build_pair_loaders(
     tgt_tokenizer: Any = None,
     rank: int = 0,
     world_size: int = 1,
+    pad_to: int = 1,
 ):
     """The trainer's entry point: ``(train_loader, make_val_loader)`` from a :class:`DataConfig`.
 
@@ -239,6 +295,45 @@ def build_pair_loaders(
     ``max_len = min(data_cfg.max_pair_len, context_length - 1)`` so that src (+eos) and tgt_in (+bos) fit
     the context. ``make_val_loader()`` returns a fresh loader in a fixed order (same batches every call).
     """
+    pairs, val_pairs = split_pairs(data_cfg)
+    max_len = min(data_cfg.max_pair_len, context_length - 1)
+    train = PairLoader(
+        pairs,
+        tokenizer,
+        batch_size,
+        tgt_tokenizer=tgt_tokenizer,
+        max_len=max_len,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        batch_tokens=data_cfg.batch_tokens,
+        pad_to=pad_to,
+    )
+    val_encoded = PairLoader(
+        val_pairs,
+        tokenizer,
+        batch_size,
+        tgt_tokenizer=tgt_tokenizer,
+        max_len=max_len,
+        shuffle=False,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        batch_tokens=data_cfg.batch_tokens,
+        pad_to=pad_to,
+    )
+
+    def make_val_loader() -> PairLoader:
+        val_encoded.epoch, val_encoded.index = 0, 0
+        return val_encoded
+
+    return train, make_val_loader
+
+
+def split_pairs(data_cfg: Any) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(training pairs, validation pairs) of a :class:`DataConfig`: ``data.val_source`` when given, else
+    the ``data.val_fraction`` of the pairs held out by a hash of the pair (the same split on every call)."""
     if not data_cfg.source:
         raise DataError(
             "seq2seq needs data.source=PREFIX of line-aligned files (e.g. "
@@ -257,32 +352,4 @@ def build_pair_loaders(
         raise DataError(
             "the seq2seq validation set is empty; give data.val_source or raise data.val_fraction"
         )
-    max_len = min(data_cfg.max_pair_len, context_length - 1)
-    train = PairLoader(
-        pairs,
-        tokenizer,
-        batch_size,
-        tgt_tokenizer=tgt_tokenizer,
-        max_len=max_len,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        device=device,
-    )
-    val_encoded = PairLoader(
-        val_pairs,
-        tokenizer,
-        batch_size,
-        tgt_tokenizer=tgt_tokenizer,
-        max_len=max_len,
-        shuffle=False,
-        rank=rank,
-        world_size=world_size,
-        device=device,
-    )
-
-    def make_val_loader() -> PairLoader:
-        val_encoded.epoch, val_encoded.index = 0, 0
-        return val_encoded
-
-    return train, make_val_loader
+    return pairs, val_pairs

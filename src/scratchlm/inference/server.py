@@ -1,9 +1,9 @@
-"""A small HTTP server for a loaded model: standard library only (``http.server``), JSON in and out.
+"""The HTTP server for a loaded model: standard library only (``http.server``), JSON in and out.
 
     server = GenerationServer(scratchlm.load("runs/demo"), host="127.0.0.1", port=8000)
     server.serve_forever()        # or: scratchlm serve runs/demo --port 8000
 
-Endpoints (docs/serving.md has curl examples):
+Endpoints (docs/serving.md has curl and OpenAI-client examples):
 
 - ``GET /health`` -> ``{"status": "ok", "model": NAME}``
 - ``GET /info`` -> the model: architecture, config, vocabulary size, context length, parameter count.
@@ -15,26 +15,42 @@ Endpoints (docs/serving.md has curl examples):
   "prompt_tokens", "new_tokens"}], "seconds"}``, one completion per prompt, in order. With
   ``"stream": true`` (one prompt) it is Server-Sent Events: ``data: {"delta": "..."}`` per text delta,
   then ``data: [DONE]``.
+- The OpenAI API: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
+  (:mod:`scratchlm.inference.openai_api`), errors in OpenAI's shape.
 
-Limits per request, so that one client cannot hold the model for long: ``max_new_tokens`` at most
-``max_new_tokens_limit`` (default 1024; a request without it gets ``min(128, limit)``) and at most
-``max_batch`` prompts (default 64). ``/info`` reports both.
+Generation is continuous batching (:mod:`scratchlm.inference.batching`): requests that arrive together
+share decoder steps, at most ``max_batch`` rows at once; ``max_queue`` requests may wait, more get 503.
+``/generate`` with ``"context": "slide"`` or ``"stop"`` runs on the engine itself, one at a time.
 
-Errors are one-line JSON ``{"error": "..."}``: 400 for a bad request (invalid JSON, unknown field, wrong
-type, out-of-range option, over a limit, prompt too long for the context), 404 unknown path, 405 wrong
-method, 413 body over 1 MB, 500 for a server bug (generic message to the client, traceback to stderr).
-A client never sees a traceback.
+Limits, so that no client can hold the server: ``max_new_tokens`` at most ``max_new_tokens_limit`` (a
+``/generate`` without it gets ``min(128, limit)``); at most ``max_batch`` completions per request; a body of
+at most 1 MiB (413); at most ``max_connections`` open connections (503 past it; the listen backlog holds
+them all); a request must arrive whole within ``request_deadline_s`` (408 and close: a client that sends a
+header line every few seconds is cut off); a socket idle for 60 s is closed. A client that disconnects
+frees its rows at the next step and costs one log line, never a traceback.
 
-There is one model, so generation is serialised by a lock: requests are accepted concurrently (one thread
-each) but generate one at a time. A streaming request holds the lock until its stream ends or its client
-disconnects (generation then stops). The server binds to 127.0.0.1 by default and has no authentication:
-expose it beyond the machine only behind a proxy that adds it.
+Errors are one-line JSON: ``{"error": "..."}`` on the original endpoints, OpenAI's
+``{"error": {"message", "type", "param", "code"}}`` under ``/v1/``. 400 bad request (invalid JSON, unknown
+field, wrong type, out-of-range option, over a limit, prompt too long for the context), 401 wrong API key,
+404 unknown path or model, 405 wrong method, 408 request too slow, 411 no Content-Length, 413 body too
+large, 503 busy, 500 server bug (generic message to the client, traceback to stderr).
+
+The server binds to 127.0.0.1 by default. ``api_key`` (``scratchlm serve --api-key`` or the
+``SCRATCHLM_API_KEY`` environment variable) makes every endpoint but ``/health`` require
+``Authorization: Bearer <key>``; there is no TLS: put a reverse proxy in front to expose it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import hmac
+import itertools
 import json
 import math
+import select
+import socket
 import sys
 import threading
 import time
@@ -45,12 +61,20 @@ from pathlib import Path
 from typing import Any
 
 from scratchlm.errors import GenerationError, TokenizerError
+from scratchlm.inference.batching import Batcher, ErrorEvent, FinishEvent, QueueFullError, Ticket
+from scratchlm.inference.openai_api import OpenAIError, models_list, parse_request, run_request
 from scratchlm.inference.sampling import SamplingParams
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
-REQUEST_TIMEOUT_S = 60  # a client that sends nothing for this long is dropped
+IDLE_TIMEOUT_S = 60  # a socket read or write that waits this long drops the connection
+REQUEST_DEADLINE_S = (
+    30.0  # a request must arrive whole this long after it starts (scratchlm serve --request-deadline)
+)
 MAX_NEW_TOKENS_LIMIT = 1024  # per request (scratchlm serve --max-new-tokens-limit)
-MAX_BATCH = 64  # prompts per request (scratchlm serve --max-batch)
+MAX_BATCH = 64  # rows decoded together, so completions per request (scratchlm serve --max-batch)
+MAX_QUEUE = 256  # requests waiting for a batch slot before 503 (scratchlm serve --max-queue)
+MAX_CONNECTIONS = 512  # open connections before 503 (scratchlm serve --max-connections)
+REJECTERS = 32  # connections being answered 503 at once; past it they are closed
 
 # JSON field -> accepted Python types (bool is excluded from the numeric ones explicitly)
 _INT = (int,)
@@ -196,7 +220,15 @@ def _one_line(e: Exception) -> str:
 
 class GenerationServer(ThreadingHTTPServer):
     """An HTTP server around one loaded model (``scratchlm.api.LoadedModel`` or anything with ``.engine``,
-    ``.model``, ``.tokenizer``, ``.config``). Port 0 picks a free port (see :attr:`url`)."""
+    ``.model``, ``.tokenizer``, ``.config``). Port 0 picks a free port (see :attr:`url`).
+
+    Generation goes through one :class:`~scratchlm.inference.batching.Batcher` (continuous batching of at
+    most ``max_batch`` rows; ``max_queue`` requests wait, more get 503). Connections beyond
+    ``max_connections`` get 503 at once; a request whose headers and body have not fully arrived
+    ``request_deadline_s`` after it started (or after the previous answer on a kept-alive connection) is
+    answered 408 and closed. ``api_key``: every endpoint but ``/health`` then needs
+    ``Authorization: Bearer <api_key>``.
+    """
 
     daemon_threads = True  # a hung client never keeps the process alive at exit
 
@@ -209,9 +241,19 @@ class GenerationServer(ThreadingHTTPServer):
         max_body_bytes: int = MAX_BODY_BYTES,
         max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT,
         max_batch: int = MAX_BATCH,
+        max_queue: int = MAX_QUEUE,
+        max_connections: int = MAX_CONNECTIONS,
+        request_deadline_s: float = REQUEST_DEADLINE_S,
+        api_key: str | None = None,
     ):
-        for option, value in (("max_new_tokens_limit", max_new_tokens_limit), ("max_batch", max_batch)):
-            if value < 1:
+        for option, value in (
+            ("max_new_tokens_limit", max_new_tokens_limit),
+            ("max_batch", max_batch),
+            ("max_queue", max_queue),
+            ("max_connections", max_connections),
+            ("request_deadline_s", request_deadline_s),
+        ):
+            if not value > 0:
                 raise ValueError(f"{option} must be >= 1, got {value}")
         self.lm = lm
         self.engine = lm.engine
@@ -220,13 +262,88 @@ class GenerationServer(ThreadingHTTPServer):
         self.max_body_bytes = max_body_bytes
         self.max_new_tokens_limit = max_new_tokens_limit
         self.max_batch = max_batch
-        self.lock = threading.Lock()  # one model: one generation at a time
+        self.max_connections = max_connections
+        self.api_key = api_key or None
+        self.created = int(time.time())
+        self.lock = threading.Lock()  # the engine's own path (context "slide" / "stop"): one at a time
+        # the kernel queues connections not yet accepted: room for every allowed connection at once
+        self.request_queue_size = max(128, max_connections)
+        self._connections = 0
+        self._rejecting = 0
+        self._count_lock = threading.Lock()
         super().__init__((host, port), _Handler)
+        self.watchdog = _Watchdog(request_deadline_s)
+        self.batcher = Batcher(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue)
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
+
+    def server_close(self) -> None:
+        super().server_close()
+        if hasattr(self, "batcher"):
+            self.batcher.close()
+            self.watchdog.close()
+
+    # -------------------------------------------------------------------------------------------------
+    # connection cap
+
+    def process_request(self, request, client_address) -> None:
+        with self._count_lock:
+            full = self._connections >= self.max_connections
+            if not full:
+                self._connections += 1
+            reject = full and self._rejecting < REJECTERS
+            self._rejecting += reject
+        if not full:
+            super().process_request(request, client_address)
+        elif reject:  # answered 503 in a short-lived thread (bounded: REJECTERS at once, 1 s each)
+            threading.Thread(target=self._reject, args=(request,), daemon=True).start()
+        else:
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._count_lock:
+                self._connections -= 1
+
+    def _reject(self, sock) -> None:
+        body = json.dumps(
+            _openai_error(
+                503, f"the server is at its limit of {self.max_connections} connections; retry later"
+            )
+        ).encode()
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+        )
+        try:
+            sock.settimeout(1.0)
+            sock.sendall(head.encode() + body)
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline and sock.recv(1 << 16):  # drain: closing unread data is an RST
+                pass
+        except OSError:
+            pass
+        finally:
+            sock.close()
+            with self._count_lock:
+                self._rejecting -= 1
+
+    def handle_error(self, request, client_address) -> None:
+        """A connection error escaping a handler (a client gone while we flushed) is one line, not a traceback."""
+        e = sys.exc_info()[1]
+        if isinstance(e, OSError):
+            sys.stderr.write(f"{client_address[0]} - connection closed early ({type(e).__name__})\n")
+        else:
+            super().handle_error(request, client_address)
+
+    # -------------------------------------------------------------------------------------------------
+    # answers
 
     def info(self) -> dict[str, Any]:
         """The ``/info`` answer: what is being served."""
@@ -248,6 +365,11 @@ class GenerationServer(ThreadingHTTPServer):
                 k: v for k, v in vars(cfg).items() if isinstance(v, str | int | float | bool | type(None))
             },
             "limits": {"max_new_tokens": self.max_new_tokens_limit, "max_batch": self.max_batch},
+            "batching": {
+                **dataclasses.asdict(self.batcher.stats),
+                "queued": self.batcher.queued,
+                "active_rows": self.batcher.active_rows,
+            },
         }
 
     def parse(self, body: bytes) -> GenerateRequest:
@@ -259,29 +381,122 @@ class GenerationServer(ThreadingHTTPServer):
             vocab_size=int(self.lm.tokenizer.vocab_size),
         )
 
-    def generate(self, req: GenerateRequest) -> dict[str, Any]:
-        """The non-streaming ``/generate`` answer (generation under the lock)."""
+    def submit(self, req: GenerateRequest) -> tuple[Ticket, list[int]]:
+        """Queue a ``/generate`` request (context "error") on the batcher: (ticket, prompt token counts)."""
+        options = {k: v for k, v in req.options.items() if k != "context"}
+        params = SamplingParams.from_kwargs(**options)
+        ids = [self.engine.encode_prompt(p) for p in req.prompts]
+        try:
+            return self.batcher.submit(ids, params), [len(i) for i in ids]
+        except QueueFullError as e:
+            raise RequestError(503, str(e)) from None
+
+    def generate(self, req: GenerateRequest, gone=None) -> dict[str, Any] | None:
+        """The non-streaming ``/generate`` answer (None when the client left before it was ready)."""
         start = time.perf_counter()
-        with self.lock:
-            results = self.engine.generate(req.prompts, **req.options)
+        if req.options.get("context", "error") != "error":  # window policies: the engine itself
+            with self.lock:
+                results = self.engine.generate(req.prompts, **req.options)
+            rows = [(r.text, r.finish_reason, r.prompt_tokens, r.new_tokens) for r in results]
+        else:
+            ticket, prompt_tokens = self.submit(req)
+            done: dict[int, FinishEvent] = {}
+            for event in ticket.events(gone=gone):
+                if isinstance(event, ErrorEvent):
+                    raise (GenerationError if event.client_error else RuntimeError)(event.message)
+                if isinstance(event, FinishEvent):
+                    done[event.row] = event
+            if ticket.cancelled.is_set():
+                return None
+            rows = [
+                (e.text, e.finish_reason, prompt_tokens[i], e.new_tokens) for i, e in sorted(done.items())
+            ]
         return {
             "completions": [
-                {
-                    "text": r.text,
-                    "finish_reason": r.finish_reason,
-                    "prompt_tokens": r.prompt_tokens,
-                    "new_tokens": r.new_tokens,
-                }
-                for r in results
+                {"text": t, "finish_reason": f, "prompt_tokens": p, "new_tokens": n} for t, f, p, n in rows
             ],
             "seconds": round(time.perf_counter() - start, 6),
         }
 
 
+class _Watchdog:
+    """Closes the read side of connections whose request is not in after ``deadline_s`` (slow clients).
+
+    A handler arms it when it starts waiting for a request and disarms it once the body is read. One
+    thread checks every armed connection a few times per deadline; ``shutdown(SHUT_RD)`` makes the
+    handler's blocked read return end-of-file, and the handler answers 408 if part of a request came.
+    """
+
+    def __init__(self, deadline_s: float):
+        self.deadline_s = deadline_s
+        self._armed: dict[Any, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scratchlm-watchdog", daemon=True)
+        self._thread.start()
+
+    def arm(self, handler) -> None:
+        with self._lock:
+            self._armed[handler] = time.monotonic() + self.deadline_s
+
+    def disarm(self, handler) -> None:
+        with self._lock:
+            self._armed.pop(handler, None)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(0.25, self.deadline_s / 4)):
+            now = time.monotonic()
+            with self._lock:
+                late = [h for h, t in self._armed.items() if t < now]
+                for h in late:
+                    del self._armed[h]
+            for h in late:
+                h.timed_out = True
+                with contextlib.suppress(OSError):
+                    h.connection.shutdown(socket.SHUT_RD)
+
+
+def _openai_error(status: int, message: str) -> dict[str, Any]:
+    return OpenAIError(status, message).body()
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: GenerationServer
     server_version = "scratchlm"
-    timeout = REQUEST_TIMEOUT_S
+    protocol_version = "HTTP/1.1"  # keep-alive: the OpenAI client reuses its connections
+    timeout = IDLE_TIMEOUT_S
+
+    ROUTES = {
+        "/health": "GET",
+        "/info": "GET",
+        "/generate": "POST",
+        "/v1/models": "GET",
+        "/v1/completions": "POST",
+        "/v1/chat/completions": "POST",
+    }
+
+    def setup(self) -> None:
+        super().setup()
+        self.timed_out = False
+
+    def handle_one_request(self) -> None:
+        self.responded = self.openai = False
+        self.server.watchdog.arm(self)
+        try:
+            super().handle_one_request()
+            if self.timed_out and not self.responded and self.raw_requestline:
+                self._error(408, self._late_message())
+        finally:
+            self.server.watchdog.disarm(self)
+            if self.timed_out:
+                self.close_connection = True
+
+    def _late_message(self) -> str:
+        return f"the request did not arrive within {self.server.watchdog.deadline_s:g} s; send it whole"
 
     # -------------------------------------------------------------------------------------------------
     # routing
@@ -293,31 +508,60 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("POST")
 
     def _dispatch(self, method: str) -> None:
-        routes = {"/health": "GET", "/info": "GET", "/generate": "POST"}
         path = self.path.split("?", 1)[0]
+        self.openai = path.startswith("/v1/")
         try:
-            if path not in routes:
-                raise RequestError(404, f"no endpoint {path}; try GET /health, GET /info, POST /generate")
-            if routes[path] != method:
-                raise RequestError(405, f"{path} takes {routes[path]}, not {method}")
+            if self.timed_out:
+                raise RequestError(408, self._late_message())
+            if path not in self.ROUTES:
+                raise RequestError(404, f"no endpoint {path}; try GET /health, GET /info, GET /v1/models")
+            if self.ROUTES[path] != method:
+                raise RequestError(405, f"{path} takes {self.ROUTES[path]}, not {method}")
+            self._authorize(path)
+            body = self._read_body() if method == "POST" else b""
+            self.server.watchdog.disarm(self)  # the request is in: generation time is not its deadline
             if path == "/health":
                 self._send_json(200, {"status": "ok", "model": self.server.model_name})
             elif path == "/info":
                 self._send_json(200, self.server.info())
+            elif path == "/v1/models":
+                self._send_json(200, models_list(self.server.model_name, self.server.created))
+            elif path == "/generate":
+                self._generate(body)
             else:
-                self._generate()
-        except RequestError as e:
-            self._send_json(e.status, {"error": str(e)}, allow=routes.get(path) if e.status == 405 else None)
+                self._openai(body, chat=path == "/v1/chat/completions")
+        except (RequestError, OpenAIError) as e:
+            self._error(e.status, str(e), allow=self.ROUTES.get(path) if e.status == 405 else None, exc=e)
         except (GenerationError, TokenizerError) as e:  # refused: prompt too long, not encodable, ...
-            self._send_json(400, {"error": _one_line(e)})
+            self._error(400, _one_line(e))
         except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
             self.log_message("client disconnected: %s %s", method, path)
         except Exception:
             traceback.print_exc(file=sys.stderr)
-            self._send_json(500, {"error": "internal server error (see the server log)"})
+            self._error(500, "internal server error (see the server log)")
+
+    def _authorize(self, path: str) -> None:
+        key = self.server.api_key
+        if key is None or path == "/health":
+            return
+        given = self.headers.get("Authorization", "")
+        token = given[len("Bearer ") :] if given.startswith("Bearer ") else ""
+        if not hmac.compare_digest(token.encode(), key.encode()):
+            raise OpenAIError(
+                401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
+
+    def _client_gone(self) -> bool:
+        """True when the client closed its side (readable with nothing to read)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     # -------------------------------------------------------------------------------------------------
-    # POST /generate
+    # POST bodies
 
     def _read_body(self) -> bytes:
         length = self.headers.get("Content-Length")
@@ -339,43 +583,128 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(
                 413, f"request body of {length} bytes exceeds the limit of {self.server.max_body_bytes}"
             )
-        return self.rfile.read(n)
+        body = self.rfile.read(n)
+        if len(body) < n:
+            self.close_connection = True
+            raise RequestError(
+                408 if self.timed_out else 400,
+                self._late_message() if self.timed_out else "the body ended before Content-Length bytes",
+            )
+        return body
 
-    def _generate(self) -> None:
-        req = self.server.parse(self._read_body())
+    def _openai(self, body: bytes, chat: bool) -> None:
+        srv = self.server
+        req = parse_request(
+            body, chat=chat, model_name=srv.model_name, max_batch=srv.max_batch, tokenizer=srv.lm.tokenizer
+        )
+        run = functools.partial(
+            run_request,
+            req,
+            srv.batcher,
+            srv.lm.tokenizer,
+            srv.engine.encode_prompt,
+            model_name=srv.model_name,
+            max_tokens_limit=srv.max_new_tokens_limit,
+            gone=self._client_gone,
+        )
+        try:
+            if not req.stream:
+                answer = run()
+                if answer is not None:
+                    self._send_json(200, answer)
+                return
+            self._stream(lambda emit: run(emit=emit))
+        except QueueFullError as e:
+            raise OpenAIError(503, str(e)) from None
+
+    def _generate(self, body: bytes) -> None:
+        req = self.server.parse(body)
         if not req.stream:
-            self._send_json(200, self.server.generate(req))
+            answer = self.server.generate(req, gone=self._client_gone)
+            if answer is not None:
+                self._send_json(200, answer)
             return
-        with self.server.lock:
-            deltas = self.server.engine.stream(req.prompts[0], **req.options)
+        if req.options.get("context", "error") != "error":
+            with self.server.lock:
+                deltas = self.server.engine.stream(req.prompts[0], **req.options)
+                try:
+                    first = next(deltas, None)  # errors before any output (prompt too long) are still 400s
+
+                    def relay_engine(emit) -> None:
+                        for d in itertools.chain([first] if first else [], deltas):
+                            emit(json.dumps({"delta": d}))
+
+                    self._stream(relay_engine)
+                finally:
+                    deltas.close()  # stops generating when the client went away
+            return
+        ticket, _ = self.server.submit(req)
+
+        def relay(emit) -> None:
             try:
-                first = next(deltas, None)  # errors before any output (prompt too long...) are still a 400
+                for event in ticket.events(gone=self._client_gone):
+                    if isinstance(event, ErrorEvent):
+                        raise RuntimeError(event.message)
+                    if event.delta:
+                        emit(json.dumps({"delta": event.delta}))
+            except BaseException:
+                ticket.cancel()
+                raise
+
+        self._stream(relay)
+
+    def _stream(self, produce) -> None:
+        """Answer 200 with Server-Sent Events: ``produce(emit)`` sends each event's data; then ``[DONE]``.
+
+        Errors before the first event are ordinary error answers; after it, an error event then ``[DONE]``.
+        """
+        started = False
+
+        def emit(data: str) -> None:
+            nonlocal started
+            if not started:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Cache-Control", "no-cache")
                 self.send_header("Connection", "close")
                 self.end_headers()
                 self.close_connection = True
-                try:
-                    if first is not None:
-                        self._send_event(json.dumps({"delta": first}))
-                        for delta in deltas:
-                            self._send_event(json.dumps({"delta": delta}))
-                except (BrokenPipeError, ConnectionResetError):
-                    raise
-                except Exception:  # headers are out: report in the stream, log the traceback
-                    traceback.print_exc(file=sys.stderr)
-                    self._send_event(json.dumps({"error": "internal server error (see the server log)"}))
-                self._send_event("[DONE]")
-            finally:
-                deltas.close()  # stops generating when the client went away
+                self.responded = started = True
+            self.wfile.write(f"data: {data}\n\n".encode())
+            self.wfile.flush()
 
-    def _send_event(self, data: str) -> None:
-        self.wfile.write(f"data: {data}\n\n".encode())
-        self.wfile.flush()
+        try:
+            produce(emit)
+        except (BrokenPipeError, ConnectionResetError):
+            raise
+        except Exception as e:
+            if not started:
+                raise
+            if not isinstance(e, RequestError | OpenAIError | GenerationError):
+                traceback.print_exc(file=sys.stderr)
+            message = (
+                str(e)
+                if isinstance(e, RequestError | OpenAIError | GenerationError)
+                else "internal server error (see the server log)"
+            )
+            emit(json.dumps(_openai_error(500, message) if self.openai else {"error": message}))
+        if not self._client_gone():
+            emit("[DONE]")
 
     # -------------------------------------------------------------------------------------------------
     # responses
+
+    def _error(
+        self, status: int, message: str, allow: str | None = None, exc: Exception | None = None
+    ) -> None:
+        """An error answer: OpenAI's shape under /v1/, else ``{"error": message}``."""
+        if getattr(self, "openai", False):
+            body = exc.body() if isinstance(exc, OpenAIError) else _openai_error(status, message)
+        else:
+            body = {"error": message}
+        if status in (408, 413, 411):
+            self.close_connection = True
+        self._send_json(status, body, allow=allow)
 
     def _send_json(self, status: int, obj: dict[str, Any], allow: str | None = None) -> None:
         body = json.dumps(obj).encode("utf-8")
@@ -384,21 +713,26 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         if allow:
             self.send_header("Allow", allow)
+        if status == 503:
+            self.send_header("Retry-After", "1")
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
+        self.responded = True
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """The base class's own errors (malformed request line, unsupported method) as one-line JSON."""
         self.close_connection = True
         if self.request_version == "HTTP/0.9":  # an unparsable request line: answer with headers anyway
             self.request_version = "HTTP/1.0"
+        if self.timed_out:
+            code, message = 408, self._late_message()
         try:
             phrase = HTTPStatus(code).phrase
         except ValueError:
             phrase = "error"
-        self._send_json(code, {"error": (message or phrase).splitlines()[0]})
+        self._error(code, (message or phrase).splitlines()[0])
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
         sys.stderr.write(f"{self.address_string()} - {format % args}\n")

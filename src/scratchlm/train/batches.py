@@ -31,6 +31,17 @@ def batch_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return model(x, y)[1]
 
 
+def batch_forward(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits (B, T, V), mean loss, targets (B, T) with -100 = not predicted) of the model on one batch."""
+    if isinstance(batch, dict):
+        src, tgt_in, targets = batch["src"], batch["tgt_in"], batch["targets"]
+        logits, loss = model(src, tgt_in, targets, src_mask=batch.get("src_mask"))
+        return logits, loss, targets
+    x, y = batch
+    logits, loss = model(x, y)
+    return logits, loss, y
+
+
 def batch_tokens(batch: Batch) -> int:
     """Number of predicted tokens in a batch (padding excluded)."""
     if isinstance(batch, dict):
@@ -113,4 +124,5 @@ def _pair_loaders(cfg: Config, tokenizer: Any, device: torch.device, rank: int, 
         device,
         rank=rank,
         world_size=world_size,
+        pad_to=8 if cfg.train.compile else 1,  # few shapes for a compiled model, least padding otherwise
     )

@@ -3,8 +3,9 @@
 Reported: parameter count, an estimate of the training memory, tokens and FLOPs per optimizer step, and
 the expected wall time of ``max_steps`` from the mean of two real optimizer steps on random tokens, timed
 after warm-up steps (optimizer state allocation, kernel selection, ``torch.compile``): warm-up goes on while
-a step is more than 20% faster than the one before, up to ``_MAX_WARMUP_STEPS``. Nothing touches the disk: no run dir, no data, no
-tokenizer training. The vocabulary size comes from ``model.vocab_size`` or the tokenizer settings.
+a step is more than 20% faster than the one before, up to ``_MAX_WARMUP_STEPS``. Nothing touches the disk: no run dir, no shards, no
+tokenizer training; the data sources are checked to exist, and the vocabulary is the one the tokenizer will
+really have (see :func:`_vocab_size`).
 
 Memory estimate (bytes), with N parameters, L layers, micro-batch B x T, width C, vocabulary V::
 
@@ -38,13 +39,40 @@ _MAX_WARMUP_STEPS = 4
 
 
 def _vocab_size(cfg: Config) -> tuple[int, str]:
+    """The vocabulary the run's model will really have, and a note saying where it comes from.
+
+    Also checks that the data sources exist (a DataError naming the missing path): ``model.vocab_size``;
+    else the tokenizer file of ``tokenizer.path``; a char tokenizer counts the characters of the training
+    text (reads it, writes nothing); a BPE tokenizer already trained on these sources is read from the
+    cache; else ``tokenizer.vocab_size``, which BPE training reaches exactly.
+    """
+    from scratchlm.pipeline import SEQ2SEQ_SPECIALS, cached_tokenizer_path, training_sources
+    from scratchlm.tokenizer import CharTokenizer, load_tokenizer
+
+    tk = cfg.tokenizer
+    sources = None
+    if cfg.model.arch == "seq2seq":
+        from scratchlm.data.pairs import load_pairs
+
+        for spec in [*cfg.data.source[:1], *cfg.data.val_source[:1]]:
+            load_pairs(spec, cfg.data.src_lang, cfg.data.tgt_lang)  # DataError when missing or misaligned
+    else:
+        sources = training_sources(cfg)  # DataError naming a missing path
     if cfg.model.vocab_size:
         return cfg.model.vocab_size, ""
-    tk = cfg.tokenizer
+    if tk.path:
+        return load_tokenizer(tk.path).vocab_size, f" (from {tk.path})"
     if tk.kind == "gpt2":
         return 50257, " (GPT-2 tokenizer)"
-    if tk.kind == "char":
-        return 256, " (char tokenizer: assumed 256, the real size comes from the text)"
+    specials = list(tk.special_tokens)
+    if cfg.model.arch == "seq2seq":
+        specials += [s for s in SEQ2SEQ_SPECIALS if s not in specials]
+    if tk.kind == "char" and sources is not None:
+        n = CharTokenizer.train(sources.train.documents(), special_tokens=specials).vocab_size
+        return n, " (char tokenizer: the characters of the training text + special tokens)"
+    cached = cached_tokenizer_path(cfg, sources) if sources is not None else None
+    if cached is not None and cached.is_file():
+        return load_tokenizer(cached).vocab_size, " (the cached tokenizer of these sources)"
     return tk.vocab_size, " (tokenizer.vocab_size)"
 
 

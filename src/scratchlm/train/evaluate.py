@@ -4,6 +4,7 @@ Validation: the mean cross-entropy (nats per predicted token) over ``eval.batche
 sequential validation loader, so every evaluation sees the same tokens and numbers are comparable across
 steps and across resumed runs. With W ranks each evaluates its share of those same batches (batch i on
 rank ``i % W``) and the sum is all-reduced: the same number as one process, up to float summation order.
+Top-1 / top-5 next-token accuracy (eval/accuracy.py) are counted on the same tokens.
 Perplexity = ``exp(val_loss)``; bits per byte = ``val_loss / ln 2 * tokens / bytes`` when the shard metadata
 records the validation split's byte count.
 
@@ -25,7 +26,8 @@ import torch
 
 from scratchlm.config import Config
 from scratchlm.device import autocast
-from scratchlm.train.batches import batch_loss
+from scratchlm.eval.accuracy import ACCURACY_KS, topk_correct
+from scratchlm.train.batches import batch_forward
 from scratchlm.train.distributed import sum_over_ranks
 
 
@@ -39,26 +41,50 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
 ) -> float:
-    """Mean validation loss over ``batches`` batches (model put back in train mode afterwards).
+    """Mean validation loss over ``batches`` batches (see :func:`evaluate_metrics`)."""
+    return evaluate_metrics(model, make_val_loader, batches, device, dtype, rank, world_size)["val_loss"]
 
-    ``make_val_loader`` gives this rank's share (batch j = batch ``j * world_size + rank``). Every rank runs
-    ``ceil(batches / world_size)`` forwards (FSDP needs all ranks in each); a last-round batch past
-    ``batches`` is not counted. Returns the same value on every rank.
+
+@torch.no_grad()
+def evaluate_metrics(
+    model: torch.nn.Module,
+    make_val_loader: Callable[[], Any],
+    batches: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, float]:
+    """``{"val_loss", "val_acc_top1", "val_acc_top5"}`` over ``batches`` validation batches (model put
+    back in train mode afterwards).
+
+    val_loss is the mean of the batches' mean losses; the accuracies count every predicted token of those
+    batches (eval/accuracy.py). ``make_val_loader`` gives this rank's share (batch j = batch
+    ``j * world_size + rank``). Every rank runs ``ceil(batches / world_size)`` forwards (FSDP needs all
+    ranks in each); a last-round batch past ``batches`` is not counted. The same values on every rank.
     """
     loader = make_val_loader()
     model.eval()
-    total = 0.0
+    total, correct, counted = 0.0, [0] * len(ACCURACY_KS), 0
     for j in range(-(-batches // world_size)):
         with autocast(device, dtype):
-            loss = batch_loss(model, loader.next_batch()).item()
+            logits, loss, targets = batch_forward(model, loader.next_batch())
         if j * world_size + rank < batches:
-            total += loss
+            total += loss.item()
+            hits, n = topk_correct(logits, targets, ACCURACY_KS)
+            correct = [c + h for c, h in zip(correct, hits)]
+            counted += n
     model.train()
-    return sum_over_ranks(total)[0] / batches
+    total, counted, *correct = sum_over_ranks(total, counted, *correct)
+    out = {"val_loss": total / batches}
+    for k, c in zip(ACCURACY_KS, correct):
+        out[f"val_acc_top{k}"] = c / max(counted, 1)
+    return out
 
 
-def eval_record(step: int, val_loss: float, data_meta: dict[str, Any] | None) -> dict[str, Any]:
-    """The metrics.jsonl record of one evaluation (perplexity, and bits per byte when bytes are known)."""
+def eval_record(step: int, val_loss: float, data_meta: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
+    """The metrics.jsonl record of one evaluation: loss, perplexity, bits per byte when bytes are known,
+    and ``extra`` (accuracies, tokens, time)."""
     record: dict[str, Any] = {
         "kind": "eval",
         "step": step,
@@ -68,6 +94,7 @@ def eval_record(step: int, val_loss: float, data_meta: dict[str, Any] | None) ->
     val = (data_meta or {}).get("splits", {}).get("val", {})
     if val.get("bytes") and val.get("tokens"):
         record["val_bpb"] = val_loss / math.log(2) * val["tokens"] / val["bytes"]
+    record.update(extra)
     return record
 
 

@@ -2,8 +2,10 @@
 
 ``metrics.jsonl`` holds one JSON object per line: ``{"kind": "train", "step", "loss", "lr", "grad_norm",
 "tokens", "tokens_per_s", "mfu", "time"}`` every ``train.log_interval`` steps and ``{"kind": "eval", "step",
-"val_loss", "val_ppl", "val_bpb"?}`` at each evaluation. It is the single source for the plots; TensorBoard
-files (``train.tensorboard``) carry the same scalars.
+"val_loss", "val_ppl", "val_bpb"?, "val_acc_top1", "val_acc_top5", "train_loss"?, "train_ppl"?,
+"epoch"?, "val_bleu"?, "val_chrf"?, "tokens", "time"}`` at each evaluation (``train/validation.py``),
+and ``{"kind": "stop", "step", "reason", "detail"}`` when the run ends (train/stopping.py). It is the
+single source for the plots; TensorBoard files (``train.tensorboard``) carry the same scalars.
 
 MFU (model FLOPs utilisation) = ``flops_per_token * tokens_per_s / peak_flops``, where ``flops_per_token`` is
 the model's forward+backward count (6N + attention, PaLM appendix B) and the peak is the device's dense
@@ -74,6 +76,7 @@ class MetricsLogger:
         self.enabled = enabled
         if not enabled:
             return
+        self.progress, self.max_steps = progress, max_steps
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a")  # noqa: SIM115 (closed in close())
@@ -102,13 +105,18 @@ class MetricsLogger:
                     self.writer.add_scalar(f"{record['kind']}/{k}", v, record["step"])
         if record["kind"] == "train":
             mfu = record.get("mfu")
-            self.bar.set_postfix_str(
+            line = (
                 f"loss {record['loss']:.4f} lr {record['lr']:.2e} gnorm {record['grad_norm']:.2f} "
-                f"tok/s {record['tokens_per_s']:,.0f} mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}",
-                refresh=False,
+                f"tok/s {record['tokens_per_s']:,.0f} mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}"
             )
+            if self.progress:
+                self.bar.set_postfix_str(line, refresh=False)
+            else:  # no bar to carry it: one line per log interval
+                self.bar.write(f"step {record['step']}/{self.max_steps}: {line}")
         elif record["kind"] == "eval":
-            self.bar.write(f"step {record['step']}: val loss {record['val_loss']:.4f}")
+            self.bar.write(eval_line(record))
+        elif record["kind"] == "stop":
+            self.bar.write(f"stopped: {record['detail']}")
 
     def advance(self, steps: int = 1) -> None:
         if self.enabled:
@@ -125,6 +133,30 @@ class MetricsLogger:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def format_eval(record: dict[str, Any]) -> str:
+    """``val loss 1.8123, ppl 6.12, bpb 1.021, acc top-1 45.2% top-5 71.0%`` (the keys present)."""
+    parts = [f"val loss {record['val_loss']:.4f}", f"ppl {record['val_ppl']:.2f}"]
+    if record.get("val_bpb") is not None:
+        parts.append(f"bpb {record['val_bpb']:.3f}")
+    if record.get("val_acc_top1") is not None:
+        parts.append(
+            f"acc top-1 {100 * record['val_acc_top1']:.1f}% top-5 {100 * record['val_acc_top5']:.1f}%"
+        )
+    for key, name in (("val_bleu", "BLEU"), ("val_chrf", "chrF")):
+        if record.get(key) is not None:
+            parts.append(f"{name} {record[key]:.2f}")
+    return ", ".join(parts)
+
+
+def eval_line(record: dict[str, Any]) -> str:
+    """The console line of an evaluation: ``step 500 (epoch 3): train loss 2.1 ppl 8.2 | val loss ...``."""
+    head = f"step {record['step']}" + (f" (epoch {record['epoch']})" if "epoch" in record else "")
+    parts = []
+    if "train_loss" in record:
+        parts.append(f"train loss {record['train_loss']:.4f} ppl {record['train_ppl']:.2f}")
+    return f"{head}: " + " | ".join([*parts, format_eval(record)])
 
 
 def _tensorboard_writer(log_dir: Path):
@@ -166,7 +198,8 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """Write plots/loss.png, plots/lr.png and plots/throughput.png from metrics.jsonl; returns the paths."""
+    """Write plots/{loss,perplexity,lr,throughput}.png from metrics.jsonl and, when the run scored
+    translations, bleu.png; returns the paths."""
     try:
         import matplotlib
 
@@ -193,6 +226,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     def figure(name: str, draw) -> None:
         fig, ax = plt.subplots(figsize=(7, 4))
         draw(ax)
+        ax.set_title(f"{run_dir.name}: {name.removesuffix('.png')}")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -211,7 +245,34 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.set_ylabel("loss (nats/token)")
         ax.legend()
 
+    def perplexity(ax):
+        ax.plot(
+            [r["step"] for r in train], [math.exp(min(r["loss"], 50.0)) for r in train], label="train", lw=1
+        )
+        if evals:
+            ax.plot(
+                [r["step"] for r in evals],
+                [math.exp(min(r["val_loss"], 50.0)) for r in evals],
+                "o-",
+                label="val",
+            )
+        ax.set_yscale("log")
+        ax.set_ylabel("perplexity exp(loss) (log scale)")
+        ax.legend()
+
     figure("loss.png", loss)
+    figure("perplexity.png", perplexity)
+    bleu = [r for r in evals if "val_bleu" in r]
+    if bleu:
+
+        def bleu_curve(ax):
+            ax.plot([r["step"] for r in bleu], [r["val_bleu"] for r in bleu], "o-", label="sacreBLEU")
+            ax.plot([r["step"] for r in bleu], [r["val_chrf"] for r in bleu], "s--", label="chrF")
+            ax.set_ylabel("score (0-100), greedy, validation subset")
+            ax.set_title("validation BLEU and chrF")
+            ax.legend()
+
+        figure("bleu.png", bleu_curve)
     figure(
         "lr.png",
         lambda ax: (

@@ -19,6 +19,11 @@ trivially resumable and testable against their closed forms. With ``W = warmup_s
 - ``wsd``:      warmup-stable-decay (Hu et al. 2024, MiniCPM): ``lr`` until ``D = N - decay_fraction * N``,
   then linear to ``min_lr`` at ``N``: ``lr(s) = lr + (min_lr - lr) * (s - D) / (N - D)``
 - ``constant``: ``lr(s) = lr`` after warmup
+- ``noam``:     the inverse-square-root schedule of "Attention Is All You Need" (section 5.3),
+  ``lr(s) = lr * min(n / W, sqrt(W / n))`` with ``n = s + 1``: linear warmup to ``lr`` at ``n = W``, then
+  ``1/sqrt(n)`` decay (``min_lr`` is not used). It is the paper's
+  ``factor * d_model**-0.5 * min(n**-0.5, n * W**-1.5)`` with ``lr = factor * (d_model * W)**-0.5``: the
+  paper's base model (d_model 512, W 4000, factor 1) is ``train.lr=7e-4`` (:func:`noam_peak_lr`).
 
 Each param group remembers its peak lr (``peak_lr``); :func:`set_lr` scales every group by
 ``lr(s) / train.lr`` so AdamW and Muon groups follow the same shape.
@@ -84,7 +89,14 @@ def schedule_lr(
             return lr
         p = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
         return lr + (min_lr - lr) * p
-    raise ConfigError(f"train.schedule={schedule!r} is not one of cosine, wsd, constant")
+    if schedule == "noam":
+        return lr * math.sqrt(warmup_steps / (step + 1))
+    raise ConfigError(f"train.schedule={schedule!r} is not one of cosine, wsd, constant, noam")
+
+
+def noam_peak_lr(d_model: int, warmup_steps: int, factor: float = 1.0) -> float:
+    """The peak ``train.lr`` that makes ``schedule=noam`` the paper's ``factor * d_model**-0.5 * min(...)``."""
+    return factor / math.sqrt(d_model * warmup_steps)
 
 
 def set_lr(

@@ -44,18 +44,20 @@ import torch
 
 from scratchlm.config import Config
 from scratchlm.device import resolve_dtype
-from scratchlm.errors import ConfigError, TrainingError
+from scratchlm.errors import ConfigError
 from scratchlm.model import build_model
 from scratchlm.model.attention_choice import resolve_attention
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train import distributed as dist
 from scratchlm.train.batches import batch_tokens, make_loaders
-from scratchlm.train.evaluate import eval_record, evaluate, truncate_samples, write_samples
+from scratchlm.train.evaluate import truncate_samples
 from scratchlm.train.memory import apply_memory_options, fit_micro_batch
 from scratchlm.train.metrics import MetricsLogger, peak_flops, plot_run, truncate_metrics
 from scratchlm.train.optim import set_lr
 from scratchlm.train.signals import StopRequest
 from scratchlm.train.step import Prefetcher, train_step
+from scratchlm.train.stopping import describe_stop, on_non_finite, stop_record
+from scratchlm.train.validation import run_evaluation
 
 __all__ = ["TrainState", "micro_steps", "train_model", "train_step"]
 
@@ -68,6 +70,8 @@ class TrainState:
     tokens: int = 0  # predicted tokens seen
     val_loss: float | None = None  # last validation loss
     best_val_loss: float | None = None
+    val_bleu: float | None = None  # last validation BLEU (seq2seq, eval.bleu_sentences > 0)
+    best_val_bleu: float | None = None
     bad_evals: int = 0  # evaluations since the last improvement (early stopping)
     nan_skips: int = 0  # steps skipped for a non-finite loss
     elapsed: float = 0.0  # training wall seconds, summed over resumed runs
@@ -102,8 +106,9 @@ def train_model(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | Non
     """Train (or resume) the run in ``run_dir``; returns a summary dict.
 
     Side effects in run_dir: metrics.jsonl, checkpoints/, best/, samples.txt, plots/, tensorboard/.
-    Returns ``{"run_dir", "step", "val_loss", "best_val_loss", "tokens", "wall_time", "stopped_reason"}``
-    with ``stopped_reason`` in max_steps | max_time | early_stopping | interrupted.
+    Returns ``{"run_dir", "step", "val_loss", "best_val_loss", "tokens", "wall_time", "stopped_reason",
+    "stop_detail"}`` with ``stopped_reason`` in max_steps | max_time | early_stopping | interrupted and
+    ``stop_detail`` a sentence (train/stopping.py); both are also logged to metrics.jsonl.
     Raises TrainingError on a NaN/Inf loss (after ``train.max_nan_skips`` skips); CheckpointError when the
     run has checkpoints but none is complete.
     """
@@ -168,7 +173,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
         enabled=world.is_main,
     )
     run_start, elapsed_before = time.perf_counter(), state.elapsed
-    interval_tokens, interval_time, stopped = 0, 0.0, None
+    interval_tokens, interval_time, stopped, losses = 0, 0.0, None, []  # losses: train, since the last eval
 
     def save(improved: bool) -> Path:
         """Every rank gathers (FSDP / ZeRO-1 shards, RNG states); rank 0 writes; all get its path or error."""
@@ -216,7 +221,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                 )
                 dt = time.perf_counter() - t0
                 if not math.isfinite(loss) or (scaler is None and not math.isfinite(grad_norm)):
-                    _on_non_finite(loss, grad_norm, state, tc.max_nan_skips, run_dir, logger)
+                    on_non_finite(loss, grad_norm, state, tc.max_nan_skips, run_dir, logger)
                     continue
                 # one all-reduce for what every rank must agree on: tokens of all ranks, a signal on any
                 # rank (nobody stops alone, so nobody waits forever in a collective), the mean clock
@@ -226,6 +231,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                     elapsed_before + time.perf_counter() - run_start,
                 )
                 state.step += 1
+                losses.append(loss)
                 state.tokens += int(n_tokens)
                 state.elapsed = clock / world.size
                 interval_tokens, interval_time = interval_tokens + int(n_tokens), interval_time + dt
@@ -256,7 +262,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                 if make_val_loader is not None and (
                     state.step % ec.interval == 0 or at_end or stopped == "max_time"
                 ):
-                    improved = _evaluate(
+                    improved = run_evaluation(
                         model,
                         make_val_loader,
                         cfg,
@@ -268,7 +274,10 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                         tokenizer,
                         run_dir,
                         world,
+                        train_loss=sum(losses) / len(losses),
+                        epoch=getattr(train_loader, "epoch", None),
                     )
+                    losses.clear()
                     if (
                         tc.early_stopping_patience is not None
                         and state.bad_evals >= tc.early_stopping_patience
@@ -277,14 +286,19 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                 if improved or stopped or at_end or state.step % tc.ckpt_interval == 0:
                     path = save(improved)
                     if stopped == "interrupted":
-                        logger.message(
-                            f"stopped by {stop.signal_name or 'a signal to another rank'} after step "
-                            f"{state.step}; checkpoint {path}; resume with `scratchlm train --resume {run_dir}`"
-                        )
+                        logger.message(f"checkpoint {path}; resume with `scratchlm train --resume {run_dir}`")
+            reason = stopped or "max_steps"
+            detail = describe_stop(reason, state, tc, stop.signal_name)
+            logger.log(stop_record(state.step, reason, detail))
         finally:
             logger.close()
 
     if world.is_main:
+        if tc.average_last and cfg.model.arch == "seq2seq":
+            from scratchlm.train.average import average_run
+
+            out, n = average_run(run_dir, tc.average_last, allow_fewer=True)
+            print(f"averaged the last {n} checkpoints into {out}")
         _plots(run_dir)
     return {
         "run_dir": str(run_dir),
@@ -293,59 +307,9 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
         "best_val_loss": state.best_val_loss,
         "tokens": state.tokens,
         "wall_time": state.elapsed,
-        "stopped_reason": stopped or "max_steps",
+        "stopped_reason": reason,
+        "stop_detail": detail,
     }
-
-
-def _evaluate(
-    model,
-    make_val_loader,
-    cfg: Config,
-    state: TrainState,
-    device,
-    dtype,
-    data_meta,
-    logger,
-    tokenizer,
-    run_dir: Path,
-    world: dist.World,
-) -> bool:
-    """Validation loss + samples; updates best/early-stopping counters; returns whether it improved.
-
-    Each rank evaluates its share of the batches (the result is all-reduced, so identical everywhere);
-    rank 0 writes the samples (under FSDP every rank generates them with it: each forward needs all).
-    """
-    state.val_loss = evaluate(model, make_val_loader, cfg.eval.batches, device, dtype, world.rank, world.size)
-    logger.log(eval_record(state.step, state.val_loss, data_meta))
-    if world.is_main or dist.is_sharded(model):
-        args = (model, tokenizer, cfg, run_dir, state.step, device, dtype, make_val_loader)
-        write_samples(*args, write=world.is_main)
-    if state.best_val_loss is None or state.val_loss < state.best_val_loss:
-        state.best_val_loss, state.bad_evals = state.val_loss, 0
-        return True
-    state.bad_evals += 1
-    return False
-
-
-def _on_non_finite(
-    loss: float, grad_norm: float, state: TrainState, max_skips: int, run_dir: Path, logger: MetricsLogger
-) -> None:
-    """Skip the step (bounded by train.max_nan_skips) or stop with a TrainingError."""
-    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
-    if state.nan_skips < max_skips:
-        state.nan_skips += 1
-        logger.message(
-            f"warning: {what} at step {state.step + 1}; step skipped "
-            f"({state.nan_skips}/{max_skips} skips allowed by train.max_nan_skips)"
-        )
-        return
-    logger.close()
-    last = ckpt.latest_checkpoint(run_dir)
-    keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-    raise TrainingError(
-        f"{what} at step {state.step + 1} (training diverged); {keep}: lower train.lr, raise "
-        f"train.warmup_steps, or allow skips with train.max_nan_skips=N"
-    )
 
 
 def _restore(ckpt_dir: Path, model, optimizers, scaler, loader, state: TrainState, world: dist.World) -> None:

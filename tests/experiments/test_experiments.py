@@ -1,0 +1,263 @@
+"""Sweeps, comparisons and reports on tiny char-level runs (seconds each, deterministic on CPU)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scratchlm.cli import main
+from scratchlm.errors import ConfigError
+from scratchlm.experiments.compare import compare_runs
+from scratchlm.experiments.report import write_report
+from scratchlm.experiments.runs import summarize_run
+from scratchlm.experiments.sweep import Point, parse_vary, plan, sweep_table
+from scratchlm.train.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+
+TINY = """\
+preset: cpu-tiny
+tokenizer:
+  kind: char
+data:
+  source: [text.txt]
+model:
+  n_layer: 1
+  d_model: 16
+  context_length: 16
+train:
+  max_steps: 8
+  ckpt_interval: 2
+  log_interval: 2
+  device: cpu
+  dtype: float32
+  deterministic: true
+eval:
+  interval: 4
+  batches: 2
+  sample_tokens: 4
+sweep:
+  vary:
+    model.n_head: [1, 2]
+    model.pos: [learned, none]
+"""
+POINTS = ["n_head=1_pos=learned", "n_head=1_pos=none", "n_head=2_pos=learned", "n_head=2_pos=none"]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A folder with text.txt and tiny.yaml (a 2x2 grid), a private cache, and the grid swept once without
+    interruption into ``straight/`` (run from another directory: the config's relative data path must
+    resolve against the config's own folder)."""
+    root = tmp_path_factory.mktemp("experiments")
+    folder = root / "study"
+    folder.mkdir()
+    text = ("To be, or not to be, that is the question:\n" * 40) + "Whether 'tis nobler in the mind\n" * 40
+    (folder / "text.txt").write_text(text)
+    (folder / "tiny.yaml").write_text(TINY)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SCRATCHLM_CACHE", str(root / "cache"))
+        mp.chdir(root)
+        assert main(["sweep", str(folder / "tiny.yaml"), "--out", str(root / "straight")]) == 0
+        yield folder
+
+
+def _table_without_time(out: Path) -> str:
+    """The sweep table with the wall-time column blanked (the only number that differs between runs)."""
+    summaries = {}
+    for name in POINTS:
+        s = summarize_run(out / name)
+        s["wall_time"] = None
+        summaries[name] = s
+    vary = {"model.n_head": [1, 2], "model.pos": ["learned", "none"]}
+    return sweep_table(plan(vary, zipped=False, seeds=1, base_seed=1337), summaries, list(vary))
+
+
+@pytest.mark.slow  # a child process and seven more tiny runs (~20 s on an idle 2-core machine)
+def test_sweep_killed_midway_resumes_and_matches_an_uninterrupted_sweep(study, tmp_path, monkeypatch):
+    config = str(study / "tiny.yaml")
+    straight = study.parent / "straight"
+    monkeypatch.setenv("SCRATCHLM_CACHE", str(study.parent / "cache"))
+
+    killed = tmp_path / "killed"
+    child = [sys.executable, str(Path(__file__).parent / "sweep_child.py"), POINTS[1], "4"]
+    proc = subprocess.run(
+        [*child, "sweep", config, "--out", str(killed)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    manifest = json.loads((killed / "sweep.json").read_text())
+    assert [p["status"] for p in manifest["points"]] == ["done", "running", "pending", "pending"]
+    first = {p: p.stat().st_mtime_ns for p in (killed / POINTS[0]).rglob("*") if p.is_file()}
+    assert max(r["step"] for r in read_metrics(killed / POINTS[1])) >= 4  # half finished, checkpoint at 4
+
+    assert main(["sweep", config, "--out", str(killed)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (killed / POINTS[0]).rglob("*") if p.is_file()} == first
+    assert [p["status"] for p in json.loads((killed / "sweep.json").read_text())["points"]] == ["done"] * 4
+    resumed = read_metrics(killed / POINTS[1])
+    assert [r["step"] for r in resumed if r["kind"] == "eval"] == [4, 8]  # each evaluation once
+    assert _table_without_time(killed) == _table_without_time(straight)
+    for name in POINTS:  # exact resume: the same final numbers, bit for bit
+        a, b = summarize_run(killed / name), summarize_run(straight / name)
+        assert {k: v for k, v in a.items() if k not in ("wall_time", "run_dir")} == {
+            k: v for k, v in b.items() if k not in ("wall_time", "run_dir")
+        }
+    md = (killed / "sweep.md").read_text()
+    assert (
+        "![loss by model.n_head](plots/loss_by_n_head.png)" in md
+        and (killed / "plots/loss_by_pos.png").is_file()
+    )
+
+    # a different grid in the same folder is refused, not mixed in
+    assert main(["sweep", config, "--out", str(killed), "--vary", "model.n_head=1,4"]) == 2
+
+
+def test_sweep_and_compare_tables_equal_each_runs_evaluation(study, tmp_path):
+    out = study.parent / "straight"
+    results = json.loads((out / "results.json").read_text())
+    assert [r["point"] for r in results] == POINTS
+    runs = [out / name for name in POINTS]
+    table = (out / "sweep.md").read_text()
+    for r, run in zip(results, runs):
+        last = [m for m in read_metrics(run) if m["kind"] == "eval"][-1]
+        for key in ("val_loss", "val_ppl", "val_acc_top1", "val_acc_top5"):
+            assert r[key] == last[key], key
+        n_head, pos = r["point"].removeprefix("n_head=").split("_pos=")
+        row = next(line for line in table.splitlines() if line.startswith(f"| {n_head} | {pos} |"))
+        assert f"| {last['val_loss']:.4f} |" in row and f"| {last['val_acc_top1']:.2%} |" in row
+    cmp = compare_runs(runs, tmp_path / "cmp")
+    for r in results:
+        row = next(line for line in cmp["table"].splitlines() if line.startswith(f"| {r['point']} "))
+        assert f"| {r['val_loss']:.4f} |" in row and f"| {r['val_acc_top1']:.2%} |" in row
+    assert {p.name for p in (tmp_path / "cmp").iterdir()} == {"compare.md", "loss.png", "perplexity.png"}
+
+
+def test_sweep_table_mean_and_spread_over_seeds():
+    import statistics
+
+    points = [Point(f"p{i}", {"model.pos": "rope"}, 1337 + i) for i in range(3)]
+    losses = [2.0, 2.5, 3.5]
+    summaries = {
+        p.name: {
+            "params": 10,
+            "flops_per_token": 60,
+            "tokens": 100,
+            "wall_time": 1.0,
+            "val_loss": v,
+            "stop_reason": "max_steps",
+        }
+        for p, v in zip(points, losses)
+    }
+    row = sweep_table(points, summaries, ["model.pos"]).splitlines()[2]
+    assert row.startswith("| rope | 3 | 10 | 60 | 100 | 1 ± 0 |")  # size and tokens: no spread to show
+    assert f"| {statistics.fmean(losses):.4f} ± {statistics.stdev(losses):.4f} |" in row  # 2.6667 ± 0.7638
+
+
+def test_compare_shows_bleu_and_chrf_when_logged(tmp_path):
+    """A seq2seq run's metrics.jsonl (hand-written here) carries val_bleu / val_chrf: they get columns."""
+    from scratchlm.config import load_config, save_config
+
+    run = tmp_path / "mt"
+    run.mkdir()
+    save_config(
+        load_config(overrides=["preset=cpu-tiny", "model.arch=seq2seq", "model.vocab_size=300"]),
+        run / "config.yaml",
+    )
+    records = [
+        {
+            "kind": "train",
+            "step": 10,
+            "loss": 5.0,
+            "lr": 1e-3,
+            "grad_norm": 1.0,
+            "tokens": 640,
+            "tokens_per_s": 9.0,
+            "time": 2.0,
+        },
+        {"kind": "eval", "step": 10, "val_loss": 4.5, "val_ppl": 90.0, "val_bleu": 12.34, "val_chrf": 40.5},
+        {"kind": "stop", "step": 10, "reason": "max_steps", "detail": "reached train.max_steps=10"},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    table = compare_runs([run], tmp_path / "cmp")["table"]
+    header, _, row = table.splitlines()[:3]
+    assert "| BLEU | chrF |" in header and "| 12.34 | 40.50 |" in row
+    points = [Point("a", {"model.pos": "x"}, 1)]
+    assert "| 12.34 | 40.50 |" in sweep_table(points, {"a": summarize_run(run)}, ["model.pos"])
+
+
+def test_report_has_every_section(study, tmp_path):
+    run = study.parent / "straight" / "n_head=2_pos=none"
+    path = write_report(run, tmp_path / "report")
+    text = path.read_text()
+    for section in (
+        "Why the run stopped",
+        "Config",
+        "Model",
+        "Data",
+        "Curves",
+        "Evaluation",
+        "Speed",
+        "Samples",
+        "Environment",
+    ):
+        assert f"## {section}" in text, section
+    assert "reached train.max_steps=8" in text
+    assert "| `model.n_layer` | `1` | `2` |" in text  # differs from the cpu-tiny preset
+    assert "| `model.pos` | `none` | `learned` |" in text
+    assert "prefill tokens/s" in text and text.count("```") == 6  # three samples at fixed seeds
+    for png in ("loss.png", "perplexity.png", "lr.png", "throughput.png"):
+        assert (path.parent / png).is_file() and f"]({png})" in text
+    assert "train: " in text and "tokens in 1 documents" in text
+
+
+def test_sweep_grid_and_vary_parsing():
+    assert parse_vary(["model.n_head=1,4,8"]) == {"model.n_head": [1, 4, 8]}
+    assert parse_vary(["model.pos=[learned, none]"]) == {"model.pos": ["learned", "none"]}
+    points = plan({"a.x": [1, 2], "b.y": ["p", "q"]}, zipped=True, seeds=2, base_seed=5)
+    assert [(p.name, p.seed) for p in points] == [
+        ("x=1_y=p_seed=5", 5),
+        ("x=1_y=p_seed=6", 6),
+        ("x=2_y=q_seed=5", 5),
+        ("x=2_y=q_seed=6", 6),
+    ]
+    assert len(plan({"a.x": [1, 2], "b.y": ["p", "q", "r"]}, zipped=False, seeds=1, base_seed=0)) == 6
+    with pytest.raises(ConfigError, match="same number of values"):
+        plan({"a.x": [1, 2], "b.y": ["p"]}, zipped=True, seeds=1, base_seed=0)
+    with pytest.raises(ConfigError, match="nothing to sweep"):
+        plan({}, zipped=False, seeds=1, base_seed=0)
+    with pytest.raises(ConfigError, match="section.key=v1,v2"):
+        parse_vary(["n_head=1,2"])
+
+
+def test_sweep_bad_point_is_refused_before_any_run(study, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SCRATCHLM_CACHE", str(study.parent / "cache"))
+    assert (
+        main(
+            ["sweep", str(study / "tiny.yaml"), "--out", str(tmp_path / "bad"), "--vary", "model.n_head=1,3"]
+        )
+        == 2
+    )
+    assert "model.d_model=16 must be divisible by model.n_head=3" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_ablation_configs_load_with_their_grids():
+    from scratchlm.config import load_config
+    from scratchlm.experiments.sweep import file_grid
+
+    for name, key in (
+        ("heads", "model.n_head"),
+        ("depth", "model.n_layer"),
+        ("pos", "model.pos"),
+        ("optimizer", "train.optimizer"),
+    ):
+        path = REPO / "configs" / "ablations" / f"{name}.yaml"
+        cfg = load_config(path)
+        assert (
+            Path(cfg.data.source[0]).resolve() == (REPO.parent / "shared/data/tinyshakespeare.txt").resolve()
+        )
+        assert key in file_grid(path)["vary"]
