@@ -68,7 +68,10 @@ class ModelConfig:
     dropout: float = doc(0.0, "dropout probability (embeddings, attention, residual)")
     tie_embeddings: bool = doc(True, "share the token embedding with the output head")
     qk_norm: bool = doc(False, "normalise queries and keys per head before attention")
-    attention: str = doc("sdpa", "attention backend: sdpa | manual | flash_triton")
+    attention: str = doc(
+        "sdpa",
+        "attention backend: sdpa | manual | flash_triton | auto (the faster of sdpa and flash_triton, timed)",
+    )
     init_std: float = doc(0.02, "std of the normal init; residual projections get std/sqrt(2*n_layer)")
     share_embeddings: bool = doc(True, "seq2seq: one embedding table for source and target")
     label_smoothing: float = doc(0.0, "label smoothing of the cross-entropy (0.1 in the Transformer paper)")
@@ -118,6 +121,15 @@ class TrainConfig:
     device: str = doc("auto", "auto | cpu | cuda | cuda:N | mps")
     dtype: str = doc("auto", "auto (bf16 where supported) | float32 | bfloat16 | float16")
     compile: bool = doc(False, "torch.compile the model (the saved state dict is always the plain module's)")
+    activation_checkpointing: bool = doc(
+        False, "recompute each block's activations in the backward: less memory, ~1/3 more compute"
+    )
+    loss_chunk_rows: int = doc(
+        0, "training loss over this many rows of output logits at a time (0 = all at once; e.g. 4096)"
+    )
+    auto_micro_batch: bool = doc(
+        False, "CUDA: split each step into the largest micro-batches that fit in memory (same training)"
+    )
     batch_size: int = doc(16, "micro-batch size (rows)")
     tokens_per_step: int | None = doc(
         None, "tokens per optimizer step, summed over ranks; None = batch_size * context per rank (no accum)"
@@ -555,7 +567,7 @@ _CHOICES = {
     "model.pos": ("learned", "sinusoidal", "rope", "none"),
     "model.rope_style": ("half", "interleaved"),
     "model.mlp": ("gelu", "swiglu", "relu2", "relu"),
-    "model.attention": ("sdpa", "manual", "flash_triton"),
+    "model.attention": ("sdpa", "manual", "flash_triton", "auto"),
     "tokenizer.kind": ("bpe", "char", "gpt2"),
     "tokenizer.pattern": ("gpt2", "gpt4"),
     "data.loader": ("random", "sequential"),
@@ -645,6 +657,7 @@ def validate(cfg: Config) -> None:
         ("train.warmup_steps", t.warmup_steps, ">= 0", t.warmup_steps >= 0),
         ("train.keep_last", t.keep_last, ">= 1", t.keep_last >= 1),
         ("train.max_nan_skips", t.max_nan_skips, ">= 0", t.max_nan_skips >= 0),
+        ("train.loss_chunk_rows", t.loss_chunk_rows, ">= 0 (0 = off)", t.loss_chunk_rows >= 0),
         (
             "train.early_stopping_patience",
             t.early_stopping_patience,

@@ -13,6 +13,7 @@ import pytest
 import torch
 from train_helpers import ByteTokenizer, make_data, tiny_config
 
+import scratchlm.train.step as step_module
 import scratchlm.train.trainer as trainer
 from scratchlm.config import ModelConfig, TrainConfig, load_config
 from scratchlm.errors import CheckpointError, ConfigError, TrainingError
@@ -92,14 +93,14 @@ def test_end_to_end_outputs_and_accumulation_tokens(tmp_path, data_dir):
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path, data_dir, monkeypatch):
     calls = {"n": 0}
-    real = trainer.batch_loss
+    real = step_module.batch_loss
 
     def poisoned(model, batch):
         calls["n"] += 1
         loss = real(model, batch)
         return loss * float("nan") if calls["n"] >= 7 else loss
 
-    monkeypatch.setattr(trainer, "batch_loss", poisoned)
+    monkeypatch.setattr(step_module, "batch_loss", poisoned)
     with pytest.raises(TrainingError, match=r"loss nan at step 7.*step_00000006"):
         train(tmp_path, data_dir)
     ckpt = find_checkpoint(tmp_path / "run")
@@ -109,14 +110,14 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path, dat
 
 def test_nan_skips_are_bounded(tmp_path, data_dir, monkeypatch):
     calls = {"n": 0}
-    real = trainer.batch_loss
+    real = step_module.batch_loss
 
     def poisoned(model, batch):
         calls["n"] += 1
         loss = real(model, batch)
         return loss * float("inf") if calls["n"] in (3, 5) else loss
 
-    monkeypatch.setattr(trainer, "batch_loss", poisoned)
+    monkeypatch.setattr(step_module, "batch_loss", poisoned)
     result, run_dir = train(tmp_path, data_dir, "train.max_nan_skips=2")
     assert result["step"] == 12 and calls["n"] == 14
     assert all(math.isfinite(r["loss"]) for r in read_metrics(run_dir) if r["kind"] == "train")

@@ -30,6 +30,7 @@ from scratchlm.model.layers import (
     make_dropout,
     make_norm,
 )
+from scratchlm.model.loss import chunked_cross_entropy
 
 
 class Block(nn.Module):
@@ -86,6 +87,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # Press & Wolf 2017
+        self.loss_chunk_rows = 0  # > 0: training loss in row chunks (model/loss.py; train.loss_chunk_rows)
         self.apply(self._init_weights)
         # GPT-2: scale the init of projections that write into the residual stream by 1/sqrt(2 * n_layer)
         for name, p in self.named_parameters():
@@ -109,7 +111,8 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) long -> (logits (B, T, V), loss or None).
 
-        targets (B, T) long: loss = mean cross-entropy over targets != -100.
+        targets (B, T) long: loss = mean cross-entropy over targets != -100; in training with
+            ``loss_chunk_rows`` set, logits is None (the loss is computed in row chunks, model/loss.py).
         cache: KVCache from make_cache; the T tokens are appended after cache.length tokens already stored.
         positions (B, T) long: position ids (default cache.length + arange(T)); left-padded batches pass
             their own so that each row's first real token is position 0.
@@ -143,7 +146,12 @@ class GPT(nn.Module):
             x = block(x, rope=rope, mask=mask, causal=causal, cache=cache, layer=i)
         if cache is not None:
             cache.advance(T)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        x = self.ln_f(x)
+        if targets is not None and self.loss_chunk_rows and self.training:  # no (B, T, V) logits at all
+            return None, chunked_cross_entropy(
+                x, self.lm_head.weight, targets, self.loss_chunk_rows, -100, self.config.label_smoothing
+            )
+        logits = self.lm_head(x)  # (B, T, V)
 
         loss = None
         if targets is not None:

@@ -259,8 +259,9 @@ def gradient_sync(forward_model: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
-def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> float:
-    """Clip the global gradient norm to ``max_norm`` (inf = no clipping); returns the norm before clipping.
+def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm to ``max_norm`` (inf = no clipping); returns the norm before clipping
+    (a 0-d tensor on the device: reading it is left to the caller, who waits for the device once per step).
 
     ``torch.nn.utils.clip_grad_norm_`` split in its two halves (as torchtitan does): under FSDP the norm of
     the sharded DTensor gradients is itself a DTensor, made a plain tensor holding the global norm
@@ -274,7 +275,7 @@ def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> float:
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
-    return norm.item()
+    return norm
 
 
 # ----------------------------------------------------------------------------------------------------------

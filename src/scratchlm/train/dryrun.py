@@ -28,6 +28,7 @@ from scratchlm.config import Config
 from scratchlm.device import resolve_device, resolve_dtype
 from scratchlm.errors import ConfigError
 from scratchlm.model import build_model
+from scratchlm.train.memory import apply_memory_options
 from scratchlm.train.metrics import peak_flops
 from scratchlm.train.optim import build_optimizers, param_groups, set_lr
 from scratchlm.train.trainer import micro_steps, train_step
@@ -151,6 +152,7 @@ def dry_run(cfg: Config) -> str:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tc.seed)
         model = build_model(m).to(device)
+        apply_memory_options(model, tc)  # the step timed is the step trained
         model.train()
         n = model.num_params()
         n_body = model.num_params(non_embedding=True)

@@ -6,6 +6,9 @@
               -> optimizer step -> log -> every eval.interval: val loss + samples -> checkpoint
       stop:   max_steps | max_time | early stopping (patience) | SIGINT/SIGTERM (after the current step)
 
+The step itself is ``train/step.py`` (one wait for the device per step; the next step's batches are read
+while it runs); ``train/memory.py`` applies activation checkpointing and the chunked loss to the model.
+
 Gradient accumulation: a step sums the gradients of ``k = tokens_per_step / (batch_size * context_length *
 world_size)`` micro-batches per rank, each loss scaled by ``1/k``, so a step on k micro-batches of b rows
 equals one step on k*b rows (up to float rounding). Mixed precision: bf16 autocast where supported (weights,
@@ -40,18 +43,23 @@ import numpy as np
 import torch
 
 from scratchlm.config import Config
-from scratchlm.device import autocast, resolve_dtype
+from scratchlm.device import resolve_dtype
 from scratchlm.errors import ConfigError
 from scratchlm.model import build_model
+from scratchlm.model.attention_choice import resolve_attention
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train import distributed as dist
-from scratchlm.train.batches import Batch, batch_loss, batch_tokens, make_loaders
+from scratchlm.train.batches import batch_tokens, make_loaders
 from scratchlm.train.evaluate import truncate_samples
+from scratchlm.train.memory import apply_memory_options, fit_micro_batch
 from scratchlm.train.metrics import MetricsLogger, peak_flops, plot_run, truncate_metrics
 from scratchlm.train.optim import set_lr
 from scratchlm.train.signals import StopRequest
+from scratchlm.train.step import Prefetcher, train_step
 from scratchlm.train.stopping import describe_stop, on_non_finite, stop_record
 from scratchlm.train.validation import run_evaluation
+
+__all__ = ["TrainState", "micro_steps", "train_model", "train_step"]
 
 
 @dataclass
@@ -94,48 +102,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def train_step(
-    forward_model: torch.nn.Module,
-    model: torch.nn.Module,
-    optimizers: list[torch.optim.Optimizer],
-    batches: list[Batch],
-    *,
-    grad_clip: float,
-    device: torch.device,
-    dtype: torch.dtype,
-    scaler: torch.amp.GradScaler | None = None,
-) -> tuple[float, float]:
-    """One optimizer step over the micro-batches; returns (mean loss, global grad norm before clipping).
-
-    ``forward_model`` may be the compiled, DDP or FSDP wrapper of ``model``; the loss is the mean over
-    micro-batches and ranks. A non-finite loss or gradient norm skips the update (gradients are zeroed) and
-    is returned as such for the caller to act on.
-    """
-    k = len(batches)
-    total = torch.zeros((), device=device)
-    for i, batch in enumerate(batches):
-        with dist.gradient_sync(forward_model, enabled=i == k - 1):  # reduce over ranks once per step
-            with autocast(device, dtype):
-                loss = batch_loss(forward_model, batch)
-            scaled = loss / k
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        total += loss.detach().float()
-    mean_loss = dist.mean_over_ranks(total / k).item()  # the same on every rank: they skip a NaN together
-    if scaler is not None:
-        for opt in optimizers:
-            scaler.unscale_(opt)
-    max_norm = grad_clip if grad_clip > 0 else math.inf
-    norm = dist.clip_grad_norm(list(model.parameters()), max_norm)
-    if math.isfinite(mean_loss) and (math.isfinite(norm) or scaler is not None):
-        for opt in optimizers:  # with a scaler, an inf norm is an fp16 overflow: scaler.step skips it
-            scaler.step(opt) if scaler is not None else opt.step()
-        if scaler is not None:
-            scaler.update()
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-    return mean_loss, norm
-
-
 def train_model(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None) -> dict[str, Any]:
     """Train (or resume) the run in ``run_dir``; returns a summary dict.
 
@@ -162,19 +128,24 @@ def train_model(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | Non
 
 
 def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, world: dist.World) -> dict:
+    device = dist.rank_device(cfg.train.device, world)
+    dtype = resolve_dtype(cfg.train.dtype, device)
+    if cfg.train.auto_micro_batch:  # the same step in micro-batches that fit (before anything is built)
+        cfg = fit_micro_batch(cfg, device, dtype, world.size)
     tc, ec = cfg.train, cfg.eval
     accum = micro_steps(cfg, world.size)
     seed_everything(tc.seed)
-    device = dist.rank_device(tc.device, world)
-    dtype = resolve_dtype(tc.dtype, device)
     from scratchlm.train.dryrun import check_memory  # (dryrun imports this module)
 
     sharded = world.size if tc.parallel in ("fsdp", "zero1") else 1
     check_memory(cfg, device, dtype, sharded)  # a far too large model: one line, not an allocator traceback
+    cfg = dataclasses.replace(cfg, model=resolve_attention(cfg.model, tc.batch_size, device, dtype))
     model = build_model(cfg.model).to(device)  # the same initial weights on every rank (same seed)
+    apply_memory_options(model, tc)  # activation checkpointing, chunked loss: names unchanged
     if world.size > 1:
         torch.manual_seed(tc.seed + world.rank)  # but independent dropout noise per rank
     train_loader, make_val_loader = make_loaders(cfg, tokenizer, data_dir, device, world.rank, world.size)
+    train_loader = Prefetcher(train_loader, accum)  # next step's batches read while the device works
     state = TrainState()
     latest = dist.on_main(lambda: ckpt.latest_checkpoint(run_dir)) if tc.resume == "auto" else None
     if latest is not None:  # full weights into the plain module, before DDP broadcasts / FSDP shards them
@@ -236,7 +207,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
             while stopped is None and state.step < tc.max_steps:
                 lr = set_lr(optimizers, state.step, tc, state.elapsed)
                 t0 = time.perf_counter()
-                batches = [train_loader.next_batch() for _ in range(accum)]
+                batches = train_loader.next_step()
                 loss, grad_norm = train_step(
                     forward_model,
                     model,
@@ -246,6 +217,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                     device=device,
                     dtype=dtype,
                     scaler=scaler,
+                    before_sync=train_loader.fill,
                 )
                 dt = time.perf_counter() - t0
                 if not math.isfinite(loss) or (scaler is None and not math.isfinite(grad_norm)):

@@ -1,16 +1,22 @@
 """FlashAttention-2 in Triton as a differentiable PyTorch op: ``flash_attention(q, k, v, causal=True)``.
 
 The kernels are in ``flash_kernels.py`` and the algorithm is derived, in plain PyTorch with the same tiles,
-in ``flash_reference.py``. This module chooses tile configurations (autotuned on a GPU, one fixed small
-configuration under the CPU interpreter), launches the four kernels and wraps them in a
-``torch.autograd.Function`` that saves only q, k, v, O and the fp32 log-sum-exp.
+in ``flash_reference.py``. This module chooses tile configurations, launches the four kernels and registers
+them as two ``torch.library`` custom ops (``scratchlm::flash_attn_fwd`` -> O and the fp32 log-sum-exp,
+``scratchlm::flash_attn_bwd`` -> dQ, dK, dV) with fake (shape-only) implementations and an autograd
+formula: ``torch.compile`` treats them as opaque calls (it neither traces nor re-compiles the Triton kernels)
+and the saved tensors are q, k, v, O and the LSE only.
 
-Tiles on a GPU: ``SCRATCHLM_FLASH_TILES=autotune`` (the default) autotunes each kernel over its candidate
-list below, once per (head size, causal, group, power-of-two length bucket, precision, dtype);
-``SCRATCHLM_FLASH_TILES=fixed`` skips the search and takes the first candidate of each list that fits the GPU
-(shared memory, threads): one compile per kernel and specialisation instead of 7-8, and no timing runs.
-The GPU tests and ``benchmarks/attention.py --quick`` use it. The variable is read at every launch; any other
-value is an error.
+Tiles on a GPU, from ``$SCRATCHLM_FLASH_TILES`` (read at every launch; any other value is an error):
+
+- ``auto`` (the default): the shipped table of autotuned tiles for this GPU (``flash_tiles.py``); where the
+  table has no entry for the GPU or head size, autotune as below.
+- ``autotune``: autotune each kernel over its candidate list below, once per (head size, causal, group,
+  power-of-two length bucket, precision, dtype).
+- ``fixed``: the first candidate of each list that fits the GPU (shared memory, threads): one compile per
+  kernel and specialisation, no timing runs. The GPU tests and ``benchmarks/attention.py --quick`` use it.
+
+Under the CPU interpreter one fixed small configuration is used.
 
 Triton is optional: this module imports it lazily, and ``flash_available(device)`` says whether the kernels
 can run on a device (CUDA, compute capability >= 8.0, Triton installed). Models call ``flash_attention`` only
@@ -30,6 +36,7 @@ from types import ModuleType
 import torch
 
 from scratchlm.errors import ConfigError
+from scratchlm.model.kernels import flash_tiles
 from scratchlm.model.kernels.flash_reference import flash_attention_reference
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -74,13 +81,13 @@ DQ_CONFIGS = [
     (32, 32, 4, 2),
 ]
 TUNING_KEY = ["HEAD_DIM", "CAUSAL", "GROUP", "T_BUCKET", "PRECISION"]
-TILE_MODES = ("autotune", "fixed")
+TILE_MODES = ("auto", "autotune", "fixed")
 TILES_ENV = "SCRATCHLM_FLASH_TILES"
 
 
 def tile_mode() -> str:
-    """How GPU tiles are chosen, from ``$SCRATCHLM_FLASH_TILES``: "autotune" (default) or "fixed"."""
-    mode = os.environ.get(TILES_ENV, "autotune") or "autotune"
+    """How GPU tiles are chosen, from ``$SCRATCHLM_FLASH_TILES``: "auto" (default), "autotune" or "fixed"."""
+    mode = os.environ.get(TILES_ENV, "auto") or "auto"
     if mode not in TILE_MODES:
         raise ValueError(f"{TILES_ENV}={mode!r} is not one of {TILE_MODES}; unset it or pick one of those")
     return mode
@@ -95,6 +102,7 @@ def _triton_missing() -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result  # torch.compile: evaluated once while tracing, not traced
 def flash_available(device: torch.device | str) -> tuple[bool, str]:
     """Whether the Triton kernels can run on ``device``: (True, "") or (False, why).
 
@@ -122,6 +130,10 @@ def _kernels() -> ModuleType:
     return importlib.import_module("scratchlm.model.kernels.flash_kernels")
 
 
+# Autotuned wrappers built so far, by kernel name (their ``cache`` holds the chosen configurations).
+_autotuners: dict[str, object] = {}
+
+
 @functools.cache
 def _tuned(name: str, configs: tuple[tuple[int, int, int, int], ...]):
     """Autotuned wrapper of kernel ``name`` over ``configs`` (built once per kernel; GPU only)."""
@@ -131,7 +143,13 @@ def _tuned(name: str, configs: tuple[tuple[int, int, int, int], ...]):
     candidates = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in configs
     ]
-    return triton.autotune(candidates, key=TUNING_KEY)(kernel)
+    _autotuners[name] = tuned = triton.autotune(candidates, key=TUNING_KEY)(kernel)
+    return tuned
+
+
+def autotuned_tiles() -> dict[str, list[int]]:
+    """What autotuning chose in this process, as entries of the shipped tile table (see flash_tiles.py)."""
+    return flash_tiles.autotune_records(_autotuners, TUNING_KEY)
 
 
 # Index of the configuration SCRATCHLM_FLASH_TILES=fixed settled on, per kernel and specialisation.
@@ -148,7 +166,7 @@ def _launch_fixed(name: str, configs: list, grid_of, args: tuple, meta: dict) ->
 
     too_big = tuple(getattr(errors, n) for n in ("OutOfResources", "PTXASError") if hasattr(errors, n))
     kernel = getattr(_kernels(), name)
-    key = (name, args[0].dtype, tuple(sorted(meta.items())))
+    key = (name, args[0].dtype, tuple(sorted(meta.items())), tuple(configs))
     for i in range(_fixed_choice.get(key, 0), len(configs)):
         bm, bn, warps, stages = configs[i]
         try:
@@ -161,16 +179,30 @@ def _launch_fixed(name: str, configs: list, grid_of, args: tuple, meta: dict) ->
         return
 
 
-def _launch(name: str, tiles: str, configs: list, grid_of, *args, **meta) -> None:
-    """Run kernel ``name``: fixed tiles under the interpreter, autotuned or fixed tiles on a GPU (tile_mode).
+def _table_tiles(name: str, q: torch.Tensor, meta: dict) -> tuple[int, int, int, int] | None:
+    """The shipped table's tiles for this launch (None: no entry for this GPU and head size)."""
+    gpu = torch.cuda.get_device_name(q.device)
+    return flash_tiles.lookup(
+        gpu, name, meta["HEAD_DIM"], q.dtype, meta["CAUSAL"], meta["GROUP"], meta["T_BUCKET"]
+    )
 
-    ``grid_of(block_m, block_n)`` gives the launch grid; ``args`` and ``meta`` are the kernel arguments.
-    """
+
+def _launch(name: str, tiles: str, configs: list, grid_of, *args, **meta) -> None:
+    """Run kernel ``name``: fixed tiles under the interpreter, else tiles by tile_mode() (table, autotune,
+    fixed). ``grid_of(block_m, block_n)`` gives the launch grid; ``args`` and ``meta`` are the kernel
+    arguments (``meta`` holds the constexprs and ``T_BUCKET``)."""
     kernels = _kernels()
+    mode = tile_mode()
     if kernels.INTERPRETED:
         bm, bn = INTERPRETER_TILES[tiles]
         getattr(kernels, name)[grid_of(bm, bn)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
-    elif tile_mode() == "fixed":
+        return
+    if mode == "auto":
+        table = _table_tiles(name, args[0], meta)
+        if table is not None:
+            _launch_fixed(name, [table, *configs], grid_of, args, meta)
+            return
+    if mode == "fixed":
         _launch_fixed(name, configs, grid_of, args, meta)
     else:
         _tuned(name, tuple(configs))[lambda m: grid_of(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
@@ -182,12 +214,18 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
 
 
 def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, precision: str) -> dict:
-    """Constexpr arguments shared by the kernels."""
+    """Constexpr arguments shared by the kernels, and T_BUCKET (T's next power of two: an autotuning key)."""
     upcast = _kernels().INTERPRETED and q.dtype == torch.bfloat16  # numpy has no bf16 matmul
     if q.dtype != torch.float32:
         precision = "tf32"  # Triton's default; it only affects fp32 inputs
+    T = q.shape[2]
     return dict(
-        GROUP=q.shape[1] // k.shape[1], HEAD_DIM=q.shape[3], CAUSAL=causal, UPCAST=upcast, PRECISION=precision
+        T_BUCKET=1 << (T - 1).bit_length(),
+        GROUP=q.shape[1] // k.shape[1],
+        HEAD_DIM=q.shape[3],
+        CAUSAL=causal,
+        UPCAST=upcast,
+        PRECISION=precision,
     )
 
 
@@ -215,7 +253,6 @@ def _forward(q, k, v, causal: bool, scale: float, precision: str) -> tuple[torch
         *_strides(o),
         H,
         T,
-        triton.next_power_of_2(T),
         **_meta(q, k, causal, precision),
     )
     return o, lse
@@ -235,7 +272,7 @@ def _backward(q, k, v, o, lse, do, causal: bool, scale: float, precision: str):
     )
 
     meta = _meta(q, k, causal, precision)
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), H, T, triton.next_power_of_2(T))
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), H, T)
     dk = torch.empty((B, n_kv, T, D), device=k.device, dtype=k.dtype)
     dv = torch.empty((B, n_kv, T, D), device=v.device, dtype=v.dtype)
     _launch(
@@ -275,21 +312,59 @@ def _backward(q, k, v, o, lse, do, causal: bool, scale: float, precision: str):
     return dq, dk, dv
 
 
-class FlashAttentionFunction(torch.autograd.Function):
-    """O = softmax(scale * Q K^T [+ causal mask]) V; saves q, k, v, O and the fp32 LSE (no T x T tensor)."""
+# The kernels as torch.library custom ops: torch.compile (Dynamo, AOTAutograd, Inductor) sees each as one
+# opaque call with the output shapes of its fake implementation, so it never traces or re-compiles the
+# Triton code (Inductor's own handling of user kernels passes the float scale as fp64, for one).
+@torch.library.custom_op("scratchlm::flash_attn_fwd", mutates_args=())
+def flash_attn_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, precision: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """O (like q, same strides) and LSE (B, Hq, T) fp32 of q (B, Hq, T, D), k, v (B, Hkv, T, D)."""
+    return _forward(q, k, v, causal, scale, precision)
 
-    @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float, precision: str):  # noqa: D102
-        o, lse = _forward(q, k, v, causal, scale, precision)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale, ctx.precision = causal, scale, precision
-        return o
 
-    @staticmethod
-    def backward(ctx, do):  # noqa: D102
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do.contiguous(), ctx.causal, ctx.scale, ctx.precision)
-        return dq, dk, dv, None, None, None
+@flash_attn_fwd.register_fake
+def _(q, k, v, causal, scale, precision):
+    B, H, T, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("scratchlm::flash_attn_bwd", mutates_args=())
+def flash_attn_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    causal: bool,
+    scale: float,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dQ (B, Hq, T, D), dK, dV (B, Hkv, T, D), contiguous, from the forward's q, k, v, O, LSE and dO."""
+    return _backward(q, k, v, o, lse, do, causal, scale, precision)
+
+
+@flash_attn_bwd.register_fake
+def _(q, k, v, o, lse, do, causal, scale, precision):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, causal, scale, precision = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)  # no T x T tensor: P is recomputed from the LSE
+    ctx.causal, ctx.scale, ctx.precision = causal, scale, precision
+    ctx.mark_non_differentiable(lse)
+
+
+def _flash_backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = flash_attn_bwd(q, k, v, o, lse, do.contiguous(), ctx.causal, ctx.scale, ctx.precision)
+    return dq, dk, dv, None, None, None
+
+
+flash_attn_fwd.register_autograd(_flash_backward, setup_context=_setup_context)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -315,6 +390,15 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             f"flash_attention wants q, k, v of one dtype among fp32/fp16/bf16; got "
             f"{q.dtype}, {k.dtype}, {v.dtype}"
         )
+
+
+@torch.compiler.assume_constant_result  # torch.compile: evaluated once while tracing, not traced
+def _kernels_missing(device_type: str) -> str | None:
+    """Why the kernels cannot run on tensors of this device type (None: they can)."""
+    missing = _triton_missing()
+    if missing is None and device_type == "cpu" and not _kernels().INTERPRETED:
+        missing = "the Triton kernels were defined without TRITON_INTERPRET=1, so they cannot run on the CPU"
+    return missing
 
 
 @functools.cache
@@ -344,11 +428,9 @@ def flash_attention(
     if input_precision not in ("ieee", "tf32"):
         raise ValueError(f"input_precision must be 'ieee' or 'tf32', got {input_precision!r}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    missing = _triton_missing()
-    if missing is None and q.device.type == "cpu" and not _kernels().INTERPRETED:
-        missing = "the Triton kernels were defined without TRITON_INTERPRET=1, so they cannot run on the CPU"
+    missing = _kernels_missing(q.device.type)
     if missing is not None:
         _say_fallback_once(missing)
         return flash_attention_reference(q, k, v, causal, scale)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    return FlashAttentionFunction.apply(q, k, v, causal, scale, input_precision)
+    return flash_attn_fwd(q, k, v, causal, scale, input_precision)[0]

@@ -146,7 +146,8 @@ def attn_fwd_kernel(
     q = tl.load(q_ptrs, mask=offs_m[:, None] < T, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    qk_scale2 = softmax_scale * LOG2E
+    scale = tl.cast(softmax_scale, tl.float32)  # fp32 whatever the caller passes (Inductor: fp64)
+    qk_scale2 = scale * LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -356,7 +357,8 @@ def attn_bwd_dkdv_kernel(
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    qk_scale2 = softmax_scale * LOG2E
+    scale = tl.cast(softmax_scale, tl.float32)  # fp32 whatever the caller passes (Inductor: fp64)
+    qk_scale2 = scale * LOG2E
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
@@ -422,7 +424,7 @@ def attn_bwd_dkdv_kernel(
             BLOCK_M,
         )
 
-    dk *= softmax_scale
+    dk *= scale
     out = bkv * T * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out, _round_fp32_for_bf16(dk, UPCAST).to(DK.dtype.element_ty), mask=col_ok)
     tl.store(DV + out, _round_fp32_for_bf16(dv, UPCAST).to(DV.dtype.element_ty), mask=col_ok)
@@ -539,7 +541,8 @@ def attn_bwd_dq_kernel(
         do = do.to(tl.float32)
     k_ptrs = K + b * stride_kb + kv_h * stride_kh + offs_n_base[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + b * stride_vb + kv_h * stride_vh + offs_n_base[:, None] * stride_vt + offs_d[None, :]
-    qk_scale2 = softmax_scale * LOG2E
+    scale = tl.cast(softmax_scale, tl.float32)  # fp32 whatever the caller passes (Inductor: fp64)
+    qk_scale2 = scale * LOG2E
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     if CAUSAL:
@@ -593,7 +596,7 @@ def attn_bwd_dq_kernel(
         BLOCK_N,
     )
 
-    dq *= softmax_scale
+    dq *= scale
     tl.store(
         DQ + bh * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
         _round_fp32_for_bf16(dq, UPCAST).to(DQ.dtype.element_ty),
