@@ -275,7 +275,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                         run_dir,
                         world,
                         train_loss=sum(losses) / len(losses),
-                        epoch=getattr(train_loader, "epoch", None),
+                        epoch=train_loader.state_dict().get("epoch"),  # seq2seq loaders count epochs
                     )
                     losses.clear()
                     if (
