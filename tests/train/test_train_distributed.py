@@ -236,7 +236,11 @@ def test_torchrun_cli_fsdp_run_loads_and_generates_in_one_process(tmp_path):
     assert proc.stdout.count("# resolved config") == 1 and proc.stdout.count("--- sample ---") == 1
     assert "tokens: 1,024" in proc.stdout  # one micro-batch of 4 x 32 per rank and step, 2 ranks, 4 steps
     records = read_metrics(run_dir)
-    assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("eval", 4)]  # rank 0 alone logs
+    assert [(r["kind"], r["step"]) for r in records] == [
+        ("train", 1),
+        ("eval", 4),
+        ("stop", 4),
+    ]  # rank 0 alone logs
     assert (run_dir / "samples.txt").read_text().count("=== step 4 ===") == 1  # both generated, 0 wrote
     ckpt = find_checkpoint(run_dir)
     weights = load_model_state(ckpt)
