@@ -45,7 +45,7 @@ from scratchlm.errors import ConfigError
 from scratchlm.model import build_model
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train import distributed as dist
-from scratchlm.train.batches import Batch, batch_loss, batch_tokens, make_loaders
+from scratchlm.train.batches import Batch, apply_token_budget, batch_loss, batch_tokens, make_loaders
 from scratchlm.train.evaluate import eval_record, evaluate_metrics, truncate_samples, write_samples
 from scratchlm.train.metrics import MetricsLogger, peak_flops, plot_run, truncate_metrics
 from scratchlm.train.optim import set_lr
@@ -159,6 +159,7 @@ def train_model(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | Non
 
 
 def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, world: dist.World) -> dict:
+    cfg = apply_token_budget(cfg, world.size, verbose=world.is_main)  # data.max_tokens -> train.max_steps
     tc, ec = cfg.train, cfg.eval
     accum = micro_steps(cfg, world.size)
     seed_everything(tc.seed)
@@ -187,7 +188,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
     forward_model = torch.compile(forward_model) if tc.compile else forward_model
     model.train()
 
-    data_meta = _data_meta(data_dir)
+    data_meta = None if cfg.data.stream else _data_meta(data_dir)  # (bits per byte needs shard meta)
     flops_per_token = model.flops_per_token()
     peak = peak_flops(device, dtype)
     logger = MetricsLogger(
@@ -204,7 +205,8 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
     def save(improved: bool) -> Path:
         """Every rank gathers (FSDP / ZeRO-1 shards, RNG states); rank 0 writes; all get its path or error."""
         weights, optimizer = dist.full_model_state(model), dist.full_optimizer_state(model, optimizers)
-        rng = dist.all_gather_objects(ckpt.capture_rng())
+        rng, loaders = zip(*dist.all_gather_objects((ckpt.capture_rng(), train_loader.state_dict())))
+        per_rank = {"rng_per_rank": list(rng), "loader_per_rank": list(loaders)} if world.size > 1 else {}
 
         def write() -> Path:
             path = ckpt.save_checkpoint(
@@ -214,9 +216,9 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                 {"optimizers": optimizer, "scaler": scaler.state_dict() if scaler else {}},
                 {
                     "train_state": dataclasses.asdict(state),
-                    "loader": train_loader.state_dict(),  # the same on every rank
+                    "loader": loaders[0],  # a stream's position differs per rank, shards' does not
                     "rng": rng[0],
-                    **({"rng_per_rank": rng} if world.size > 1 else {}),
+                    **per_rank,
                     "schedule": {"name": tc.schedule, "step": state.step},
                     "versions": ckpt.library_versions(),
                 },
@@ -372,7 +374,7 @@ def _restore(ckpt_dir: Path, model, optimizers, scaler, loader, state: TrainStat
     dist.load_optimizer_state(model, optimizers, opt["optimizers"])
     if scaler is not None and opt.get("scaler"):
         scaler.load_state_dict(opt["scaler"])
-    loader.load_state_dict(saved["loader"])  # checks world_size: resume with as many ranks as were saved
+    loader.load_state_dict(saved.get("loader_per_rank", [saved["loader"]] * world.size)[world.rank])
     for key, value in saved["train_state"].items():
         setattr(state, key, value)
     ckpt.restore_rng(saved["rng_per_rank"][world.rank] if world.size > 1 else saved["rng"])
