@@ -109,6 +109,11 @@ class DataConfig:
     batch_tokens: int | None = doc(
         None, "seq2seq: batch by tokens (padded source + target per batch); None = train.batch_size rows"
     )
+    stream: bool = doc(False, "tokenize while training (no prepare pass); see docs/streaming.md")
+    stream_workers: int = doc(1, "stream: tokenizer processes per source (0 = in the training process)")
+    mixture: list[str] = doc([], "stream: WEIGHT:SOURCE entries, one drawn per row (replaces source)")
+    fallback: list[str] = doc([], "stream: sources tried in order when the source/mixture cannot be opened")
+    max_tokens: int | None = doc(None, "token budget: sets train.max_steps = max_tokens // tokens per step")
 
 
 @dataclass
@@ -645,6 +650,13 @@ def validate(cfg: Config) -> None:
         ("model.label_smoothing", m.label_smoothing, "in [0, 1)", 0.0 <= m.label_smoothing < 1.0),
         ("data.val_fraction", cfg.data.val_fraction, "in [0, 1)", 0.0 <= cfg.data.val_fraction < 1.0),
         ("data.max_pair_len", cfg.data.max_pair_len, "positive", cfg.data.max_pair_len > 0),
+        ("data.stream_workers", cfg.data.stream_workers, ">= 0", cfg.data.stream_workers >= 0),
+        (
+            "data.max_tokens",
+            cfg.data.max_tokens,
+            ">= 1 or None (no budget)",
+            _at_least(cfg.data.max_tokens, 1),
+        ),
         ("train.lr", t.lr, "> 0", t.lr > 0),
         ("train.min_lr", t.min_lr, f"in [0, train.lr={t.lr}]", 0 <= t.min_lr <= t.lr),
         ("train.muon_lr", t.muon_lr, "> 0", t.muon_lr > 0),
@@ -687,6 +699,12 @@ def validate(cfg: Config) -> None:
                 f"train.tokens_per_step={t.tokens_per_step} must be a positive multiple of "
                 f"batch_size*context_length={micro}"
             )
+    if (cfg.data.mixture or cfg.data.fallback) and not cfg.data.stream:
+        key = "data.mixture" if cfg.data.mixture else "data.fallback"
+        raise ConfigError(f"{key} needs data.stream=true (mixtures and fallbacks are streamed)")
+    if m.arch == "seq2seq" and (cfg.data.stream or cfg.data.max_tokens):
+        key = "data.stream" if cfg.data.stream else "data.max_tokens"
+        raise ConfigError(f"{key} is for decoder LMs (model.arch=gpt); seq2seq reads parallel files")
     if not 0.0 < t.decay_fraction <= 1.0:
         raise ConfigError(f"train.decay_fraction must be in (0, 1], got {t.decay_fraction}")
     if t.max_time is not None and t.max_time <= 0:

@@ -55,6 +55,10 @@ def training_sources(cfg: Config) -> Sources:
     """The built-in corpus (split by file) when ``data.source`` is empty, else the user's sources."""
     from scratchlm.corpus import builtin_corpus, resolve_source
 
+    if cfg.data.stream:  # a tokenizer is learnt from the head of the stream; nothing else reads it up front
+        from scratchlm.data.stream import TokenizerSample
+
+        return Sources(TokenizerSample(cfg.data), None, "the head of the stream")
     if not cfg.data.source or cfg.data.source == ["builtin"]:
         corpus = builtin_corpus(cfg.data.val_fraction)
         return Sources(corpus.train, corpus.val, corpus.train.description.rsplit(",", 1)[0])
@@ -212,8 +216,11 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
         else:
             sources = training_sources(cfg)
             tokenizer = dist.main_first(lambda: get_tokenizer(cfg, sources, progress))
-            data_dir = dist.main_first(lambda: get_shards(cfg, tokenizer, sources, progress))
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=str(data_dir)))
+            if cfg.data.stream:  # tokenized while training (data/stream.py): no shards
+                data_dir = None
+            else:
+                data_dir = dist.main_first(lambda: get_shards(cfg, tokenizer, sources, progress))
+                cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=str(data_dir)))
         cfg = resolved(cfg, tokenizer)
         saved = _saved_run(cfg.run_dir) if world.is_main else None
         run_dir = dist.on_main(lambda: start_run(cfg, tokenizer))

@@ -10,6 +10,7 @@ Tokens counted for throughput and ``tokens seen`` are the predicted targets (``t
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,10 @@ def make_loaders(
     tc, dc = cfg.train, cfg.data
     if cfg.model.arch == "seq2seq":
         return _pair_loaders(cfg, tokenizer, device, rank, world_size)
+    if dc.stream:
+        from scratchlm.data.stream import stream_loaders
+
+        return stream_loaders(cfg, tokenizer, device, rank, world_size)
     if data_dir is None:
         raise ConfigError("model.arch=gpt needs prepared shards (data.data_dir); run scratchlm data prepare")
     from scratchlm.data.loader import TokenLoader
@@ -104,6 +109,33 @@ def make_loaders(
         )
 
     return train, val_loader
+
+
+def apply_token_budget(cfg: Config, world_size: int = 1, verbose: bool = True) -> Config:
+    """``cfg`` with ``train.max_steps`` set by the token budget ``data.max_tokens`` (if set).
+
+    A step trains ``tokens_per_step = batch_size * context_length * micro-batches * world_size`` tokens, so
+    the run takes ``max_tokens // tokens_per_step`` steps (replacing ``train.max_steps``), having seen
+    ``max_tokens`` tokens exactly when it divides (never more); the lr schedule runs over those steps.
+    """
+    from scratchlm.train.trainer import micro_steps
+
+    budget = cfg.data.max_tokens
+    if budget is None:
+        return cfg
+    per_step = cfg.train.batch_size * cfg.model.context_length * micro_steps(cfg, world_size) * world_size
+    steps = budget // per_step
+    if steps < 1:
+        raise ConfigError(
+            f"data.max_tokens={budget} is less than one step of {per_step} tokens "
+            f"(batch_size * context_length * micro-batches * ranks); raise it or shrink the batch"
+        )
+    if verbose:
+        exact = (
+            "" if steps * per_step == budget else f" (the {budget - steps * per_step} left over are not read)"
+        )
+        print(f"token budget: data.max_tokens={budget:,} = {steps:,} steps of {per_step:,} tokens{exact}")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps))
 
 
 def _has_val(data_dir: Path) -> bool:

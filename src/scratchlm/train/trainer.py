@@ -49,7 +49,7 @@ from scratchlm.model import build_model
 from scratchlm.model.attention_choice import resolve_attention
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train import distributed as dist
-from scratchlm.train.batches import batch_tokens, make_loaders
+from scratchlm.train.batches import apply_token_budget, batch_tokens, make_loaders
 from scratchlm.train.evaluate import truncate_samples
 from scratchlm.train.memory import apply_memory_options, fit_micro_batch
 from scratchlm.train.metrics import MetricsLogger, peak_flops, plot_run, truncate_metrics
@@ -128,6 +128,7 @@ def train_model(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | Non
 
 
 def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, world: dist.World) -> dict:
+    cfg = apply_token_budget(cfg, world.size, verbose=world.is_main)  # data.max_tokens -> train.max_steps
     device = dist.rank_device(cfg.train.device, world)
     dtype = resolve_dtype(cfg.train.dtype, device)
     if cfg.train.auto_micro_batch:  # the same step in micro-batches that fit (before anything is built)
@@ -161,7 +162,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
     forward_model = torch.compile(forward_model) if tc.compile else forward_model
     model.train()
 
-    data_meta = _data_meta(data_dir)
+    data_meta = None if cfg.data.stream else _data_meta(data_dir)  # (bits per byte needs shard meta)
     flops_per_token = model.flops_per_token()
     peak = peak_flops(device, dtype)
     logger = MetricsLogger(
@@ -178,7 +179,8 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
     def save(improved: bool) -> Path:
         """Every rank gathers (FSDP / ZeRO-1 shards, RNG states); rank 0 writes; all get its path or error."""
         weights, optimizer = dist.full_model_state(model), dist.full_optimizer_state(model, optimizers)
-        rng = dist.all_gather_objects(ckpt.capture_rng())
+        rng, loaders = zip(*dist.all_gather_objects((ckpt.capture_rng(), train_loader.state_dict())))
+        per_rank = {"rng_per_rank": list(rng), "loader_per_rank": list(loaders)} if world.size > 1 else {}
 
         def write() -> Path:
             path = ckpt.save_checkpoint(
@@ -188,9 +190,9 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                 {"optimizers": optimizer, "scaler": scaler.state_dict() if scaler else {}},
                 {
                     "train_state": dataclasses.asdict(state),
-                    "loader": train_loader.state_dict(),  # the same on every rank
+                    "loader": loaders[0],  # a stream's position differs per rank, shards' does not
                     "rng": rng[0],
-                    **({"rng_per_rank": rng} if world.size > 1 else {}),
+                    **per_rank,
                     "schedule": {"name": tc.schedule, "step": state.step},
                     "versions": ckpt.library_versions(),
                 },
@@ -322,7 +324,7 @@ def _restore(ckpt_dir: Path, model, optimizers, scaler, loader, state: TrainStat
     dist.load_optimizer_state(model, optimizers, opt["optimizers"])
     if scaler is not None and opt.get("scaler"):
         scaler.load_state_dict(opt["scaler"])
-    loader.load_state_dict(saved["loader"])  # checks world_size: resume with as many ranks as were saved
+    loader.load_state_dict(saved.get("loader_per_rank", [saved["loader"]] * world.size)[world.rank])
     for key, value in saved["train_state"].items():
         setattr(state, key, value)
     ckpt.restore_rng(saved["rng_per_rank"][world.rank] if world.size > 1 else saved["rng"])
