@@ -103,6 +103,12 @@ class DataConfig:
     src_lang: str = doc("de", "seq2seq: source language suffix of the parallel files")
     tgt_lang: str = doc("en", "seq2seq: target language suffix of the parallel files")
     max_pair_len: int = doc(128, "seq2seq: drop pairs longer than this many tokens on either side")
+    format: str = doc(
+        "text", "text (documents) | chat (jsonl of {messages: [...]}; loss on assistant tokens)"
+    )
+    chat_template: str | None = doc(
+        None, "chat: plain | chatml; None = the tokenizer's stored one, else chatml"
+    )
 
 
 @dataclass
@@ -144,6 +150,10 @@ class TrainConfig:
     ckpt_interval: int = doc(500, "write a checkpoint every N steps (and at the end)")
     keep_last: int = doc(2, "keep this many recent checkpoints (best/ is kept apart)")
     resume: str = doc("auto", "auto (continue the run in run_dir if it has a checkpoint) | never")
+    init_from: str | None = doc(
+        None, "start from these weights: a HF GPT-2/Llama dir or a ScratchLM run/checkpoint"
+    )
+    freeze: list[str] = doc([], "parameter-name patterns kept frozen (fnmatch, e.g. wte.*,blocks.0.*)")
     early_stopping_patience: int | None = doc(None, "stop after N evals without val improvement")
     max_nan_skips: int = doc(0, "skip up to N steps with a NaN/Inf loss before stopping (0 = stop)")
     deterministic: bool = doc(False, "use deterministic algorithms (exact resume tests)")
@@ -254,6 +264,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-42m": {"model": _llama(512, 8, 8), "tokenizer": dict(vocab_size=32000)},
     "llama-110m": {"model": _llama(768, 12, 12), "tokenizer": dict(vocab_size=32000)},
     "llama-gqa-tiny": {"model": _llama(128, 4, 4, n_kv_head=2)},
+    # fine-tuning defaults (`scratchlm finetune`): a 10x lower peak lr, a short warmup, no weight decay,
+    # frequent evaluations and early stopping once the validation loss stops improving
+    "finetune": {
+        "train": dict(
+            lr=1e-4,
+            min_lr=1e-5,
+            warmup_steps=10,
+            weight_decay=0.0,
+            max_steps=300,
+            early_stopping_patience=3,
+            ckpt_interval=100,
+            log_interval=10,
+        ),
+        "eval": dict(interval=25, batches=10),
+    },
     # "Attention Is All You Need" base model: post-LN, sinusoidal positions, shared embeddings
     "transformer-base": {
         "model": dict(
@@ -549,6 +574,7 @@ _CHOICES = {
     "tokenizer.kind": ("bpe", "char", "gpt2"),
     "tokenizer.pattern": ("gpt2", "gpt4"),
     "data.loader": ("random", "sequential"),
+    "data.format": ("text", "chat"),
     "train.dtype": ("auto", "float32", "bfloat16", "float16"),
     "train.optimizer": ("adamw", "muon"),
     "train.schedule": ("cosine", "wsd", "constant"),
@@ -662,6 +688,10 @@ def validate(cfg: Config) -> None:
     if t.schedule_clock == "time" and t.max_time is None:
         raise ConfigError(
             "train.schedule_clock=time needs train.max_time (seconds); or use schedule_clock=steps"
+        )
+    if cfg.data.format == "chat" and not (t.init_from or cfg.tokenizer.path):
+        raise ConfigError(
+            "data.format=chat fine-tunes a pretrained model: set train.init_from=SOURCE (or tokenizer.path=FILE)"
         )
     specials = cfg.tokenizer.special_tokens
     if len(set(specials)) != len(specials):
