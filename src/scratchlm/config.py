@@ -114,6 +114,12 @@ class DataConfig:
     mixture: list[str] = doc([], "stream: WEIGHT:SOURCE entries, one drawn per row (replaces source)")
     fallback: list[str] = doc([], "stream: sources tried in order when the source/mixture cannot be opened")
     max_tokens: int | None = doc(None, "token budget: sets train.max_steps = max_tokens // tokens per step")
+    format: str = doc(
+        "text", "text (documents) | chat (jsonl of {messages: [...]}; loss on assistant tokens)"
+    )
+    chat_template: str | None = doc(
+        None, "chat: plain | chatml; None = the tokenizer's stored one, else chatml"
+    )
 
 
 @dataclass
@@ -166,6 +172,10 @@ class TrainConfig:
     ckpt_interval: int = doc(500, "write a checkpoint every N steps (and at the end)")
     keep_last: int = doc(2, "keep this many recent checkpoints (best/ is kept apart)")
     resume: str = doc("auto", "auto (continue the run in run_dir if it has a checkpoint) | never")
+    init_from: str | None = doc(
+        None, "start from these weights: a HF GPT-2/Llama dir or a ScratchLM run/checkpoint"
+    )
+    freeze: list[str] = doc([], "parameter-name patterns kept frozen (fnmatch, e.g. wte.*,blocks.0.*)")
     early_stopping_patience: int | None = doc(None, "stop after N evals without val improvement")
     average_last: int = doc(0, "seq2seq: at the end, average the last K checkpoints into averaged/ (0 = off)")
     max_nan_skips: int = doc(0, "skip up to N steps with a NaN/Inf loss before stopping (0 = stop)")
@@ -281,6 +291,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-42m": {"model": _llama(512, 8, 8), "tokenizer": dict(vocab_size=32000)},
     "llama-110m": {"model": _llama(768, 12, 12), "tokenizer": dict(vocab_size=32000)},
     "llama-gqa-tiny": {"model": _llama(128, 4, 4, n_kv_head=2)},
+    # fine-tuning defaults (`scratchlm finetune`): a 10x lower peak lr, a short warmup, no weight decay,
+    # frequent evaluations and early stopping once the validation loss stops improving
+    "finetune": {
+        "train": dict(
+            lr=1e-4,
+            min_lr=1e-5,
+            warmup_steps=10,
+            weight_decay=0.0,
+            max_steps=300,
+            early_stopping_patience=3,
+            ckpt_interval=100,
+            log_interval=10,
+        ),
+        "eval": dict(interval=25, batches=10),
+    },
     # "Attention Is All You Need" base model: post-LN, sinusoidal positions, shared embeddings
     "transformer-base": {
         "model": dict(
@@ -576,6 +601,7 @@ _CHOICES = {
     "tokenizer.kind": ("bpe", "char", "gpt2"),
     "tokenizer.pattern": ("gpt2", "gpt4"),
     "data.loader": ("random", "sequential"),
+    "data.format": ("text", "chat"),
     "train.dtype": ("auto", "float32", "bfloat16", "float16"),
     "train.optimizer": ("adamw", "muon"),
     "train.schedule": ("cosine", "wsd", "constant", "noam"),
@@ -722,6 +748,10 @@ def validate(cfg: Config) -> None:
         )
     if t.schedule == "noam" and t.warmup_steps <= 0:
         raise ConfigError("train.schedule=noam needs train.warmup_steps >= 1 (its peak is at warmup)")
+    if cfg.data.format == "chat" and not (t.init_from or cfg.tokenizer.path):
+        raise ConfigError(
+            "data.format=chat fine-tunes a pretrained model: set train.init_from=SOURCE (or tokenizer.path=FILE)"
+        )
     specials = cfg.tokenizer.special_tokens
     if len(set(specials)) != len(specials):
         raise ConfigError(f"tokenizer.special_tokens lists a token twice: {specials}")

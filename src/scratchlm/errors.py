@@ -35,3 +35,7 @@ class GenerationError(ScratchLMError):
 
 class TrainingError(ScratchLMError):
     """Training cannot go on (a NaN/Inf loss): the message names the step and the last good checkpoint."""
+
+
+class ChatFormatError(ScratchLMError):
+    """A chat conversation is malformed (unknown role, non-string content, not a list of messages)."""

@@ -25,6 +25,7 @@ from typing import Any
 
 from scratchlm.config import Config, load_run_config, save_config, to_dict
 from scratchlm.errors import ConfigError
+from scratchlm.tokenizer.chat_template import save_chat_template
 
 SEQ2SEQ_SPECIALS = ["<|endoftext|>", "<|bos|>", "<|pad|>"]
 
@@ -195,6 +196,7 @@ def start_run(cfg: Config, tokenizer) -> Path:
     tmp = run_dir / "tokenizer.json.tmp"
     tokenizer.save(tmp)
     tmp.replace(run_dir / "tokenizer.json")
+    save_chat_template(tokenizer, run_dir)  # tokenizer_config.json, when the tokenizer has a chat template
     return run_dir
 
 
@@ -208,11 +210,20 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     from scratchlm.train.trainer import micro_steps, train_model
 
     micro_steps(cfg, dist.world_from_env().size)  # tokens_per_step must divide among the ranks: say so first
+    source = None
+    if cfg.train.init_from:  # model config and tokenizer from the pretrained source (train/init_from.py)
+        from scratchlm.train.init_from import apply_init_from
+
+        cfg, source = apply_init_from(cfg)
     with dist.process_group(cfg.train.device) as world:
         progress = progress and world.is_main
         if cfg.model.arch == "seq2seq":
             tokenizer = dist.main_first(lambda: _seq2seq_tokenizer(cfg, progress))
             data_dir = None
+        elif cfg.data.format == "chat":  # conversations are encoded in memory (data/chat.py), no shards
+            from scratchlm.data.chat import chat_tokenizer
+
+            tokenizer, data_dir = chat_tokenizer(cfg), None
         else:
             sources = training_sources(cfg)
             tokenizer = dist.main_first(lambda: get_tokenizer(cfg, sources, progress))
@@ -224,6 +235,10 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
         cfg = resolved(cfg, tokenizer)
         saved = _saved_run(cfg.run_dir) if world.is_main else None
         run_dir = dist.on_main(lambda: start_run(cfg, tokenizer))
+        if source is not None:
+            from scratchlm.train.init_from import record_init_source
+
+            dist.on_main(lambda: record_init_source(run_dir, source))
         try:
             return train_model(cfg, run_dir, tokenizer, data_dir)
         except BaseException:

@@ -86,11 +86,14 @@ def test_import_llama_keeps_its_architecture(tmp_path):
     )
 
 
-@pytest.mark.parametrize("variant", ["gpt2", "gpt2-untied", "llama-gqa", "llama-interleaved-tied"])
+@pytest.mark.parametrize(
+    "variant", ["gpt2", "gpt2-untied", "gpt2-no-bias", "llama-gqa", "llama-interleaved-tied"]
+)
 def test_export_hf_loads_in_transformers_with_the_same_logits(variant, tmp_path):
     kw = {
         "gpt2": {},
         "gpt2-untied": dict(tie_embeddings=False),
+        "gpt2-no-bias": dict(bias=False),  # GPT-2 always has biases: written as zeros, logits unchanged
         "llama-gqa": dict(LLAMA, n_kv_head=2),
         "llama-interleaved-tied": dict(LLAMA, rope_style="interleaved", tie_embeddings=True),
     }[variant]
@@ -102,7 +105,9 @@ def test_export_hf_loads_in_transformers_with_the_same_logits(variant, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(hf(ids()).logits, model(ids())[0], atol=1e-5, rtol=1e-5)
     back, _ = import_hf(tmp_path)  # and the round trip
-    if variant != "llama-interleaved-tied":  # re-imported as rope_style=half: same logits, permuted weights
+    if variant == "gpt2-no-bias":  # comes back with (zero) biases
+        assert all(not b.any() for n, b in back.state_dict().items() if n.endswith("bias"))
+    elif variant != "llama-interleaved-tied":  # re-imported as rope_style=half: same logits, permuted weights
         assert back.state_dict().keys() == model.state_dict().keys()
     with torch.no_grad():
         torch.testing.assert_close(back(ids())[0], model(ids())[0], atol=1e-5, rtol=1e-5)

@@ -20,6 +20,7 @@ from scratchlm.errors import ScratchLMError
 # subcommand modules, in the order `scratchlm --help` lists them
 _MODULES = [
     "train",
+    "finetune",
     "generate",
     "translate",
     "tokenizer",

@@ -66,10 +66,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     chat = subparsers.add_parser(
         "chat",
         help="chat with a trained run in an interactive REPL (streaming)",
-        description="Interactive chat (plain 'User:/Assistant:' transcript for base models). Commands: /reset, "
-        "/set NAME VALUE, /show, /help, /quit. Ctrl-C stops a reply, Ctrl-D exits.",
+        description="Interactive chat. Turns are rendered by the chat template stored with the run's tokenizer "
+        "(an instruction-tuned run's, e.g. chatml), else as a plain 'User:/Assistant:' transcript for base "
+        "models. Commands: /reset, /set NAME VALUE, /show, /help, /quit. Ctrl-C stops a reply, Ctrl-D exits.",
     )
     chat.add_argument("run_dir", metavar="RUN_DIR", help="run directory")
+    chat.add_argument("--system", metavar="TEXT", help="a system message put before the conversation")
     _add_common(chat, chat_defaults=True)
     chat.set_defaults(func=run_chat)
 
@@ -374,7 +376,7 @@ def run_chat(args: argparse.Namespace) -> int:
         )
     engine = _engine(args, lm)
     sampling = _sampling(args)
-    session = ChatSession(engine, **sampling)
+    session = ChatSession(engine, system=args.system, **sampling)
     if args.context != "error":
         print("note: chat always uses a sliding window when a message does not fit", file=sys.stderr)
     return run_repl(session, sys.stdin, sys.stdout, interactive=sys.stdin.isatty(), show_stats=args.stats)

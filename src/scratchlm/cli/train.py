@@ -100,9 +100,18 @@ def run_train(args: argparse.Namespace) -> int:
             )
         cfg = resume_config(args.resume, overrides)
     else:
-        has_preset = any(o.startswith("preset=") for o in overrides)
-        preset = MAIN_JOB_PRESET if config_path is None and not has_preset else None
+        # the main job's preset only for a plain `scratchlm train`: a run started from pretrained weights
+        # takes its model from them (the preset's model values would conflict)
+        explicit = any(o.startswith(("preset=", "train.init_from=")) for o in overrides)
+        preset = MAIN_JOB_PRESET if config_path is None and not explicit else None
         cfg = load_config(config_path, overrides, preset=preset)
+        if cfg.train.init_from:  # the source's model and tokenizer; an override that disagrees is refused,
+            from scratchlm.train.init_from import (
+                apply_init_from,
+                explicit_keys,
+            )  # even one equal to the default
+
+            cfg, _ = apply_init_from(cfg, explicit_keys(config_path, overrides))
     main = is_main_process()
     if main:
         print("# resolved config" + (f" (preset {cfg.preset})" if cfg.preset else ""))

@@ -1,16 +1,19 @@
-"""Chat with a base (not instruction-tuned) model: a plain-text turn format and a small REPL.
+"""Chat with a decoder model: turns rendered by the chat template stored with its tokenizer, and a small REPL.
 
-Turn format. A base model has never seen chat markup, so the conversation is written as a plain transcript
-that any model trained on ordinary text can continue::
+Turn format. The prompt is the conversation rendered by the run's chat template
+(``scratchlm.tokenizer.chat_template``): the template an instruction-tuned run was trained with (e.g.
+``chatml``), or, for a base model that was never instruction-tuned, :data:`PLAIN`, a transcript that any model
+trained on ordinary text can continue::
 
     User: <message 1>
     Assistant: <reply 1>
     User: <message 2>
     Assistant:
 
-The model continues after ``Assistant:``; the reply ends at the stop string ``"\\nUser:"`` (the model starting
-the user's next turn), at the end-of-text token, or after ``max_new_tokens``. Replies are stripped of
-surrounding whitespace before they go into the history.
+The model continues after the generation prompt (``Assistant:``); the reply ends at one of the template's stop
+strings (``"\\nUser:"``, the model starting the user's next turn; ``<|im_end|>`` for ChatML), at the
+end-of-text token, or after ``max_new_tokens``. Replies are stripped of surrounding whitespace before they go
+into the history.
 
 History. Before each reply the oldest turns are dropped until the prompt plus ``max_new_tokens`` fits in the
 model's context window; if the newest message alone does not fit, the engine's sliding window keeps its
@@ -33,9 +36,11 @@ from typing import Any, TextIO
 
 from scratchlm.errors import GenerationError, TokenizerError
 from scratchlm.inference.sampling import SamplingParams
+from scratchlm.tokenizer.chat_template import PLAIN, ChatTemplate, chat_template_of
 
-USER, ASSISTANT = "User:", "Assistant:"
-STOP = "\n" + USER
+USER, ASSISTANT = PLAIN.prefix["user"], PLAIN.prefix["assistant"]  # the plain transcript's markers
+STOP = PLAIN.stop[0]  # "\nUser:": the model starting the user's next turn
+
 NULLABLE = {"top_k", "seed"}  # numeric options that `/set NAME none` switches off
 _KIND_NAMES = {int: "an integer", float: "a number"}
 
@@ -51,11 +56,17 @@ HELP = """commands:
 class ChatSession:
     """A conversation with a decoder-only model through an :class:`~scratchlm.inference.engine.Engine`."""
 
-    def __init__(self, engine, **sampling: Any):
+    def __init__(
+        self, engine, template: ChatTemplate | None = None, system: str | None = None, **sampling: Any
+    ):
+        """``template``: default the one stored with ``engine.tokenizer`` (PLAIN if none); ``system``: an
+        optional system message put before every conversation; ``sampling``: SamplingParams fields."""
         sampling.setdefault("max_new_tokens", 128)
         sampling.setdefault("temperature", 0.8)
         self.params = SamplingParams.from_kwargs(**sampling)  # validated defaults
         self.engine = engine
+        self.template = template or chat_template_of(getattr(engine, "tokenizer", None))
+        self.system = system
         self.history: list[tuple[str, str]] = []  # (user message, assistant reply)
 
     def reset(self) -> None:
@@ -95,14 +106,21 @@ class ChatSession:
                 ) from None
         self.params = dataclasses.replace(self.params, **{name: parsed})  # validated in __post_init__
 
+    def messages(self, message: str, turns: list[tuple[str, str]] | None = None) -> list[dict[str, str]]:
+        """The conversation as OpenAI-style messages: system (if any), the ``turns`` (default the whole
+        history), then the new user ``message``."""
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        for user, reply in self.history if turns is None else turns:
+            out += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        return out + [{"role": "user", "content": message}]
+
     def prompt_for(self, message: str) -> str:
-        """The transcript ending in ``Assistant:``, oldest turns dropped to fit the context window."""
+        """The rendered conversation ending in the generation prompt, oldest turns dropped to fit the
+        context window."""
         turns = list(self.history)
         budget = self.engine.context_length - self.params.max_new_tokens
         while True:
-            prompt = (
-                "".join(f"{USER} {u}\n{ASSISTANT} {a}\n" for u, a in turns) + f"{USER} {message}\n{ASSISTANT}"
-            )
+            prompt = self.template.render(self.messages(message, turns), add_generation_prompt=True)
             if not turns or len(self.engine.encode_prompt(prompt)) <= budget:
                 return prompt
             turns.pop(0)
@@ -111,7 +129,7 @@ class ChatSession:
         """Stream the reply to ``message``; the reply (or the part generated before the iterator is closed)
         is added to the history. A refused message (one the tokenizer cannot encode, say) is not."""
         options = dataclasses.asdict(self.params)
-        options["stop"] = [*options["stop"], STOP]
+        options["stop"] = [*options["stop"], *self.template.stop]
         parts: list[str] = []
         refused = False
         try:

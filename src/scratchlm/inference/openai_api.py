@@ -83,6 +83,11 @@ def render_chat(messages: list[dict[str, str]], tokenizer=None) -> tuple[str, li
     the tokenizer carries its own chat template (the fine-tuning stage), that template renders instead;
     ``tokenizer`` is the served one, passed for that purpose.
     """
+    from scratchlm.tokenizer.chat_template import chat_template_of
+
+    if getattr(tokenizer, "chat_template", None):  # stored with the tokenizer (instruction tuning)
+        template = chat_template_of(tokenizer)
+        return template.render(messages, add_generation_prompt=True), list(template.stop)
     system = "".join(f"{m['content']}\n" for m in messages if m["role"] == "system")
     turns = "".join(
         f"{USER if m['role'] == 'user' else ASSISTANT} {m['content']}\n"

@@ -62,7 +62,7 @@ def gguf_architecture(cfg: ModelConfig) -> str:
         )
     if _llama_compatible(cfg) and not cfg.bias:
         return "llama"
-    if _gpt2_compatible(cfg):
+    if _gpt2_compatible(cfg) and cfg.bias:  # (the HF export writes zero biases; this one needs real ones)
         return "gpt2"
     raise ConfigError(
         "GGUF export needs a Llama-style model (rmsnorm, rope, swiglu, pre-LN, no biases, no qk_norm) or a "

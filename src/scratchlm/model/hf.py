@@ -35,7 +35,6 @@ def _gpt2_compatible(cfg: ModelConfig) -> bool:
         cfg.norm == "layernorm"
         and cfg.pos == "learned"
         and cfg.mlp == "gelu"
-        and cfg.bias
         and (cfg.n_kv_head or cfg.n_head) == cfg.n_head
         and not cfg.qk_norm
         and cfg.norm_position == "pre"
@@ -59,9 +58,12 @@ def _llama_compatible(cfg: ModelConfig) -> bool:
 def export_hf(model: GPT, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     """Write ``model`` as a transformers checkpoint directory; returns out_dir.
 
-    GPT-2 style (layernorm, learned positions, gelu, bias) -> GPT2LMHeadModel;
+    GPT-2 style (layernorm, learned positions, gelu) -> GPT2LMHeadModel; a model trained without biases
+    (``bias=false``) is written with zero biases, which GPT-2 always has, so its logits are unchanged.
     Llama style (rmsnorm, rope, swiglu) -> LlamaForCausalLM. Anything else raises ConfigError.
-    With a tokenizer, its ``save`` writes tokenizer.json and its eot id becomes bos/eos_token_id.
+    With a tokenizer, its ``save`` writes tokenizer.json and its eot id becomes bos/eos_token_id; a chat
+    template stored with it goes to tokenizer_config.json (``chat_template``, the Jinja that transformers'
+    ``apply_chat_template`` renders).
     Files are written under temporary names and renamed, so a crash leaves no half-written file.
     """
     cfg = model.config
@@ -75,7 +77,7 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, tokenizer=None) -> Path:
         config, tensors = _llama_config(cfg, eot), _to_llama(sd, cfg)
     else:
         raise ConfigError(
-            "export needs a GPT-2 style (layernorm, learned pos, gelu, bias) or Llama style "
+            "export needs a GPT-2 style (layernorm, learned pos, gelu) or Llama style "
             "(rmsnorm, rope, swiglu) model with pre-LN and no qk_norm"
         )
     config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
@@ -88,7 +90,10 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     tmp.write_text(json.dumps(config, indent=2) + "\n")
     os.replace(tmp, out / "config.json")
     if tokenizer is not None:
+        from scratchlm.tokenizer.chat_template import save_chat_template
+
         tokenizer.save(out / "tokenizer.json")
+        save_chat_template(tokenizer, out)
     return out
 
 
@@ -142,26 +147,30 @@ def _llama_config(cfg: ModelConfig, eot: int | None) -> dict:
 
 
 def _to_gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    def bias(name: str) -> torch.Tensor:  # bias=false: GPT-2's bias is zero, i.e. no bias at all
+        weight = sd[name + ".weight"]
+        return sd.get(name + ".bias", torch.zeros(weight.shape[0], dtype=weight.dtype))
+
     out = {
         "transformer.wte.weight": sd["wte.weight"],
         "transformer.wpe.weight": sd["wpe.weight"],
         "transformer.ln_f.weight": sd["ln_f.weight"],
-        "transformer.ln_f.bias": sd["ln_f.bias"],
+        "transformer.ln_f.bias": bias("ln_f"),
     }
     for i in range(cfg.n_layer):
         a, h = f"blocks.{i}.", f"transformer.h.{i}."
         for n in ("ln_1", "ln_2"):
-            out[h + n + ".weight"], out[h + n + ".bias"] = sd[a + n + ".weight"], sd[a + n + ".bias"]
+            out[h + n + ".weight"], out[h + n + ".bias"] = sd[a + n + ".weight"], bias(a + n)
         qkv = [sd[f"{a}attn.c_{x}.weight"] for x in "qkv"]
         out[h + "attn.c_attn.weight"] = torch.cat(qkv, dim=0).t()  # Conv1D: (in, out)
-        out[h + "attn.c_attn.bias"] = torch.cat([sd[f"{a}attn.c_{x}.bias"] for x in "qkv"])
+        out[h + "attn.c_attn.bias"] = torch.cat([bias(f"{a}attn.c_{x}") for x in "qkv"])
         for ours, theirs in (
             ("attn.c_proj", "attn.c_proj"),
             ("mlp.c_fc", "mlp.c_fc"),
             ("mlp.c_proj", "mlp.c_proj"),
         ):
             out[h + theirs + ".weight"] = sd[a + ours + ".weight"].t()
-            out[h + theirs + ".bias"] = sd[a + ours + ".bias"]
+            out[h + theirs + ".bias"] = bias(a + ours)
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
     return out
@@ -215,20 +224,8 @@ def import_hf(path: str | os.PathLike) -> tuple[GPT, ModelConfig]:
     weights_only=True). The model comes back in fp32 on the CPU, in eval mode, with dropout 0.
     """
     path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"'{path}' is not a Hugging Face model directory (no config.json)")
-    try:
-        hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_file} is not valid JSON ({e}); re-download or re-export it") from None
-    kind = hf.get("model_type")
-    if kind == "gpt2":
-        cfg = _config_from_gpt2(hf)
-    elif kind == "llama":
-        cfg = _config_from_llama(hf, config_file)
-    else:
-        raise CheckpointError(f"{config_file}: model_type {kind!r} is not supported (gpt2 or llama)")
+    cfg = hf_model_config(path)
+    kind = "gpt2" if cfg.pos == "learned" else "llama"
     sd = _load_weights(path)
     model = GPT(cfg)
     try:
@@ -250,6 +247,24 @@ def import_hf(path: str | os.PathLike) -> tuple[GPT, ModelConfig]:
             f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     return model.eval(), cfg
+
+
+def hf_model_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a GPT2LMHeadModel / LlamaForCausalLM directory, read from its config.json alone."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"'{path}' is not a Hugging Face model directory (no config.json)")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON ({e}); re-download or re-export it") from None
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        return _config_from_gpt2(hf)
+    if kind == "llama":
+        return _config_from_llama(hf, config_file)
+    raise CheckpointError(f"{config_file}: model_type {kind!r} is not supported (gpt2 or llama)")
 
 
 def _config_from_gpt2(hf: dict) -> ModelConfig:

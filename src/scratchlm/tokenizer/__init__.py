@@ -24,8 +24,16 @@ __all__ = ["Tokenizer", "CharTokenizer", "train_bpe", "train_bpe_from_iterator",
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer | CharTokenizer:
     """Load a tokenizer: a HF ``tokenizer.json``, a char-tokenizer JSON, or a directory holding either
-    ``tokenizer.json`` or GPT-2's ``vocab.json`` + ``merges.txt``."""
-    p = Path(path)
+    ``tokenizer.json`` or GPT-2's ``vocab.json`` + ``merges.txt``. ``.chat_template`` is the name of the chat
+    template stored beside it in ``tokenizer_config.json`` (see ``chat_template.py``), else None."""
+    from scratchlm.tokenizer.chat_template import read_template_name
+
+    tok = _load(Path(path))
+    tok.chat_template = read_template_name(Path(path) if Path(path).is_dir() else Path(path).parent)
+    return tok
+
+
+def _load(p: Path) -> Tokenizer | CharTokenizer:
     if p.is_dir():
         if (p / "tokenizer.json").is_file():
             p = p / "tokenizer.json"

@@ -21,6 +21,8 @@ CHAR_FORMAT = "scratchlm-char"
 class CharTokenizer:
     """One token per character; characters unseen in training cannot be encoded (TokenizerError)."""
 
+    chat_template: str | None = None  # name of the stored chat template (tokenizer/chat_template.py)
+
     def __init__(self, chars: Sequence[str], special_tokens: Sequence[str] = ("<|endoftext|>",)):
         if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
             raise TokenizerError("char tokenizer: 'chars' must be distinct single characters")

@@ -89,6 +89,8 @@ class Tokenizer:
         use_tiktoken: encode through tiktoken when it is installed and the ids allow it.
     """
 
+    chat_template: str | None = None  # name of the stored chat template (tokenizer/chat_template.py)
+
     def __init__(
         self,
         vocab: dict[int, bytes],

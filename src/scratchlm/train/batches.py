@@ -44,10 +44,11 @@ def batch_forward(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, t
 
 
 def batch_tokens(batch: Batch) -> int:
-    """Number of predicted tokens in a batch (padding excluded)."""
+    """Number of predicted tokens in a batch (padding and masked targets excluded)."""
     if isinstance(batch, dict):
         return int((batch["targets"] != -100).sum())
-    return batch[1].numel()
+    n_targets = getattr(batch, "n_targets", None)  # chat batches count theirs on the CPU (data/chat.py)
+    return batch[1].numel() if n_targets is None else n_targets
 
 
 def make_loaders(
@@ -72,6 +73,10 @@ def make_loaders(
         from scratchlm.data.stream import stream_loaders
 
         return stream_loaders(cfg, tokenizer, device, rank, world_size)
+    if cfg.data.format == "chat":  # conversations, loss on the assistant's tokens (data/chat.py)
+        from scratchlm.data.chat import build_chat_loaders
+
+        return build_chat_loaders(cfg, tokenizer, device, rank, world_size)
     if data_dir is None:
         raise ConfigError("model.arch=gpt needs prepared shards (data.data_dir); run scratchlm data prepare")
     from scratchlm.data.loader import TokenLoader
@@ -136,6 +141,15 @@ def apply_token_budget(cfg: Config, world_size: int = 1, verbose: bool = True) -
         )
         print(f"token budget: data.max_tokens={budget:,} = {steps:,} steps of {per_step:,} tokens{exact}")
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps))
+
+
+def shard_meta(data_dir: Path | None) -> dict[str, Any] | None:
+    """The shard directory's meta.json (token and byte counts for bits per byte), or None without shards."""
+    if data_dir is None:
+        return None
+    from scratchlm.data.shards import read_meta
+
+    return read_meta(data_dir)
 
 
 def _has_val(data_dir: Path) -> bool:

@@ -49,8 +49,9 @@ from scratchlm.model import build_model
 from scratchlm.model.attention_choice import resolve_attention
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train import distributed as dist
-from scratchlm.train.batches import apply_token_budget, batch_tokens, make_loaders
+from scratchlm.train.batches import apply_token_budget, batch_tokens, make_loaders, shard_meta
 from scratchlm.train.evaluate import truncate_samples
+from scratchlm.train.init_from import init_model
 from scratchlm.train.memory import apply_memory_options, fit_micro_batch
 from scratchlm.train.metrics import MetricsLogger, peak_flops, plot_run, truncate_metrics
 from scratchlm.train.optim import set_lr
@@ -151,6 +152,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
     latest = dist.on_main(lambda: ckpt.latest_checkpoint(run_dir)) if tc.resume == "auto" else None
     if latest is not None:  # full weights into the plain module, before DDP broadcasts / FSDP shards them
         model.load_state_dict(ckpt.load_model_state(latest))
+    init_model(model, cfg, resumed=latest is not None)  # train.init_from weights (new runs), train.freeze
     forward_model, optimizers = dist.parallelize(model, tc, world, device, arch=cfg.model.arch, dtype=dtype)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     if latest is not None:
@@ -162,7 +164,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
     forward_model = torch.compile(forward_model) if tc.compile else forward_model
     model.train()
 
-    data_meta = None if cfg.data.stream else _data_meta(data_dir)  # (bits per byte needs shard meta)
+    data_meta = None if cfg.data.stream else shard_meta(data_dir)  # (bits per byte needs shard meta)
     flops_per_token = model.flops_per_token()
     peak = peak_flops(device, dtype)
     logger = MetricsLogger(
@@ -328,14 +330,6 @@ def _restore(ckpt_dir: Path, model, optimizers, scaler, loader, state: TrainStat
     for key, value in saved["train_state"].items():
         setattr(state, key, value)
     ckpt.restore_rng(saved["rng_per_rank"][world.rank] if world.size > 1 else saved["rng"])
-
-
-def _data_meta(data_dir: Path | None) -> dict[str, Any] | None:
-    if data_dir is None:
-        return None
-    from scratchlm.data.shards import read_meta
-
-    return read_meta(data_dir)
 
 
 def _plots(run_dir: Path) -> None:

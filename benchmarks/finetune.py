@@ -1,0 +1,267 @@
+"""Fine-tuning on a CPU: pretrain a small GPT on the built-in corpus, fine-tune it on Tiny Shakespeare.
+
+    python benchmarks/finetune.py                     # pretrain 300 steps, then fine-tune vs scratch 150 steps
+    python benchmarks/finetune.py --pretrain-steps 1000 --steps 300   # a longer look
+
+No pretrained weights can be downloaded here, so the "pretrained model" is made by ScratchLM itself: a 2-layer
+GPT-2 style model (learned positions, LayerNorm, GELU, no biases: the shakespeare-char shape) trained on the
+built-in corpus (Python's standard library source). Then, in the same run and with the same tokenizer:
+
+- **fine-tune**: ``scratchlm finetune`` defaults (the ``finetune`` preset: peak lr 1e-4, 10 warmup steps,
+  no weight decay, early stopping), starting from the pretrained weights;
+- **peer: from scratch**: the same model trained from random weights on the same data for the same number of
+  steps with a from-scratch recipe (peak lr 2e-3, 50 warmup steps).
+
+Validation loss (nats per token, mean over the same 10 validation batches of 8x64 tokens of Tiny Shakespeare) is measured
+before training (step 0) and every 25 steps; samples from the prompt ``ROMEO:`` are written before and after.
+The fine-tuned run is then exported to the HF format and reloaded in transformers (max |logit difference|).
+Writes benchmarks/results/finetune.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+MODEL = [
+    "model.n_layer=2",
+    "model.n_head=4",
+    "model.d_model=128",
+    "model.context_length=64",
+    "model.pos=learned",
+    "model.norm=layernorm",
+    "model.mlp=gelu",
+    "model.bias=false",
+]
+COMMON = [
+    "train.batch_size=8",
+    "train.dtype=float32",
+    "train.device=cpu",
+    "train.progress=false",
+    "eval.batches=10",
+    "eval.num_samples=0",
+]
+
+
+def val_loss_of(run_dir: Path, data_dir: str, which: str = "latest") -> float:
+    """Mean loss of a run's weights over the first 10 sequential validation batches of ``data_dir``."""
+    from scratchlm.api import load
+    from scratchlm.data.loader import TokenLoader
+    from scratchlm.train.evaluate import evaluate
+
+    lm = load(run_dir, which=which, device="cpu")
+    T = lm.config.model.context_length
+
+    def loader():
+        return TokenLoader(data_dir, split="val", batch_size=8, context_length=T, mode="sequential")
+
+    return evaluate(lm.model, loader, 10, torch.device("cpu"), torch.float32)
+
+
+def sample(run_dir: Path, which: str = "latest") -> str:
+    from scratchlm.api import load
+
+    lm = load(run_dir, which=which, device="cpu")
+    return "ROMEO:" + lm.generate("ROMEO:", max_new_tokens=48, temperature=0.8, top_k=50, seed=0)
+
+
+def train(overrides: list[str]) -> tuple[dict, float]:
+    from scratchlm.config import load_config
+    from scratchlm.pipeline import run
+
+    cfg = load_config(None, overrides)
+    t0 = time.time()
+    result = run(cfg, progress=False)
+    return result, time.time() - t0
+
+
+def curve(run_dir: Path) -> list[tuple[int, float]]:
+    from scratchlm.train.metrics import read_metrics
+
+    return [(r["step"], r["val_loss"]) for r in read_metrics(run_dir) if r.get("kind") == "eval"]
+
+
+def export_check(run_dir: Path, out: Path) -> float | None:
+    """Export the run to the HF format and return max |logits(transformers) - logits(ScratchLM)|."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    from scratchlm.api import load
+    from scratchlm.model.hf import export_hf
+
+    lm = load(run_dir, which="latest", device="cpu")
+    export_hf(lm.model, out, tokenizer=lm.tokenizer)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    idx = torch.tensor([lm.tokenizer.encode("ROMEO: But soft, what light through yonder window breaks?")])
+    with torch.no_grad():
+        return (hf(idx).logits - lm.model(idx)[0]).abs().max().item()
+
+
+def plot(rows: dict, before: float, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, points in rows.items():
+        steps, losses = zip(*points)
+        ax.plot(steps, losses, marker="o", markersize=3, label=name)
+    ax.axhline(before, color="grey", linestyle=":", label=f"pretrained, before fine-tuning ({before:.2f})")
+    ax.set_xlabel("optimizer step on Tiny Shakespeare")
+    ax.set_ylabel("validation loss (nats / token)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from shakespeare_quality import machine
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=150, help="fine-tuning (and from-scratch) steps")
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    p.add_argument("--out", default="finetune", help="results file stem")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="scratchlm-finetune-") as tmp:
+        tmp = Path(tmp)
+        pre, pre_wall = train(
+            [
+                *MODEL,
+                *COMMON,
+                "tokenizer.vocab_size=1024",
+                f"train.run_dir={tmp / 'pretrained'}",
+                f"train.max_steps={args.pretrain_steps}",
+                "train.lr=2e-3",
+                "train.min_lr=2e-4",
+                "train.warmup_steps=50",
+                f"eval.interval={args.pretrain_steps}",
+            ]
+        )
+        pretrained = Path(pre["run_dir"])
+        shared = ["data.source=" + args.data, f"train.max_steps={args.steps}", "eval.interval=25"]
+        ft, ft_wall = train(
+            [
+                "preset=finetune",
+                *COMMON,
+                *shared,
+                f"train.init_from={pretrained}",
+                f"train.run_dir={tmp / 'finetuned'}",
+                "train.early_stopping_patience=None",  # the comparison runs the same number of steps
+            ]
+        )
+        finetuned = Path(ft["run_dir"])
+        from scratchlm.config import load_run_config
+
+        data_dir = load_run_config(finetuned).data.data_dir
+        sc, sc_wall = train(
+            [
+                *MODEL,
+                *COMMON,
+                *shared,
+                f"tokenizer.path={pretrained / 'tokenizer.json'}",
+                f"train.run_dir={tmp / 'scratch'}",
+                "train.lr=2e-3",
+                "train.min_lr=2e-4",
+                "train.warmup_steps=50",
+            ]
+        )
+        scratch = Path(sc["run_dir"])
+        before = val_loss_of(pretrained, data_dir)
+        samples = {"pretrained (before)": sample(pretrained), "fine-tuned": sample(finetuned)}
+        samples["from scratch"] = sample(scratch)
+        max_diff = export_check(finetuned, tmp / "hf")
+        rows = {
+            f"fine-tuned from the pretrained model ({args.steps} steps, finetune preset)": curve(finetuned),
+            f"from scratch ({args.steps} steps, lr 2e-3)": curve(scratch),
+        }
+        scratch_curve = curve(scratch)
+        report = {
+            "benchmark": "finetune",
+            "machine": machine(),
+            "pretrain": {"steps": pre["step"], "val_loss_builtin": pre["val_loss"], "wall_s": pre_wall},
+            "val_loss_before": before,
+            "finetuned": {
+                "val_loss_after": ft["val_loss"],
+                "best_val_loss": ft["best_val_loss"],
+                "steps": ft["step"],
+                "wall_s": ft_wall,
+                "curve": curve(finetuned),
+            },
+            "scratch": {
+                "val_loss_after": sc["val_loss"],
+                "best_val_loss": sc["best_val_loss"],
+                "steps": sc["step"],
+                "wall_s": sc_wall,
+                "curve": scratch_curve,
+            },
+            "export_max_abs_logit_diff": max_diff,
+            "samples": samples,
+            "command": "python benchmarks/finetune.py"
+            + (
+                ""
+                if (args.pretrain_steps, args.steps) == (300, 150)
+                else f" --pretrain-steps {args.pretrain_steps} --steps {args.steps}"
+            ),
+        }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")
+    title = (
+        f"Tiny Shakespeare: fine-tuning a 2-layer GPT pretrained {args.pretrain_steps} steps on the built-in "
+        f"corpus\nvs the same model from scratch ({report['machine']['cpu'][:40]}, "
+        f"{report['machine']['cores']} cores)"
+    )
+    plot(rows, before, RESULTS / f"{args.out}.png", title)
+    m = report["machine"]
+    lines = [
+        "# Fine-tuning on a CPU: built-in corpus -> Tiny Shakespeare",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, load average {m['load_avg_1m']:.1f} "
+        "(a shared machine: wall times are noisy)",
+        "",
+        f"Pretrained model: 2 layers, 4 heads, d_model 128, context 64, GPT-2 style without biases, BPE 1024; "
+        f"{pre['step']} steps of 8x64 tokens on the built-in corpus (val loss there {pre['val_loss']:.3f}).",
+        "",
+        "| run | val loss before | val loss after | best val loss | steps | wall (s) |",
+        "|---|---|---|---|---|---|",
+        f"| fine-tuned (`scratchlm finetune` defaults) | {before:.3f} | {ft['val_loss']:.3f} | "
+        f"{ft['best_val_loss']:.3f} | {ft['step']} | {ft_wall:.0f} |",
+        f"| from scratch (lr 2e-3, same model and tokenizer) | - | {sc['val_loss']:.3f} | "
+        f"{sc['best_val_loss']:.3f} | {sc['step']} | {sc_wall:.0f} |",
+        "",
+        f"Validation loss: nats per token over the same 10 batches of 8x64 tokens of the Tiny Shakespeare "
+        f"validation split. Export check: the fine-tuned run exported to the HF format and reloaded in "
+        f"transformers gives logits within {max_diff:.1e} of ScratchLM's."
+        if max_diff is not None
+        else "",
+        "",
+        f"![validation loss]({args.out}.png)",
+        "",
+        "Samples (prompt `ROMEO:`, temperature 0.8, top-k 50, seed 0):",
+        "",
+    ]
+    for name, text in samples.items():
+        lines += [f"**{name}**", "", "```", text.strip(), "```", ""]
+    (RESULTS / f"{args.out}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
