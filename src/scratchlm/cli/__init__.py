@@ -33,8 +33,19 @@ _MODULES = [
 ]
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line, ``error: ...``, exit code 2 (no usage block).
+
+    Subparsers are made of the same class (argparse uses ``type(parser)``), so every subcommand says
+    ``error: scratchlm tokenizer decode: argument ID: invalid int value: 'x' (see ... --help)``.
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="scratchlm",
         description="Train your own language model from scratch: tokenizer, data, model, training, generation.",
     )
@@ -62,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("once")  # a warning met twice (a fallback seen by two callers) says it once
             warnings.showwarning = _one_line_warning
             return int(args.func(args) or 0)
     except ScratchLMError as e:
