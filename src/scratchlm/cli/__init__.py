@@ -62,8 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_said: set[str] = set()  # warnings printed by this command
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """``warning: message`` on stderr, instead of Python's two lines with a file name and a source line."""
+    """``warning: message`` on stderr, instead of Python's two lines with a file name and a source line;
+    each message once per command, however many callers meet it (a fallback seen by resume and trainer).
+
+    (A ``"once"`` filter would not do: libraries imported later, torch among them, insert filters above it.)
+    """
+    if str(message) in _said:
+        return
+    _said.add(str(message))
     print(f"warning: {message}", file=file or sys.stderr)
 
 
@@ -73,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("once")  # a warning met twice (a fallback seen by two callers) says it once
+            _said.clear()
             warnings.showwarning = _one_line_warning
             return int(args.func(args) or 0)
     except ScratchLMError as e:
