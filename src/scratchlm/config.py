@@ -743,7 +743,9 @@ def load_run_config(run_dir: str | Path) -> Config:
     if not path.is_file():
         raise ConfigError(f"'{run_dir}' is not a ScratchLM run directory (no config.yaml); train one first")
     values = _read_yaml(path, "restore the run's config.yaml, or start a new run")
-    missing = [sec for sec in SECTIONS if not isinstance(values, dict) or not isinstance(values.get(sec), dict)]
+    missing = [
+        sec for sec in SECTIONS if not isinstance(values, dict) or not isinstance(values.get(sec), dict)
+    ]
     if missing:  # a saved config always holds every section: an empty or cut-off file is not a default run
         raise ConfigError(
             f"{path} is empty, truncated or not a saved config (no '{missing[0]}' section); restore the "

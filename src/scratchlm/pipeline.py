@@ -202,7 +202,7 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     run directory while the others wait, then they load the tokenizer and shards from the cache it wrote.
     """
     from scratchlm.train import distributed as dist
-    from scratchlm.train.trainer import micro_steps, train_model
+    from scratchlm.train.trainer import train_model
 
     preflight(cfg)
     with dist.process_group(cfg.train.device) as world:

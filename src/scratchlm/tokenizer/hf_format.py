@@ -150,7 +150,9 @@ def from_hf_dict(data: dict, where: str = "tokenizer.json") -> Tokenizer:
             raise TokenizerError(
                 f"{where}: normalizers are not supported (found {data['normalizer'].get('type')})"
             )
-        specials = {_content(t["content"], where): _token_id(t["id"], where) for t in data.get("added_tokens") or []}
+        specials = {
+            _content(t["content"], where): _token_id(t["id"], where) for t in data.get("added_tokens") or []
+        }
         special_ids = set(specials.values())
         vocab = {
             _token_id(i, where): str_to_bytes(s, where)

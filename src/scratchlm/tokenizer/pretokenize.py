@@ -105,6 +105,29 @@ def _empty_match(compiled: regex.Pattern) -> str | None:
     return None
 
 
+def covering_pattern(pattern: str) -> str:
+    """The regex the encoder and the trainer run: every character of the text ends up in one piece.
+
+    gpt2 and gpt4 match every character already. A custom regex (``\\w+``) may not; the text between its
+    matches is then a piece of its own, as Hugging Face's ``Split(behavior="Isolated")`` makes it, instead
+    of being dropped (which would encode "a b" as "ab"). A regex with a named group, which may not be
+    repeated, gets one piece per unmatched character instead.
+    """
+    if pattern in PATTERNS.values():
+        return pattern
+    exact = f"(?:{pattern})|(?:(?!(?:{pattern}))[\\s\\S])+"  # a gap: characters where no match starts
+    try:
+        regex.compile(exact)
+        return exact
+    except regex.error:
+        return f"(?:{pattern})|[\\s\\S]"
+
+
+def match_pieces(pat: regex.Pattern, text: str) -> list[str]:
+    """The whole matches of ``pat`` in ``text`` (``findall`` would return a capturing group's text)."""
+    return [m.group() for m in pat.finditer(text)]
+
+
 def pattern_name(pat: str) -> str:
     """The short name of a known pattern regex, else the regex itself."""
     for name, p in PATTERNS.items():
@@ -138,10 +161,10 @@ def count_pretokens(texts: Sequence[str], pattern: str, special_tokens: Sequence
 
     Runs in worker processes: a top-level function with picklable arguments (spawn-safe).
     """
-    pat = regex.compile(pattern)
+    pat = regex.compile(covering_pattern(pattern))
     splitter = special_splitter(special_tokens)
     unit_pattern = _UNIT_PATTERNS.get(pattern)
-    finder = re.compile(unit_pattern).findall if unit_pattern else pat.findall
+    finder = re.compile(unit_pattern).findall if unit_pattern else partial(match_pieces, pat)
     counts: Counter[str] = Counter()
     for text in texts:
         pieces = splitter.split(text) if splitter is not None else (text,)
@@ -151,7 +174,7 @@ def count_pretokens(texts: Sequence[str], pattern: str, special_tokens: Sequence
         return counts
     pretokens: Counter[str] = Counter()
     for unit, n in counts.items():
-        for piece in pat.findall(unit):
+        for piece in match_pieces(pat, unit):
             pretokens[piece] += n
     return pretokens
 

@@ -39,6 +39,8 @@ from scratchlm.tokenizer.pretokenize import (
     _safe_cut,
     available_cores,
     check_special_tokens,
+    covering_pattern,
+    match_pieces,
     pattern_name,
     resolve_pattern,
     special_splitter,
@@ -131,7 +133,7 @@ class Tokenizer:
             self._merge_rank.setdefault((a, b), (rank, result))
         self._special = special_tokens
         self.pattern = resolve_pattern(pattern)
-        self._pat = regex.compile(self.pattern)
+        self._pat = regex.compile(covering_pattern(self.pattern))  # a custom regex's gaps are pieces too
         self._splitters: dict[frozenset[str], regex.Pattern | None] = {}
         self._cache: dict[str, list[int]] = {}
         self.use_tiktoken = use_tiktoken
@@ -314,7 +316,7 @@ class Tokenizer:
     def _encode_py(self, text: str) -> list[int]:
         ids: list[int] = []
         cache = self._cache
-        for piece in self._pat.findall(text):
+        for piece in match_pieces(self._pat, text):
             out = cache.get(piece)
             if out is None:
                 out = self._bpe(piece.encode("utf-8"))
@@ -367,7 +369,10 @@ class Tokenizer:
             return None
         ranks = {t: i for t, i in self._bytes_to_id.items()}
         self._tiktoken = tiktoken.Encoding(
-            name=f"scratchlm-bpe-{len(ranks)}", pat_str=self.pattern, mergeable_ranks=ranks, special_tokens={}
+            name=f"scratchlm-bpe-{len(ranks)}",
+            pat_str=covering_pattern(self.pattern),
+            mergeable_ranks=ranks,
+            special_tokens={},
         )
         return self._tiktoken
 
