@@ -114,7 +114,7 @@ def check_run_file(pristine_run, name, dmg):
 
 
 test_run_file, test_run_file_long = two_speeds(
-    fast=60, slow=2000, name=st.sampled_from(RUN_FILES), dmg=DAMAGE
+    fast=30, slow=2000, name=st.sampled_from(RUN_FILES), dmg=DAMAGE
 )(check_run_file)
 
 
@@ -134,7 +134,7 @@ def check_shard_file(pristine_shards, name, dmg, mode, doc_aligned):
 
 
 test_shard_file, test_shard_file_long = two_speeds(
-    fast=60,
+    fast=40,
     slow=2000,
     name=st.sampled_from(SHARD_FILES),
     dmg=DAMAGE,

@@ -60,7 +60,7 @@ def check_prompts_file(lines):
         assert got == expected and all(isinstance(p, str) for p in got)
 
 
-test_prompts_file, test_prompts_file_long = two_speeds(fast=50, slow=5000, lines=LINES)(check_prompts_file)
+test_prompts_file, test_prompts_file_long = two_speeds(fast=40, slow=5000, lines=LINES)(check_prompts_file)
 
 
 def check_metrics_file(lines, step):
@@ -78,7 +78,7 @@ _METRIC = st.fixed_dictionaries(
     {"kind": st.just("train"), "step": st.one_of(st.integers(-5, 50), JSON_VALUES)}
 )
 test_metrics_file, test_metrics_file_long = two_speeds(
-    fast=40,
+    fast=30,
     slow=3000,
     lines=st.lists(st.one_of(_METRIC.map(json.dumps), LINES.map("".join)), max_size=8),
     step=st.integers(0, 40),

@@ -116,7 +116,7 @@ def check_mutated_node(path, value, delete, texts):
 
 
 test_mutated_node, test_mutated_node_long = two_speeds(
-    fast=60, slow=3000, path=st.sampled_from(PATHS), value=JSON_VALUES, delete=st.booleans(), texts=TEXTS
+    fast=40, slow=3000, path=st.sampled_from(PATHS), value=JSON_VALUES, delete=st.booleans(), texts=TEXTS
 )(check_mutated_node)
 
 
@@ -124,7 +124,7 @@ def check_pattern(pattern, texts):
     _check(json.dumps(_with_pattern(pattern)), texts)
 
 
-test_pattern, test_pattern_long = two_speeds(fast=60, slow=3000, pattern=PATTERNS, texts=TEXTS)(check_pattern)
+test_pattern, test_pattern_long = two_speeds(fast=40, slow=3000, pattern=PATTERNS, texts=TEXTS)(check_pattern)
 
 
 def check_damaged_text(dmg, texts):
@@ -132,6 +132,6 @@ def check_damaged_text(dmg, texts):
     _check(damage(raw, *dmg).decode("utf-8", errors="replace"), texts)
 
 
-test_damaged_text, test_damaged_text_long = two_speeds(fast=40, slow=2000, dmg=DAMAGE, texts=TEXTS)(
+test_damaged_text, test_damaged_text_long = two_speeds(fast=25, slow=2000, dmg=DAMAGE, texts=TEXTS)(
     check_damaged_text
 )
