@@ -194,3 +194,10 @@ def test_custom_pattern_with_a_named_group_is_lossless():
     tok = train_bpe_from_iterator([TEXT], vocab_size=280, pattern=r"(?P<word>\w+)", progress=False)
     for text in _GAP_TEXTS:
         assert tok.decode(tok.encode(text)) == text
+
+
+def test_a_pattern_tiktoken_rejects_falls_back_to_the_python_encoder(capfd):
+    """Found by the long fuzz run: Python's regex reads 'a(?=a)+', tiktoken's engine refuses to build."""
+    tok = Tokenizer.from_merges([], ["<|endoftext|>"], pattern="a(?=a)+|[^a]+|a")
+    assert not tok.fast and "rejects the pattern" in capfd.readouterr().err
+    assert tok.decode(tok.encode("aab ba")) == "aab ba"

@@ -368,12 +368,16 @@ class Tokenizer:
             print(f"scratchlm: tokenizer uses the pure-Python encoder: {reason}", file=sys.stderr)
             return None
         ranks = {t: i for t, i in self._bytes_to_id.items()}
-        self._tiktoken = tiktoken.Encoding(
-            name=f"scratchlm-bpe-{len(ranks)}",
-            pat_str=covering_pattern(self.pattern),
-            mergeable_ranks=ranks,
-            special_tokens={},
-        )
+        try:
+            self._tiktoken = tiktoken.Encoding(
+                name=f"scratchlm-bpe-{len(ranks)}",
+                pat_str=covering_pattern(self.pattern),
+                mergeable_ranks=ranks,
+                special_tokens={},
+            )
+        except ValueError as e:  # a regex Python's `regex` reads but tiktoken's engine does not ('a(?=a)+')
+            reason = f"tiktoken's regex engine rejects the pattern ({str(e).splitlines()[0][:80]})"
+            print(f"scratchlm: tokenizer uses the pure-Python encoder: {reason}", file=sys.stderr)
         return self._tiktoken
 
     def _tiktoken_incompatible(self) -> str | None:
