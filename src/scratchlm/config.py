@@ -567,10 +567,7 @@ def load_config(
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file '{p}' not found (give a YAML file, e.g. configs/cpu-small.yaml)")
-        try:
-            file_values = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        file_values = _read_yaml(p, "fix the file") or {}
         if not isinstance(file_values, dict):
             raise ConfigError(
                 f"config file '{p}' must be a mapping of sections, got {type(file_values).__name__}"
@@ -718,6 +715,11 @@ def validate(cfg: Config) -> None:
     for key, value, valid, ok in ranges:
         if not ok:
             raise ConfigError(f"{key} must be {valid}, got {value}")
+    if not 0 <= t.seed < 2**32:  # numpy's seed range; checked here, before any tokenizer or shard is built
+        raise ConfigError(f"train.seed must be in [0, 2**32 - 1], got {t.seed}")
+    name_problem = run_name_problem(t.name)
+    if name_problem:
+        raise ConfigError(f"train.name={t.name!r} {name_problem}; give a plain name such as 'my-run'")
     if t.tokens_per_step is not None:
         micro = t.batch_size * m.context_length
         if t.tokens_per_step <= 0 or t.tokens_per_step % micro:
@@ -757,6 +759,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"tokenizer.special_tokens lists a token twice: {specials}")
 
 
+def run_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a run directory under runs/ (empty, ``.``/``..``, a path), or None."""
+    if not name.strip():
+        return "is empty (the run would be written into runs/ itself)"
+    if name in (".", "..") or any(c in name for c in "/\\\0"):
+        return "is a path, not a name (the run would be written outside runs/<name>; use train.run_dir for a path)"
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # (de)serialisation
 
@@ -792,8 +803,28 @@ def load_run_config(run_dir: str | Path) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"'{run_dir}' is not a ScratchLM run directory (no config.yaml); train one first")
+    values = _read_yaml(path, "restore the run's config.yaml, or start a new run")
+    missing = [
+        sec for sec in SECTIONS if not isinstance(values, dict) or not isinstance(values.get(sec), dict)
+    ]
+    if missing:  # a saved config always holds every section: an empty or cut-off file is not a default run
+        raise ConfigError(
+            f"{path} is empty, truncated or not a saved config (no '{missing[0]}' section); restore the "
+            "run's config.yaml (it holds every section), or start a new run"
+        )
     try:
-        values = yaml.safe_load(path.read_text())
+        return from_dict(values, str(path))
+    except ConfigError as e:
+        raise ConfigError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+
+
+def _read_yaml(path: Path, fix: str) -> Any:
+    """``yaml.safe_load`` of a file, with every way it can fail said in one line naming the file."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text (a binary or damaged file); {fix}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return from_dict(values or {}, str(path))
+        raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); {fix}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deeply to be a config; {fix}") from None

@@ -14,6 +14,7 @@ source fingerprint and the tokenizer settings, so a second ``scratchlm train`` s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -207,14 +208,14 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     run directory while the others wait, then they load the tokenizer and shards from the cache it wrote.
     """
     from scratchlm.train import distributed as dist
-    from scratchlm.train.trainer import micro_steps, train_model
+    from scratchlm.train.trainer import train_model
 
-    micro_steps(cfg, dist.world_from_env().size)  # tokens_per_step must divide among the ranks: say so first
     source = None
     if cfg.train.init_from:  # model config and tokenizer from the pretrained source (train/init_from.py)
         from scratchlm.train.init_from import apply_init_from
 
         cfg, source = apply_init_from(cfg)
+    preflight(cfg)  # cheap checks (device, seed, sizes, tokens_per_step) before any expensive work
     with dist.process_group(cfg.train.device) as world:
         progress = progress and world.is_main
         if cfg.model.arch == "seq2seq":
@@ -234,6 +235,7 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
                 cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=str(data_dir)))
         cfg = resolved(cfg, tokenizer)
         saved = _saved_run(cfg.run_dir) if world.is_main else None
+        before = _entries(cfg.run_dir) if world.is_main and saved is None else None
         run_dir = dist.on_main(lambda: start_run(cfg, tokenizer))
         if source is not None:
             from scratchlm.train.init_from import record_init_source
@@ -244,7 +246,49 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
         except BaseException:
             if saved is not None:
                 _restore_if_unchanged(run_dir, *saved)
+            elif before is not None:
+                _remove_unstarted(run_dir, before)
             raise
+
+
+def preflight(cfg: Config) -> None:
+    """The checks that need neither tokenizer nor data, run before the expensive stages (a tokenizer and
+    shards can take minutes to build) and before the run directory exists: tokens_per_step among the
+    ranks, the device and precision, and whether the model can fit the device at all."""
+    from scratchlm.device import resolve_dtype
+    from scratchlm.train import distributed as dist
+    from scratchlm.train.dryrun import check_memory
+    from scratchlm.train.trainer import micro_steps
+
+    world = dist.world_from_env()
+    micro_steps(cfg, world.size)
+    device = dist.rank_device(cfg.train.device, world)
+    dtype = resolve_dtype(cfg.train.dtype, device)
+    # the vocabulary comes from the tokenizer, not built yet: its configured size is the bound to check
+    vocab = cfg.model.vocab_size or (50257 if cfg.tokenizer.kind == "gpt2" else cfg.tokenizer.vocab_size)
+    sized = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    check_memory(sized, device, dtype, world.size if cfg.train.parallel in ("fsdp", "zero1") else 1)
+
+
+def _entries(run_dir: Path) -> set[str]:
+    """Names in ``run_dir`` now (empty when it does not exist)."""
+    return {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+
+
+def _remove_unstarted(run_dir: Path, before: set[str]) -> None:
+    """A new run that failed before its first checkpoint leaves nothing behind: what it added to the run
+    directory (all of it, when it made the directory) is removed, so no half-made run confuses a later
+    resume. The error message is the diagnosis; a run with a checkpoint is kept as it is."""
+    import shutil
+
+    if has_checkpoint(run_dir) or not run_dir.is_dir():
+        return
+    for name in _entries(run_dir) - before:
+        path = run_dir / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    if not before:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
 
 
 def _saved_run(run_dir: Path) -> tuple[bytes, Path | None] | None:

@@ -34,8 +34,19 @@ _MODULES = [
 ]
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line, ``error: ...``, exit code 2 (no usage block).
+
+    Subparsers are made of the same class (argparse uses ``type(parser)``), so every subcommand says
+    ``error: scratchlm tokenizer decode: argument ID: invalid int value: 'x' (see ... --help)``.
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="scratchlm",
         description="Train your own language model from scratch: tokenizer, data, model, training, generation.",
     )
@@ -52,8 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_said: set[str] = set()  # warnings printed by this command
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """``warning: message`` on stderr, instead of Python's two lines with a file name and a source line."""
+    """``warning: message`` on stderr, instead of Python's two lines with a file name and a source line;
+    each message once per command, however many callers meet it (a fallback seen by resume and trainer).
+
+    (A ``"once"`` filter would not do: libraries imported later, torch among them, insert filters above it.)
+    """
+    if str(message) in _said:
+        return
+    _said.add(str(message))
     print(f"warning: {message}", file=file or sys.stderr)
 
 
@@ -63,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         with warnings.catch_warnings():
+            _said.clear()
             warnings.showwarning = _one_line_warning
             return int(args.func(args) or 0)
     except ScratchLMError as e:

@@ -42,6 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     prep.add_argument(
         "--val-source",
         nargs="+",
+        action="extend",
         default=[],
         metavar="SOURCE",
         help="explicit validation source instead of --val-fraction (data.val_source)",

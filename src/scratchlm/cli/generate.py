@@ -191,11 +191,22 @@ def _read_prompts(path: str) -> list[str]:
             if not line.strip():
                 continue
             try:
-                prompts.append(str(json.loads(line)["prompt"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise GenerationError(f"{path}:{i} is not a JSON object with a 'prompt' field") from None
-        return prompts
-    return [_unescape(line) for line in lines if line.strip()]
+                record = json.loads(line)
+            except (ValueError, RecursionError):  # bad JSON, a 5,000-digit number, 100k nested brackets
+                record = None
+            prompt = record.get("prompt") if isinstance(record, dict) else None
+            if not isinstance(prompt, str):  # null or 5 would be generated from as the text "None" / "5"
+                got = "" if not isinstance(record, dict) else f", got {json.dumps(prompt)[:40]}"
+                raise GenerationError(
+                    f"{path}:{i} is not a JSON object with a string 'prompt' field{got}; "
+                    'write {"prompt": "text"} per line'
+                )
+            prompts.append(prompt)
+    else:
+        prompts = [_unescape(line) for line in lines if line.strip()]
+    if not prompts:
+        raise GenerationError(f"--prompts-file {path} holds no prompts; write one prompt per line")
+    return prompts
 
 
 def run_generate(args: argparse.Namespace) -> int:

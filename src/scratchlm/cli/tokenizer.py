@@ -22,6 +22,7 @@ def add_parser(subparsers) -> None:
     t.add_argument(
         "--input",
         nargs="+",
+        action="extend",
         required=True,
         metavar="PATH",
         help="text files, directories (all files inside), or the word `builtin` (built-in corpus, train split)",
@@ -30,9 +31,11 @@ def add_parser(subparsers) -> None:
     t.add_argument(
         "--special",
         nargs="*",
+        action="extend",
         default=None,
         metavar="TOKEN",
-        help="special tokens, the first is end-of-text (default: <|endoftext|>; give none for none)",
+        help="special tokens, the first is end-of-text; repeat or list several (default: <|endoftext|>; "
+        "`--special` alone for none)",
     )
     t.add_argument("--pattern", default="gpt2", help="pre-tokenizer: gpt2 | gpt4 | a regex")
     t.add_argument(

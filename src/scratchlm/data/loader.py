@@ -77,6 +77,7 @@ class TokenLoader:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = torch.device(device)
         self.dtype = np.dtype(self.meta["dtype"])
+        self.id_limit = int(self.meta["tokenizer"]["vocab_size"])  # every id of a batch is checked below it
         info = self.meta["splits"][split]
         self.shards = [s for s in info["shards"] if s["tokens"] > 0]
         self.num_tokens = int(info["tokens"])
@@ -158,7 +159,9 @@ class TokenLoader:
         for row, (i, off) in enumerate(starts):
             if i not in maps:
                 maps[i] = np.memmap(self.data_dir / self.shards[i]["file"], dtype=self.dtype, mode="r")
-            buf[row] = maps[i][off : off + self.T + 1]
+            window = maps[i][off : off + self.T + 1]
+            shards.check_ids(window, self.id_limit, f"shard '{self.data_dir / self.shards[i]['file']}'")
+            buf[row] = window
         del maps
         w = torch.from_numpy(buf)
         x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()

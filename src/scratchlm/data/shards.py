@@ -142,8 +142,12 @@ def read_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
     again = f"prepare the data again (delete '{d}' and re-run `scratchlm data prepare`)"
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is corrupt ({getattr(e, 'msg', e.reason)}); {again}") from None
+    except json.JSONDecodeError as e:  # empty, truncated, not JSON
+        raise DataError(f"{path} is corrupt ({e.msg} at line {e.lineno}); {again}") from None
+    except UnicodeDecodeError as e:  # bit-flipped or binary
+        raise DataError(f"{path} is corrupt (not UTF-8: {e.reason}); {again}") from None
+    except (ValueError, RecursionError) as e:  # a 5,000-digit number, brackets nested 100k deep
+        raise DataError(f"{path} is corrupt ({type(e).__name__}); {again}") from None
     if not isinstance(meta, dict):
         raise DataError(f"{path} is corrupt (a JSON {type(meta).__name__}, not an object); {again}")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
@@ -259,4 +263,26 @@ def read_doc_starts(data_dir: Path, shard: dict[str, Any]) -> np.ndarray:
     path = data_dir / shard["index"]
     if not path.is_file() or path.stat().st_size != shard["documents"] * INDEX_DTYPE.itemsize:
         raise DataError(f"document index '{path}' is missing or truncated; prepare the data again")
-    return np.fromfile(path, dtype=INDEX_DTYPE).astype(np.int64)
+    starts = np.fromfile(path, dtype=INDEX_DTYPE)
+    # prepare writes 0 first, then strictly increasing offsets inside the shard (a document holds >= 1 token)
+    if len(starts) and (starts[0] != 0 or starts[-1] >= shard["tokens"] or np.any(starts[1:] <= starts[:-1])):
+        raise DataError(
+            f"document index '{path}' is corrupt (offsets must rise from 0 to below the shard's "
+            f"{shard['tokens']} tokens); prepare the data again"
+        )
+    return starts.astype(np.int64)
+
+
+def check_ids(window: np.ndarray, vocab_size: int, where: str) -> None:
+    """DataError unless every token id in ``window`` is below ``vocab_size`` (one max per batch: cheap).
+
+    The ids of a shard come from its tokenizer, so an id at or above meta.json's vocab_size means the .bin
+    file was damaged or written by something else; the model would fail with an IndexError (CPU) or a
+    device-side assert (CUDA) far from the cause.
+    """
+    if window.size and int(window.max()) >= vocab_size:
+        bad = int(window.max())
+        raise DataError(
+            f"{where} holds token id {bad}, beyond the tokenizer's vocab_size {vocab_size} (a damaged or "
+            "foreign shard); prepare the data again"
+        )

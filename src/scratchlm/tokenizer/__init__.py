@@ -45,8 +45,9 @@ def _load(p: Path) -> Tokenizer | CharTokenizer:
         raise TokenizerError(f"tokenizer file {p} does not exist; train one with `scratchlm tokenizer train`")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{p} is not valid JSON ({e}); the file is corrupt, re-create it") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: bad JSON, 5,000-digit ints
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0][:100]
+        raise TokenizerError(f"{p} is not valid JSON ({reason}); the file is corrupt, re-create it") from None
     if not isinstance(data, dict):
         raise TokenizerError(f"{p} is not a tokenizer file (expected a JSON object)")
     if data.get("type") == CHAR_FORMAT:

@@ -26,6 +26,7 @@ from pathlib import Path
 from scratchlm.errors import DataError, TokenizerError
 from scratchlm.tokenizer.pretokenize import (
     CHUNK_CHARS,
+    check_special_tokens,
     iter_file_chunks,
     iter_text_chunks,
     parallel_count,
@@ -68,13 +69,7 @@ def _with_progress(chunks: Iterable[list[str]], total: int | None, enabled: bool
 
 def check_training_args(vocab_size: int, special_tokens: Sequence[str]) -> None:
     """Raise TokenizerError for a duplicate/empty special token or a vocab_size below 256 + specials."""
-    seen = set()
-    for s in special_tokens:
-        if not isinstance(s, str) or not s:
-            raise TokenizerError(f"special token {s!r} is empty or not a string; pass non-empty strings")
-        if s in seen:
-            raise TokenizerError(f"special token {s!r} is given twice; list each special token once")
-        seen.add(s)
+    check_special_tokens(special_tokens)
     minimum = 256 + len(special_tokens)
     if vocab_size < minimum:
         raise TokenizerError(

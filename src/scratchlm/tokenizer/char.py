@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from scratchlm.errors import TokenizerError
-from scratchlm.tokenizer.pretokenize import special_splitter
+from scratchlm.tokenizer.pretokenize import check_special_tokens, special_splitter
 from scratchlm.tokenizer.tokenizer import AllowedSpecial, json_fingerprint, write_json_atomic
 
 CHAR_FORMAT = "scratchlm-char"
@@ -24,10 +24,9 @@ class CharTokenizer:
     chat_template: str | None = None  # name of the stored chat template (tokenizer/chat_template.py)
 
     def __init__(self, chars: Sequence[str], special_tokens: Sequence[str] = ("<|endoftext|>",)):
-        if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
+        if any(not isinstance(c, str) or len(c) != 1 for c in chars) or len(set(chars)) != len(chars):
             raise TokenizerError("char tokenizer: 'chars' must be distinct single characters")
-        if len(set(special_tokens)) != len(special_tokens):
-            raise TokenizerError("char tokenizer: a special token is given twice; list each once")
+        check_special_tokens(special_tokens)
         self.chars = list(chars)
         self._stoi = {c: i for i, c in enumerate(self.chars)}
         self._special = {s: len(self.chars) + i for i, s in enumerate(special_tokens)}
@@ -123,11 +122,13 @@ class CharTokenizer:
             ordered = sorted(specials, key=specials.get)
             if [specials[s] for s in ordered] != list(range(len(chars), len(chars) + len(ordered))):
                 raise TokenizerError(f"{where}: special token ids must follow the characters densely")
-        except (KeyError, TypeError, AttributeError) as e:
+            return cls(chars, ordered)
+        except TokenizerError as e:
+            raise TokenizerError(f"{where}: {e}") from None
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise TokenizerError(
-                f"{where}: not a valid char tokenizer file ({type(e).__name__}: {e})"
+                f"{where}: not a valid char tokenizer file ({type(e).__name__}: {str(e)[:80]})"
             ) from None
-        return cls(chars, ordered)
 
     def save(self, path: str | os.PathLike) -> None:
         write_json_atomic(Path(path), self.to_dict())

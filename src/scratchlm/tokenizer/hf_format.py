@@ -17,7 +17,7 @@ import os
 from functools import cache
 from pathlib import Path
 
-from scratchlm.errors import TokenizerError
+from scratchlm.errors import ConfigError, TokenizerError
 from scratchlm.tokenizer.pretokenize import GPT2_PATTERN, PATTERNS
 from scratchlm.tokenizer.tokenizer import Tokenizer
 
@@ -150,10 +150,14 @@ def from_hf_dict(data: dict, where: str = "tokenizer.json") -> Tokenizer:
             raise TokenizerError(
                 f"{where}: normalizers are not supported (found {data['normalizer'].get('type')})"
             )
-        specials = {t["content"]: int(t["id"]) for t in data.get("added_tokens") or []}
+        specials = {
+            _content(t["content"], where): _token_id(t["id"], where) for t in data.get("added_tokens") or []
+        }
         special_ids = set(specials.values())
         vocab = {
-            int(i): str_to_bytes(s, where) for s, i in model["vocab"].items() if int(i) not in special_ids
+            _token_id(i, where): str_to_bytes(s, where)
+            for s, i in model["vocab"].items()
+            if _token_id(i, where) not in special_ids
         }
         merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
         pattern = _pattern_of(data.get("pre_tokenizer"), where)
@@ -164,6 +168,23 @@ def from_hf_dict(data: dict, where: str = "tokenizer.json") -> Tokenizer:
             f"{where}: not a valid tokenizer.json ({type(e).__name__}: {e}); re-save it"
         ) from None
     return _build(vocab, merges, specials, pattern, where)
+
+
+MAX_ID = 2**31 - 1  # ids are dense from 0, so no real vocabulary comes near this
+
+
+def _token_id(value, where: str) -> int:
+    """A token id read from JSON: an int in 0..MAX_ID (not a float such as 1e400, a bool or a string)."""
+    if type(value) is not int or not 0 <= value <= MAX_ID:
+        raise TokenizerError(f"{where}: token id {str(value)[:40]!r} is not an integer in 0..{MAX_ID}")
+    return value
+
+
+def _content(value, where: str) -> str:
+    """A special token's text: a non-empty string (an empty one would match between every character)."""
+    if not isinstance(value, str) or not value:
+        raise TokenizerError(f"{where}: special token {str(value)[:40]!r} must be a non-empty string")
+    return value
 
 
 def _build(
@@ -180,7 +201,7 @@ def _build(
         pairs.append((ids[a], ids[b]))
     try:
         return Tokenizer(vocab, pairs, specials, pattern)
-    except TokenizerError as e:
+    except (TokenizerError, ConfigError) as e:  # ConfigError: the pre-tokenizer regex
         raise TokenizerError(f"{where}: {e}") from None
 
 
@@ -195,8 +216,8 @@ def load_gpt2_files(directory: str | os.PathLike) -> Tokenizer:
     try:
         raw_vocab = json.loads((d / "vocab.json").read_text(encoding="utf-8"))
         lines = (d / "merges.txt").read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{where}: cannot read vocab.json + merges.txt ({e})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON, 5,000 digits
+        raise TokenizerError(f"{where}: cannot read vocab.json + merges.txt ({type(e).__name__})") from None
     if not isinstance(raw_vocab, dict):
         raise TokenizerError(f"{where}/vocab.json: expected a JSON object token -> id")
     merges = [line.split(" ") for line in lines if line and not line.startswith("#version")]
@@ -205,7 +226,7 @@ def load_gpt2_files(directory: str | os.PathLike) -> Tokenizer:
     table = unicode_to_byte()
     for s, i in raw_vocab.items():
         if (len(s) == 1 and s in table) or s in merged:
-            vocab[int(i)] = str_to_bytes(s, where)
+            vocab[_token_id(i, where)] = str_to_bytes(s, where)
         else:
-            specials[s] = int(i)
+            specials[_content(s, where)] = _token_id(i, where)
     return _build(vocab, merges, specials, "gpt2", where)

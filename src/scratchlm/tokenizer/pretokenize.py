@@ -24,7 +24,7 @@ from pathlib import Path
 
 import regex
 
-from scratchlm.errors import ConfigError, DataError
+from scratchlm.errors import ConfigError, DataError, TokenizerError
 
 # The GPT-2 pattern (same matches as OpenAI's original
 # 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+ ; written with possessive
@@ -68,13 +68,64 @@ def resolve_pattern(pattern: str) -> str:
     """``"gpt2"`` / ``"gpt4"`` -> the regex; any other string is taken as a regex itself (and compiled)."""
     if pattern in PATTERNS:
         return PATTERNS[pattern]
+    if not isinstance(pattern, str):
+        raise ConfigError(f"tokenizer pattern {pattern!r} is not a string (gpt2, gpt4 or a regex)")
     try:
-        regex.compile(pattern)
-    except regex.error as e:
+        compiled = regex.compile(pattern)
+    except (regex.error, OverflowError, RecursionError) as e:
         raise ConfigError(
-            f"tokenizer pattern {pattern!r} is neither gpt2/gpt4 nor a valid regex ({e})"
-        ) from e
+            f"tokenizer pattern {pattern[:80]!r} is neither gpt2/gpt4 nor a valid regex ({e})"
+        ) from None
+    try:
+        empty = _empty_match(compiled)
+    except TimeoutError:
+        raise ConfigError(
+            f"tokenizer pattern {pattern[:80]!r} backtracks catastrophically (over 1 s on a short text); "
+            "simplify it (no nested quantifiers such as (a+)+)"
+        ) from None
+    if empty is not None:  # tiktoken's Rust encoder panics on an empty pre-token; HF drops them silently
+        raise ConfigError(
+            f"tokenizer pattern {pattern[:80]!r} matches the empty string (in {empty!r}); a pre-tokenizer "
+            "regex must match at least one character, e.g. write x+ instead of x* and drop bare lookarounds"
+        )
     return pattern
+
+
+# text with every kind of character a pre-tokenizer regex distinguishes, to find empty matches before
+# a native library meets them (a regex like "", "a*", "(?=a)" or "\b" matches the empty string)
+_PROBE = "Hello, World! it's 12 345\tx\n\n  \r\nÉté ÀB ünï 中文 😀 _-+=()[]{}<>/\\'\"a\u2028 z"
+
+
+def _empty_match(compiled: regex.Pattern) -> str | None:
+    """A probe text (or '') in which ``compiled`` matches the empty string, or None."""
+    for text in ("", _PROBE):
+        for m in compiled.finditer(text, timeout=1.0):
+            if m.start() == m.end():
+                return text
+    return None
+
+
+def covering_pattern(pattern: str) -> str:
+    """The regex the encoder and the trainer run: every character of the text ends up in one piece.
+
+    gpt2 and gpt4 match every character already. A custom regex (``\\w+``) may not; the text between its
+    matches is then a piece of its own, as Hugging Face's ``Split(behavior="Isolated")`` makes it, instead
+    of being dropped (which would encode "a b" as "ab"). A regex with a named group, which may not be
+    repeated, gets one piece per unmatched character instead.
+    """
+    if pattern in PATTERNS.values():
+        return pattern
+    exact = f"(?:{pattern})|(?:(?!(?:{pattern}))[\\s\\S])+"  # a gap: characters where no match starts
+    try:
+        regex.compile(exact)
+        return exact
+    except regex.error:
+        return f"(?:{pattern})|[\\s\\S]"
+
+
+def match_pieces(pat: regex.Pattern, text: str) -> list[str]:
+    """The whole matches of ``pat`` in ``text`` (``findall`` would return a capturing group's text)."""
+    return [m.group() for m in pat.finditer(text)]
 
 
 def pattern_name(pat: str) -> str:
@@ -83,6 +134,18 @@ def pattern_name(pat: str) -> str:
         if p == pat:
             return name
     return pat
+
+
+def check_special_tokens(special_tokens: Iterable[str]) -> None:
+    """TokenizerError unless the special tokens are distinct non-empty strings (an empty one would match
+    between every two characters and be inserted there)."""
+    seen: set[str] = set()
+    for s in special_tokens:
+        if not isinstance(s, str) or not s:
+            raise TokenizerError(f"special token {s!r} must be a non-empty string")
+        if s in seen:
+            raise TokenizerError(f"special token {s!r} is given twice; list each once")
+        seen.add(s)
 
 
 def special_splitter(special_tokens: Iterable[str]) -> regex.Pattern | None:
@@ -98,10 +161,10 @@ def count_pretokens(texts: Sequence[str], pattern: str, special_tokens: Sequence
 
     Runs in worker processes: a top-level function with picklable arguments (spawn-safe).
     """
-    pat = regex.compile(pattern)
+    pat = regex.compile(covering_pattern(pattern))
     splitter = special_splitter(special_tokens)
     unit_pattern = _UNIT_PATTERNS.get(pattern)
-    finder = re.compile(unit_pattern).findall if unit_pattern else pat.findall
+    finder = re.compile(unit_pattern).findall if unit_pattern else partial(match_pieces, pat)
     counts: Counter[str] = Counter()
     for text in texts:
         pieces = splitter.split(text) if splitter is not None else (text,)
@@ -111,7 +174,7 @@ def count_pretokens(texts: Sequence[str], pattern: str, special_tokens: Sequence
         return counts
     pretokens: Counter[str] = Counter()
     for unit, n in counts.items():
-        for piece in pat.findall(unit):
+        for piece in match_pieces(pat, unit):
             pretokens[piece] += n
     return pretokens
 

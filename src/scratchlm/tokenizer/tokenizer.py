@@ -38,6 +38,9 @@ from scratchlm.tokenizer.pretokenize import (
     PATTERNS,
     _safe_cut,
     available_cores,
+    check_special_tokens,
+    covering_pattern,
+    match_pieces,
     pattern_name,
     resolve_pattern,
     special_splitter,
@@ -100,6 +103,7 @@ class Tokenizer:
         use_tiktoken: bool = True,
     ):
         special_tokens = dict(special_tokens or {})
+        check_special_tokens(special_tokens)
         n = len(vocab) + len(special_tokens)
         ids = set(vocab) | set(special_tokens.values())
         if len(ids) != n or ids != set(range(n)):
@@ -131,7 +135,7 @@ class Tokenizer:
             self._merge_rank.setdefault((a, b), (rank, result))
         self._special = special_tokens
         self.pattern = resolve_pattern(pattern)
-        self._pat = regex.compile(self.pattern)
+        self._pat = regex.compile(covering_pattern(self.pattern))  # a custom regex's gaps are pieces too
         self._splitters: dict[frozenset[str], regex.Pattern | None] = {}
         self._cache: dict[str, list[int]] = {}
         self.use_tiktoken = use_tiktoken
@@ -207,7 +211,8 @@ class Tokenizer:
 
     def encode(self, text: str, allowed_special: AllowedSpecial = "none") -> list[int]:
         """Text -> ids. Special-token strings are ordinary text unless listed in ``allowed_special``
-        (``"all"`` or a set); allowed ones are matched longest first. Never raises on any ``str``."""
+        (``"all"`` or a set); allowed ones are matched longest first. Never raises on any ``str`` (with
+        gpt2/gpt4; a custom regex that backtracks catastrophically on it is a TokenizerError)."""
         return self._encode_split(text, self._allowed(allowed_special), self.encode_ordinary)
 
     def _encode_split(self, text: str, allowed: frozenset[str], ordinary) -> list[int]:
@@ -237,7 +242,20 @@ class Tokenizer:
                 for part_ids in _map_threads(enc.encode_ordinary, parts, threads):
                     ids.extend(part_ids)
                 return ids
-        return enc.encode_ordinary(text)
+        return self._native_encode(text)
+
+    def _native_encode(self, text: str) -> list[int]:
+        """tiktoken's ``encode_ordinary``, its failures on a custom regex said as one TokenizerError (the
+        empty matches that make it panic are refused when the pattern is loaded; this is the net)."""
+        try:
+            return self._tiktoken.encode_ordinary(text)
+        except BaseException as e:  # pyo3's PanicException derives from BaseException, not Exception
+            if not isinstance(e, ValueError) and type(e).__name__ != "PanicException":
+                raise
+            raise TokenizerError(
+                f"the pre-tokenizer regex {self.pattern_name[:80]!r} failed on this text "
+                f"({str(e).splitlines()[0][:100]}); simplify it (no nested quantifiers such as (a+)+)"
+            ) from None
 
     def encode_batch(self, texts: Sequence[str], allowed_special: AllowedSpecial = "none") -> list[list[int]]:
         """Encode several texts; with the fast path, each thread encodes one contiguous group of them."""
@@ -255,7 +273,7 @@ class Tokenizer:
 
     def _encode_one(self, text: str, allowed: frozenset[str]) -> list[int]:
         """One text of a batch, on the calling (worker) thread: no nested threads."""
-        return self._encode_split(text, allowed, self._tiktoken.encode_ordinary)
+        return self._encode_split(text, allowed, self._native_encode)
 
     def _threads(self) -> int:
         return max(1, self.num_threads if self.num_threads is not None else available_cores())
@@ -300,7 +318,7 @@ class Tokenizer:
     def _encode_py(self, text: str) -> list[int]:
         ids: list[int] = []
         cache = self._cache
-        for piece in self._pat.findall(text):
+        for piece in match_pieces(self._pat, text):
             out = cache.get(piece)
             if out is None:
                 out = self._bpe(piece.encode("utf-8"))
@@ -352,9 +370,16 @@ class Tokenizer:
             print(f"scratchlm: tokenizer uses the pure-Python encoder: {reason}", file=sys.stderr)
             return None
         ranks = {t: i for t, i in self._bytes_to_id.items()}
-        self._tiktoken = tiktoken.Encoding(
-            name=f"scratchlm-bpe-{len(ranks)}", pat_str=self.pattern, mergeable_ranks=ranks, special_tokens={}
-        )
+        try:
+            self._tiktoken = tiktoken.Encoding(
+                name=f"scratchlm-bpe-{len(ranks)}",
+                pat_str=covering_pattern(self.pattern),
+                mergeable_ranks=ranks,
+                special_tokens={},
+            )
+        except ValueError as e:  # a regex Python's `regex` reads but tiktoken's engine does not ('a(?=a)+')
+            reason = f"tiktoken's regex engine rejects the pattern ({str(e).splitlines()[0][:80]})"
+            print(f"scratchlm: tokenizer uses the pure-Python encoder: {reason}", file=sys.stderr)
         return self._tiktoken
 
     def _tiktoken_incompatible(self) -> str | None:

@@ -204,9 +204,9 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     candidates = sorted(_step_dirs(root), key=lambda p: p.name, reverse=True)
     pointer = root / LATEST
     if pointer.exists():
-        name = pointer.read_text(errors="replace").strip()
+        name = _read_head(pointer).strip()
         target = root / name
-        if name.startswith("step_") and target.is_dir():
+        if target in candidates:  # only a step_NNNNNNNN directory itself (not 'step_1/..', not a path out)
             candidates.remove(target)
             candidates.insert(0, target)
         else:
@@ -341,6 +341,15 @@ def _step_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
+
+
+def _read_head(path: Path, limit: int = 256) -> str:
+    """The first ``limit`` bytes of a small text file as text ('' when it is not a readable file)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit).decode("utf-8", errors="replace")
+    except OSError:  # a directory, no permission: treated as a corrupt pointer
+        return ""
 
 
 def _b64(t: torch.Tensor) -> str:

@@ -173,16 +173,19 @@ def _tensorboard_writer(log_dir: Path):
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of ``run_dir/metrics.jsonl`` (a torn last line from a crash is skipped)."""
+    """All records of ``run_dir/metrics.jsonl`` with an integer ``step`` (a torn last line from a crash, or
+    a damaged one, is skipped)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError, as is a 5,000-digit number
             continue
+        if isinstance(record, dict) and type(record.get("step")) is int:
+            records.append(record)
     return records
 
 
@@ -191,7 +194,7 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return
-    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+    kept = [r for r in read_metrics(run_dir) if r["step"] <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)

@@ -158,9 +158,10 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
     if latest is not None:
         _restore(latest, model, optimizers, scaler, train_loader, state, world)
         if world.is_main:
-            truncate_metrics(run_dir, state.step)
-            truncate_samples(run_dir, state.step)
             print(f"resumed from {latest} (step {state.step}, {state.tokens:,} tokens)")
+    if world.is_main:  # drop what was logged after the checkpoint (all of it when there is none: a rerun
+        truncate_metrics(run_dir, state.step)  # after a kill before the first checkpoint logs it again)
+        truncate_samples(run_dir, state.step)
     forward_model = torch.compile(forward_model) if tc.compile else forward_model
     model.train()
 
