@@ -11,6 +11,11 @@ from scratchlm.reference import optim as ref
 from scratchlm.train.optim import build_optimizers, schedule_lr, set_lr
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    pass
+
+
 def _model():
     torch.manual_seed(0)
     return build_model(ModelConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, context_length=16))
