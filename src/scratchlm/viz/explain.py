@@ -107,8 +107,8 @@ def trace_forward(model: nn.Module, idx: torch.Tensor, tgt_in: torch.Tensor | No
 
 
 def show_token(token: str) -> str:
-    """A token as a readable label: spaces as a visible mark, newlines and tabs escaped."""
-    return token.replace(" ", "\u2423").replace("\n", "\\n").replace("\t", "\\t") or "''"
+    """A token as a readable label: spaces as a middle dot, newlines and tabs escaped."""
+    return token.replace(" ", "\u00b7").replace("\n", "\\n").replace("\t", "\\t") or "''"
 
 
 def _rows(values: torch.Tensor, labels: list[str], cols: int) -> list[str]:
