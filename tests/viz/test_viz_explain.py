@@ -100,7 +100,7 @@ def test_explain_cli_prints_values_and_writes_readable_plots(tmp_path, capsys):
 
 def test_explain_seq2seq_shows_encoder_and_cross_attention(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    _run(tmp_path, arch="seq2seq", pos="sinusoidal", mlp="relu", norm_position="pre")
+    _run(tmp_path, arch="seq2seq", pos="sinusoidal", mlp="relu", norm_position="pre", n_layer=1)
     argv = ["explain", str(tmp_path), "--text", "ein hund", "--target", "a dog", "--out", str(tmp_path / "p")]
     assert main(argv) == 0
     out = capsys.readouterr().out
