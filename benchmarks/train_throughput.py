@@ -75,7 +75,7 @@ def model_config(style: str, d: int, L: int, H: int, T: int, V: int) -> ModelCon
             context_length=T,
             pos="learned",
             norm="layernorm",
-            mlp="gelu",
+            mlp="gelu_tanh",
             bias=True,
             tie_embeddings=True,
         )

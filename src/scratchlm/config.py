@@ -63,7 +63,7 @@ class ModelConfig:
     pos: str = doc("learned", "positions: learned | sinusoidal | rope | none")
     rope_style: str = doc("half", "RoPE pairing: half (HF Llama, rotate_half) | interleaved (RoPE paper)")
     rope_theta: float = doc(10000.0, "RoPE base frequency")
-    mlp: str = doc("gelu", "gelu | swiglu | relu2 | relu")
+    mlp: str = doc("gelu_tanh", "gelu_tanh (GPT-2) | gelu (exact erf) | swiglu | relu2 | relu")
     bias: bool = doc(True, "bias in linear layers and LayerNorm")
     dropout: float = doc(0.0, "dropout probability (embeddings, attention, residual)")
     tie_embeddings: bool = doc(True, "share the token embedding with the output head")
@@ -72,6 +72,7 @@ class ModelConfig:
         "sdpa",
         "attention backend: sdpa | manual | flash_triton | auto (the faster of sdpa and flash_triton, timed)",
     )
+    impl: str = doc("fast", "fast (torch's fused ops) | reference (the hand-written scratchlm.reference ops)")
     init_std: float = doc(0.02, "std of the normal init; residual projections get std/sqrt(2*n_layer)")
     share_embeddings: bool = doc(True, "seq2seq: one embedding table for source and target")
     label_smoothing: float = doc(0.0, "label smoothing of the cross-entropy (0.1 in the Transformer paper)")
@@ -150,7 +151,10 @@ class TrainConfig:
     )
     max_steps: int = doc(1000, "optimizer steps")
     max_time: float | None = doc(None, "stop after this many seconds of training (schedule uses max_steps)")
-    optimizer: str = doc("adamw", "adamw | muon (Muon for hidden matrices, AdamW for the rest)")
+    optimizer: str = doc(
+        "adamw",
+        "adamw | muon (Muon for hidden matrices, AdamW for the rest); *_reference: hand-written twins",
+    )
     lr: float = doc(1e-3, "peak learning rate (AdamW)")
     min_lr: float = doc(1e-4, "learning rate at the end of the decay")
     muon_lr: float = doc(0.02, "Muon learning rate for hidden weight matrices")
@@ -228,7 +232,7 @@ _GPT2 = dict(
     vocab_size=50257,
     norm="layernorm",
     pos="learned",
-    mlp="gelu",
+    mlp="gelu_tanh",
     bias=True,
     tie_embeddings=True,
 )
@@ -593,14 +597,15 @@ _CHOICES = {
     "model.norm_position": ("pre", "post"),
     "model.pos": ("learned", "sinusoidal", "rope", "none"),
     "model.rope_style": ("half", "interleaved"),
-    "model.mlp": ("gelu", "swiglu", "relu2", "relu"),
+    "model.mlp": ("gelu_tanh", "gelu", "swiglu", "relu2", "relu"),
     "model.attention": ("sdpa", "manual", "flash_triton", "auto"),
+    "model.impl": ("fast", "reference"),
     "tokenizer.kind": ("bpe", "char", "gpt2"),
     "tokenizer.pattern": ("gpt2", "gpt4"),
     "data.loader": ("random", "sequential"),
     "data.format": ("text", "chat"),
     "train.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "train.optimizer": ("adamw", "muon"),
+    "train.optimizer": ("adamw", "muon", "adamw_reference", "muon_reference"),
     "train.schedule": ("cosine", "wsd", "constant", "noam"),
     "eval.metric": ("loss", "bleu"),
     "train.schedule_clock": ("steps", "time"),

@@ -21,7 +21,7 @@ gguf = pytest.importorskip("gguf")
 TEXTS = ["def main():\n    return 0\n", "hello world, hello there", "naïve café ü 123"] * 4
 
 LLAMA = dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=1, tie_embeddings=False)
-GPT2 = dict(pos="learned", norm="layernorm", mlp="gelu", bias=True)
+GPT2 = dict(pos="learned", norm="layernorm", mlp="gelu_tanh", bias=True)
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +202,8 @@ def test_what_gguf_cannot_express_is_one_error(tmp_path, tok):
         export_gguf(seq2seq, tok, tmp_path / "b.gguf")
     with pytest.raises(ConfigError, match="--dtype"):
         export_gguf(make(tok, LLAMA), tok, tmp_path / "c.gguf", dtype="q4")
+    with pytest.raises(ConfigError, match="mlp=gelu,"):  # llama.cpp's gpt2 has only the tanh GELU
+        export_gguf(make(tok, dict(GPT2, mlp="gelu")), tok, tmp_path / "d.gguf")
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 

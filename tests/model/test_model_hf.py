@@ -64,11 +64,22 @@ def hf_llama(**kw):
     return model
 
 
-@pytest.mark.parametrize("make_hf", [hf_gpt2, hf_llama], ids=["gpt2", "llama-gqa"])
-def test_import_hf_gives_the_same_logits(make_hf, tmp_path):
+@pytest.mark.parametrize(
+    "make_hf, mlp",
+    [
+        (hf_gpt2, "gelu_tanh"),
+        # large weights: pre-activations of order 1, where exact and tanh GELU differ (by ~3e-3 in the logits)
+        (lambda: hf_gpt2(activation_function="gelu", initializer_range=0.5), "gelu"),
+        (lambda: hf_gpt2(activation_function="gelu_pytorch_tanh"), "gelu_tanh"),
+        (hf_llama, "swiglu"),
+    ],
+    ids=["gpt2", "gpt2-exact-gelu", "gpt2-pytorch-tanh", "llama-gqa"],
+)
+def test_import_hf_gives_the_same_logits(make_hf, mlp, tmp_path):
     hf = make_hf()
     hf.save_pretrained(tmp_path)
     model, cfg = import_hf(tmp_path)
+    assert cfg.mlp == mlp
     with torch.no_grad():
         torch.testing.assert_close(model(ids())[0], hf(ids()).logits, atol=1e-5, rtol=1e-5)
     assert model.num_params() == sum(p.numel() for p in hf.parameters())
@@ -87,11 +98,13 @@ def test_import_llama_keeps_its_architecture(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "variant", ["gpt2", "gpt2-untied", "gpt2-no-bias", "llama-gqa", "llama-interleaved-tied"]
+    "variant",
+    ["gpt2", "gpt2-exact-gelu", "gpt2-untied", "gpt2-no-bias", "llama-gqa", "llama-interleaved-tied"],
 )
 def test_export_hf_loads_in_transformers_with_the_same_logits(variant, tmp_path):
     kw = {
         "gpt2": {},
+        "gpt2-exact-gelu": dict(mlp="gelu", init_std=0.5),  # pre-activations of order 1 (see above)
         "gpt2-untied": dict(tie_embeddings=False),
         "gpt2-no-bias": dict(bias=False),  # GPT-2 always has biases: written as zeros, logits unchanged
         "llama-gqa": dict(LLAMA, n_kv_head=2),

@@ -115,14 +115,18 @@ def test_sdpa_equals_manual_with_masks(n_kv_head):
         torch.testing.assert_close(attn(x, **kw), out_sdpa, atol=1e-6, rtol=1e-5)
 
 
-def test_manual_attention_exposes_probabilities():
-    attn, x = _attn_inputs(attention="manual")
-    attn.store_attn = True
-    attn(x, causal=True)
-    probs = attn.last_attn  # (B, H, T, S)
-    assert probs.shape == (2, 4, 6, 6)
+def test_attention_records_scores_mask_and_probabilities():
+    attn, x = _attn_inputs()
+    out = attn(x, causal=True)
+    attn.record = {}
+    torch.testing.assert_close(attn(x, causal=True), out, atol=1e-6, rtol=1e-5)  # same output, recorded
+    scores, mask, probs = attn.record["scores"], attn.record["mask"], attn.record["probs"]
+    assert probs.shape == scores.shape == (2, 4, 6, 6) and mask.shape == (6, 6)
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 6))
     assert (probs.triu(1) == 0).all()  # no weight on future keys
+    upper = torch.ones(6, 6, dtype=torch.bool).triu(1)
+    assert (scores[..., upper] != 0).all() and scores.isfinite().all()  # recorded before the mask
+    torch.testing.assert_close(probs, torch.softmax(scores.masked_fill(~mask, float("-inf")), -1))
 
 
 def test_mha_matches_torch_multihead_attention():

@@ -48,7 +48,8 @@ def test_attention_maps_are_causal_distributions(pos):
         torch.testing.assert_close(m.sum(-1), torch.ones(2, 9))
         assert torch.all(torch.triu(m, diagonal=1) == 0)
     # the model's own backend is restored and its output unchanged
-    assert all(a.backend == "sdpa" and not a.store_attn for a in model.modules() if hasattr(a, "store_attn"))
+    attention = [m for m in model.modules() if hasattr(m, "record")]
+    assert len(attention) == 2 and all(a.backend == "sdpa" and a.record is None for a in attention)
     torch.testing.assert_close(model(idx)[0], before)
 
 

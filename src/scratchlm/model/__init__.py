@@ -13,7 +13,20 @@ from scratchlm.errors import ConfigError
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """A freshly initialised GPT (cfg.arch == "gpt") or Seq2Seq (cfg.arch == "seq2seq"), on the CPU in fp32."""
+    """A freshly initialised GPT (cfg.arch == "gpt") or Seq2Seq (cfg.arch == "seq2seq"), on the CPU in fp32.
+
+    cfg.impl == "reference": the same model (same weights for the same seed) computed by the hand-written
+    pieces of scratchlm.reference.
+    """
+    model = _build(cfg)
+    if cfg.impl == "reference":
+        from scratchlm.reference import use_reference
+
+        use_reference(model)
+    return model
+
+
+def _build(cfg: ModelConfig) -> nn.Module:
     if cfg.vocab_size <= 0:
         raise ConfigError(
             f"model.vocab_size={cfg.vocab_size}: set it (or let the pipeline take it from the tokenizer)"

@@ -62,11 +62,13 @@ def gguf_architecture(cfg: ModelConfig) -> str:
         )
     if _llama_compatible(cfg) and not cfg.bias:
         return "llama"
-    if _gpt2_compatible(cfg) and cfg.bias:  # (the HF export writes zero biases; this one needs real ones)
+    if (
+        _gpt2_compatible(cfg) and cfg.bias and cfg.mlp == "gelu_tanh"
+    ):  # llama.cpp's gpt2: real biases, tanh GELU
         return "gpt2"
     raise ConfigError(
         "GGUF export needs a Llama-style model (rmsnorm, rope, swiglu, pre-LN, no biases, no qk_norm) or a "
-        "GPT-2-style one (layernorm, learned positions, gelu, biases, pre-LN); this one is "
+        "GPT-2-style one (layernorm, learned positions, gelu_tanh, biases, pre-LN); this one is "
         f"norm={cfg.norm}, pos={cfg.pos}, mlp={cfg.mlp}, bias={cfg.bias}, norm_position={cfg.norm_position}, "
         f"qk_norm={cfg.qk_norm}"
     )

@@ -4,7 +4,7 @@
     Block (pre-LN):  x = x + attn(norm_1(x));  x = x + mlp(norm_2(x))
     Block (post-LN): x = norm_1(x + attn(x));  x = norm_2(x + mlp(x))
 
-GPT-2 (Radford et al. 2019): layernorm, learned positions, gelu MLP, biases, tied embeddings.
+GPT-2 (Radford et al. 2019): layernorm, learned positions, gelu_tanh MLP, biases, tied embeddings.
 Llama-2 (Touvron et al. 2023): rmsnorm, RoPE on q/k, SwiGLU MLP, no biases, untied output head, GQA
 (the llama-* presets tie the head, as llama2.c's TinyStories models do).
 Parameter names follow GPT-2 (wte, wpe, ln_1, attn.c_q, mlp.c_fc, c_proj, ln_f, lm_head); scratchlm.model.hf
@@ -17,9 +17,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from scratchlm.config import ModelConfig
+from scratchlm.model import functional
 from scratchlm.model.cache import KVCache
 from scratchlm.model.layers import (
     MLP,
@@ -67,6 +67,8 @@ def attention_mask_for(T: int, S: int, key_mask: torch.Tensor | None, device: to
 
 class GPT(nn.Module):
     """Decoder-only language model configured by a ModelConfig (arch == "gpt")."""
+
+    ops = functional  # the loss's math (see scratchlm.model.layers)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -155,7 +157,7 @@ class GPT(nn.Module):
 
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(
+            loss = self.ops.cross_entropy(
                 logits.float().flatten(0, 1),
                 targets.flatten(),
                 ignore_index=-100,

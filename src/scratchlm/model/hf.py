@@ -29,12 +29,17 @@ from scratchlm.errors import CheckpointError, ConfigError
 from scratchlm.model.gpt import GPT
 from scratchlm.model.layers import mlp_hidden_dim
 
+# model.mlp <-> GPT2Config.activation_function (transformers' ACT2FN: "gelu_new" and "gelu_pytorch_tanh"
+# are the tanh approximation, "gelu" the exact erf form)
+_GPT2_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
+_FROM_GPT2_ACTIVATION = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
 
 def _gpt2_compatible(cfg: ModelConfig) -> bool:
     return (
         cfg.norm == "layernorm"
         and cfg.pos == "learned"
-        and cfg.mlp == "gelu"
+        and cfg.mlp in _GPT2_ACTIVATION
         and (cfg.n_kv_head or cfg.n_head) == cfg.n_head
         and not cfg.qk_norm
         and cfg.norm_position == "pre"
@@ -58,8 +63,8 @@ def _llama_compatible(cfg: ModelConfig) -> bool:
 def export_hf(model: GPT, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     """Write ``model`` as a transformers checkpoint directory; returns out_dir.
 
-    GPT-2 style (layernorm, learned positions, gelu) -> GPT2LMHeadModel; a model trained without biases
-    (``bias=false``) is written with zero biases, which GPT-2 always has, so its logits are unchanged.
+    GPT-2 style (layernorm, learned positions, gelu_tanh or gelu) -> GPT2LMHeadModel; a model trained without
+    biases (``bias=false``) is written with zero biases, which GPT-2 always has, so its logits are unchanged.
     Llama style (rmsnorm, rope, swiglu) -> LlamaForCausalLM. Anything else raises ConfigError.
     With a tokenizer, its ``save`` writes tokenizer.json and its eot id becomes bos/eos_token_id; a chat
     template stored with it goes to tokenizer_config.json (``chat_template``, the Jinja that transformers'
@@ -77,7 +82,7 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, tokenizer=None) -> Path:
         config, tensors = _llama_config(cfg, eot), _to_llama(sd, cfg)
     else:
         raise ConfigError(
-            "export needs a GPT-2 style (layernorm, learned pos, gelu) or Llama style "
+            "export needs a GPT-2 style (layernorm, learned pos, gelu_tanh or gelu) or Llama style "
             "(rmsnorm, rope, swiglu) model with pre-LN and no qk_norm"
         )
     config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
@@ -108,7 +113,7 @@ def _gpt2_config(cfg: ModelConfig, eot: int | None) -> dict:
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,
         "n_inner": mlp_hidden_dim(cfg),
-        "activation_function": "gelu_new",
+        "activation_function": _GPT2_ACTIVATION[cfg.mlp],
         "layer_norm_epsilon": cfg.norm_eps,
         "initializer_range": cfg.init_std,
         "resid_pdrop": cfg.dropout,
@@ -268,8 +273,11 @@ def hf_model_config(path: str | os.PathLike) -> ModelConfig:
 
 
 def _config_from_gpt2(hf: dict) -> ModelConfig:
-    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise CheckpointError(f"GPT-2 activation {hf['activation_function']!r} is not supported (gelu_new)")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in _FROM_GPT2_ACTIVATION:
+        raise CheckpointError(
+            f"GPT-2 activation {act!r} is not supported ({', '.join(_FROM_GPT2_ACTIVATION)})"
+        )
     if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
         raise CheckpointError(
             "GPT-2 options scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn are unsupported"
@@ -286,7 +294,7 @@ def _config_from_gpt2(hf: dict) -> ModelConfig:
         norm="layernorm",
         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         pos="learned",
-        mlp="gelu",
+        mlp=_FROM_GPT2_ACTIVATION[act],
         bias=True,
         dropout=0.0,
         tie_embeddings=hf.get("tie_word_embeddings", True),

@@ -2,6 +2,10 @@
 
 Shapes use the usual names: B batch, T query length, S key length, C = d_model, H query heads,
 Hkv key/value heads, D = head_dim = C / H.
+
+The math lives in plain functions: each layer calls them through its ``ops`` attribute, by default
+:mod:`scratchlm.model.functional` (torch's fused kernels). ``model.impl=reference`` points ``ops`` at
+:mod:`scratchlm.reference.functional` (the same math written out by hand) without touching the parameters.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from scratchlm.config import ModelConfig
+from scratchlm.model import functional
+from scratchlm.model.functional import apply_rope, causal_mask, gelu_tanh  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from scratchlm.model.cache import KVCache
@@ -29,6 +34,8 @@ class LayerNorm(nn.Module):
     y = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias, over the last dim.  x (..., C) -> (..., C)
     """
 
+    ops = functional  # the math (scratchlm.reference.use_reference swaps in the hand-written twins)
+
     def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
         super().__init__()
         self.eps = eps
@@ -36,7 +43,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+        return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.Module):
@@ -46,15 +53,15 @@ class RMSNorm(nn.Module):
     x is normalised in float32, cast back, then scaled by the weight).  x (..., C) -> (..., C)
     """
 
+    ops = functional
+
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op (the common case: the fp32 residual stream)
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
@@ -104,7 +111,7 @@ class RotaryEmbedding(nn.Module):
     They are the same rotation up to a fixed permutation of the D features, so a model trained with one
     convention converts to the other by permuting the rows of W_q and W_k.
 
-    forward(positions (B, T), max_len) -> (cos, sin_signed), each (B, 1, T, D), float32, where sin_signed
+    forward(positions (B, T) or (T,), max_len) -> (cos, sin_signed), each (B or 1, 1, T, D), float32, where sin_signed
     carries the sign of the rotation (see :func:`apply_rope`). The tables are computed once for positions
     ``0 .. max_positions - 1`` and grown on demand (``max_len``: an upper bound of the positions that the
     caller knows without reading them, e.g. the sequence length; None = read ``positions.max()``), so
@@ -133,30 +140,14 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, max_len: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.ndim == 1:  # (T,): one row shared by the batch
+            positions = positions[None]
+        if positions.ndim != 2:
+            raise ValueError(f"RoPE positions must be (B, T) or (T,), got {tuple(positions.shape)}")
         n = int(positions.max()) + 1 if max_len is None else max_len
         if n > self.cos_table.shape[0]:  # (a host-side check: max_len is a Python int)
             self._build(max(n, 2 * self.cos_table.shape[0]))
         return self.cos_table[positions][:, None], self.sin_table[positions][:, None]
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, style: str) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by the tables (cos, sin_signed) (B, 1, T, D) of :class:`RotaryEmbedding`.
-
-    Each plane (a, b) turns by its angle t:  a' = a cos t - b sin t,  b' = b cos t + a sin t, i.e.
-    x' = x * cos + swap(x) * sin_signed, where swap exchanges the two features of every plane and
-    sin_signed holds -sin t at the first feature of a plane and +sin t at the second:
-
-    half:        plane i = (x[i], x[i + D/2]):  swap(x) = cat(x[D/2:], x[:D/2]) (a roll by D/2)
-    interleaved: plane i = (x[2i], x[2i+1]):    swap(x)[2i] = x[2i+1], swap(x)[2i+1] = x[2i]
-
-    (HF's ``rotate_half(x) * sin`` with the sign folded into the table: the same numbers, fewer ops.)
-    """
-    if style == "half":
-        swapped = x.roll(x.shape[-1] // 2, dims=-1)
-    else:
-        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (B, H, T, D/2, 2) pairs swapped
-    out = x * cos + swapped * sin_signed  # float32 tables: a 16-bit x is rotated in float32
-    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -166,20 +157,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, sty
 def make_dropout(p: float) -> nn.Module:
     """nn.Dropout(p), or nn.Identity when p == 0 (no op to dispatch on every call: decoding is op-bound)."""
     return nn.Dropout(p) if p > 0 else nn.Identity()
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GELU, tanh approximation (GPT-2's ``gelu_new``):  0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
-
-    Eager: ATen's fused kernel. Under torch.compile the same function is written with a sigmoid,
-    ``x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))`` (because (1 + tanh z) / 2 = sigmoid(2z)), in float32,
-    which inductor's CPU code runs about twice as fast as its tanh (forward + backward, measured).
-    """
-    if torch.compiler.is_compiling():
-        x32 = x.float()
-        z = math.sqrt(2.0 / math.pi) * (x32 + 0.044715 * x32 * x32 * x32)
-        return (x32 * torch.sigmoid(2.0 * z)).to(x.dtype)
-    return F.gelu(x, approximate="tanh")
 
 
 def mlp_hidden_dim(cfg: ModelConfig) -> int:
@@ -195,11 +172,14 @@ def mlp_hidden_dim(cfg: ModelConfig) -> int:
 class MLP(nn.Module):
     """Position-wise feed-forward network.  x (B, T, C) -> (B, T, C), hidden width F = mlp_hidden_dim.
 
-    gelu:   c_proj(gelu_tanh(c_fc(x)))                 (GPT-2's "gelu_new")
-    relu:   c_proj(relu(c_fc(x)))                      (the original Transformer)
-    relu2:  c_proj(relu(c_fc(x))^2)                    (Primer, So et al. 2021)
-    swiglu: c_proj(silu(c_gate(x)) * c_fc(x))          (Shazeer 2020; Llama's w2(silu(w1 x) * w3 x))
+    gelu:      c_proj(gelu(c_fc(x)))                   (exact erf GELU, Hendrycks & Gimpel 2016; BERT)
+    gelu_tanh: c_proj(gelu_tanh(c_fc(x)))              (its tanh approximation: GPT-2's "gelu_new")
+    relu:      c_proj(relu(c_fc(x)))                   (the original Transformer)
+    relu2:     c_proj(relu(c_fc(x))^2)                 (Primer, So et al. 2021)
+    swiglu:    c_proj(silu(c_gate(x)) * c_fc(x))       (Shazeer 2020; Llama's w2(silu(w1 x) * w3 x))
     """
+
+    ops = functional
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -213,14 +193,16 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)  # (B, T, F)
         if self.kind == "gelu":
-            h = gelu_tanh(h)
+            h = self.ops.gelu(h)
+        elif self.kind == "gelu_tanh":
+            h = self.ops.gelu_tanh(h)
         elif self.kind == "relu":
-            h = F.relu(h)
+            h = self.ops.relu(h)
         elif self.kind == "relu2":
-            h = F.relu(h).square()
+            h = self.ops.relu(h).square()
         else:  # swiglu
-            h = F.silu(self.c_gate(x)) * h
-        return self.dropout(self.c_proj(h))
+            h = self.ops.swiglu(self.c_gate(x), h)
+        return self.dropout(self.c_proj(h))  # c_proj's input is the activation (explain hooks read it)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -236,30 +218,6 @@ def warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def causal_mask(T: int, S: int, device: torch.device | None = None) -> torch.Tensor:
-    """Boolean (T, S), True = may attend: query t sits at absolute slot S - T + t and sees keys <= it."""
-    q_slot = torch.arange(S - T, S, device=device)[:, None]
-    return torch.arange(S, device=device)[None, :] <= q_slot
-
-
-# The explicit formula beats sdpa's CPU kernel when training in 16 bits with a small score matrix: the CPU
-# flash-attention *backward* in bf16 is slow there (torch 2.13, 2-core AVX-512/AMX machine, fwd+bwd per
-# layer: (B, H, T, D) = (12, 4, 64, 32): 11.7 ms sdpa vs 3.2 ms explicit; (8, 6, 256, 64): 36 vs 31 ms;
-# in fp32 sdpa wins: 2.0 vs 2.5 and 30 vs 49 ms). The explicit path keeps the B*H*T*S probabilities for
-# the backward, so it is used only up to this many of them (2^24: 32 MB in bf16 per layer).
-_CPU_MATH_MAX_SCORES = 1 << 24
-
-
-def _cpu_math_is_faster(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the ``sdpa`` backend should compute the formula itself (CPU, 16-bit, training, small S)."""
-    return (
-        q.device.type == "cpu"
-        and v.dtype in (torch.bfloat16, torch.float16)
-        and q.requires_grad
-        and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= _CPU_MATH_MAX_SCORES
-    )
-
-
 class Attention(nn.Module):
     """Multi-head attention with grouped/multi-query heads (Hkv <= H), optional QK-norm and RoPE.
 
@@ -268,12 +226,15 @@ class Attention(nn.Module):
     (cross). Query head h reads key/value head h // (H / Hkv) (GQA, Ainslie et al. 2023).
     Output: concat of heads (B, T, H*D) -> c_proj -> (B, T, C).
 
-    Backends (cfg.attention): ``sdpa`` (F.scaled_dot_product_attention; on the CPU, 16-bit training with a
-    small score matrix computes the formula instead, which is faster there: see _cpu_math_is_faster),
-    ``manual`` (the formula above;
-    set ``store_attn = True`` to keep the probabilities (B, H, T, S) in ``last_attn``), ``flash_triton``
-    (scratchlm.model.kernels, training path only: no mask, no cache; otherwise sdpa, said once).
+    Backends (cfg.attention): ``sdpa`` (:func:`scratchlm.model.functional.scaled_dot_product_attention`:
+    torch's fused kernel, or the formula where that is faster), ``manual`` (the formula above, step by
+    step), ``flash_triton`` (scratchlm.model.kernels, training path only: no mask, no cache; otherwise sdpa,
+    said once). Set ``record`` to a dict to receive the scaled scores before the mask, the mask and the
+    probabilities of the next calls (keys ``scores``, ``mask``, ``probs``; the formula is then computed
+    step by step): ``scratchlm explain`` reads them from a forward hook.
     """
+
+    ops = functional
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -291,8 +252,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else None
         self.resid_dropout = make_dropout(cfg.dropout)
-        self.store_attn = False
-        self.last_attn: torch.Tensor | None = None
+        self.record: dict | None = None
 
     def project_kv(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of y (B, S, C) -> k, v (B, Hkv, S, D) (k is QK-normed when enabled)."""
@@ -345,7 +305,7 @@ class Attention(nn.Module):
     def _attend(self, q, k, v, mask, causal, use_flash) -> torch.Tensor:
         """softmax(q k^T / sqrt(D) + M) v: q (B, H, T, D), k/v (B, Hkv, S, D) -> (B, H, T, D)."""
         dropout_p = self.dropout_p if self.training else 0.0
-        if self.backend == "flash_triton":
+        if self.backend == "flash_triton" and self.record is None:
             ok, why = self._flash_ok(q, use_flash and causal, dropout_p)
             if ok:
                 from scratchlm.model.kernels.flash_attention import flash_attention
@@ -355,24 +315,15 @@ class Attention(nn.Module):
                 dt = v.dtype
                 return flash_attention(q.to(dt), k.to(dt), v, causal=True)
             warn_once(f"attention=flash_triton not used ({why}); using sdpa")
-        gqa = self.n_kv_head != self.n_head  # GQA: query head h reads kv head h // group
-        if self.backend == "manual" or _cpu_math_is_faster(q, k, v):
-            if gqa:
-                group = self.n_head // self.n_kv_head
-                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, H, T, S)
-            if mask is None and causal:
-                mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            probs = F.softmax(scores.float(), dim=-1).to(q.dtype)
-            if self.store_attn:
-                self.last_attn = probs.detach()
-            probs = F.dropout(probs, dropout_p, self.training)
-            return probs @ v
-        # enable_gqa: sdpa maps query heads to kv heads itself, without copying k and v per group
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None, enable_gqa=gqa
+        return self.ops.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            mask,
+            causal=causal,
+            dropout_p=dropout_p,
+            explicit=self.backend == "manual",
+            record=self.record,
         )
 
     def _flash_ok(self, q: torch.Tensor, plain_causal: bool, dropout_p: float) -> tuple[bool, str]:

@@ -20,10 +20,10 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from scratchlm.config import ModelConfig
 from scratchlm.errors import ConfigError
+from scratchlm.model import functional
 from scratchlm.model.cache import KVCache, Seq2SeqCache
 from scratchlm.model.gpt import Block as EncoderBlock
 from scratchlm.model.layers import MLP, Attention, SinusoidalPositions, causal_mask, make_dropout, make_norm
@@ -56,6 +56,8 @@ class DecoderBlock(nn.Module):
 
 class Seq2Seq(nn.Module):
     """Encoder-decoder Transformer configured by a ModelConfig (arch == "seq2seq")."""
+
+    ops = functional  # the loss's math (see scratchlm.model.layers)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -176,7 +178,7 @@ class Seq2Seq(nn.Module):
         logits = self.decode(tgt_in, self.encode(src, src_mask), src_mask)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(
+            loss = self.ops.cross_entropy(
                 logits.float().flatten(0, 1),
                 targets.flatten(),
                 ignore_index=-100,

@@ -11,6 +11,9 @@ Optimizers (``train.optimizer``):
   "Muon: An optimizer for hidden layers"); embeddings and the head are not "hidden" matrices, so they keep
   AdamW. Muon runs with weight decay 0 (the reference recipe); its lr is ``train.muon_lr``.
 
+- ``adamw_reference`` / ``muon_reference``: the same, with the hand-written optimizers of
+  :mod:`scratchlm.reference.optim` (same parameter groups, same state keys; slower, equal within rounding).
+
 Schedules are pure functions of the optimizer step (0-based: the lr *used by* step ``s``), so they are
 trivially resumable and testable against their closed forms. With ``W = warmup_steps``, ``N = max_steps``:
 
@@ -132,7 +135,7 @@ def param_groups(model: nn.Module, optimizer: str) -> dict[str, list[nn.Paramete
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if optimizer == "muon" and _is_hidden_matrix(name, p, embedding_ids):
+        if optimizer in ("muon", "muon_reference") and _is_hidden_matrix(name, p, embedding_ids):
             groups["muon"].append(p)
         elif p.ndim >= 2:
             groups["decay"].append(p)
@@ -151,9 +154,17 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, make: Callable = _const
     ``make(cls, param_groups, **kwargs)`` builds each optimizer (default ``cls(param_groups, **kwargs)``);
     ZeRO-1 passes one that wraps it in a ZeroRedundancyOptimizer (``train/distributed.py``).
     """
-    if cfg.optimizer not in ("adamw", "muon"):
-        raise ConfigError(f"train.optimizer={cfg.optimizer!r} is not one of adamw, muon")
-    groups = param_groups(model, cfg.optimizer)
+    kind = cfg.optimizer.removesuffix("_reference")
+    if kind not in ("adamw", "muon"):
+        raise ConfigError(
+            f"train.optimizer={cfg.optimizer!r} is not one of adamw, muon, adamw_reference, muon_reference"
+        )
+    adamw_cls, muon_cls = torch.optim.AdamW, torch.optim.Muon
+    if kind != cfg.optimizer:
+        from scratchlm.reference import optim as reference
+
+        adamw_cls, muon_cls = reference.AdamW, reference.Muon
+    groups = param_groups(model, kind)
     device = next(model.parameters()).device
     # fused AdamW: one kernel for all tensors (CUDA, and CPU since torch 2.4); foreach as the fallback
     fused = device.type in ("cuda", "cpu") and all(p.dtype.is_floating_point for p in model.parameters())
@@ -163,14 +174,15 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, make: Callable = _const
     ]
     adam_groups = [g for g in adam_groups if g["params"]]
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    kwargs["fused" if fused else "foreach"] = True
-    adamw = make(torch.optim.AdamW, adam_groups, **kwargs)
-    if cfg.optimizer == "adamw":
+    if adamw_cls is torch.optim.AdamW:
+        kwargs["fused" if fused else "foreach"] = True
+    adamw = make(adamw_cls, adam_groups, **kwargs)
+    if kind == "adamw":
         return [adamw]
     if not groups["muon"]:
         raise ConfigError("train.optimizer=muon but the model has no hidden 2-D weight matrices; use adamw")
     muon = make(
-        torch.optim.Muon,
+        muon_cls,
         [{"params": groups["muon"], "peak_lr": cfg.muon_lr}],
         lr=cfg.muon_lr,
         momentum=cfg.muon_momentum,
