@@ -104,11 +104,6 @@ def test_empty_prompts_file_is_an_error(run_dir, tmp_path, name, text, capsys):
 # ---- 11. the server's default max_new_tokens (128) fits a model whose context is shorter -----------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 20 item 11, left to the server's owner): the continuous-batching server still applies "
-    "the default max_new_tokens=128 as a hard length, so a model with a context under 129 answers 400",
-)
 def test_server_default_length_fits_a_short_context():
     tok, cfg, model = _model(16)
     lm = LoadedModel(model, tok, cfg, Path("runs/x/checkpoints/step_00000001"), Path("runs/x"))

@@ -109,6 +109,7 @@ class GenerateRequest:
         self.prompts = prompts
         self.stream = stream
         self.options = options
+        self.default_length = False  # max_new_tokens not asked for: the default, cut to fit the context
 
 
 def parse_generate_request(
@@ -207,7 +208,9 @@ def parse_generate_request(
         if not isinstance(data["context"], str):
             raise RequestError(400, '\'context\' must be one of "error", "slide", "stop"')
         options["context"] = data["context"]  # the engine checks the value
-    return GenerateRequest(prompts, stream, options)
+    request = GenerateRequest(prompts, stream, options)
+    request.default_length = "max_new_tokens" not in data  # the server's default, cut to the context
+    return request
 
 
 def _reject_constant(name: str) -> None:
@@ -384,8 +387,11 @@ class GenerationServer(ThreadingHTTPServer):
     def submit(self, req: GenerateRequest) -> tuple[Ticket, list[int]]:
         """Queue a ``/generate`` request (context "error") on the batcher: (ticket, prompt token counts)."""
         options = {k: v for k, v in req.options.items() if k != "context"}
-        params = SamplingParams.from_kwargs(**options)
         ids = [self.engine.encode_prompt(p) for p in req.prompts]
+        if req.default_length:  # a default must not turn a short-context model's every request into a 400
+            room = self.batcher.context_length - max(len(i) for i in ids)
+            options["max_new_tokens"] = max(1, min(options["max_new_tokens"], room))
+        params = SamplingParams.from_kwargs(**options)
         try:
             return self.batcher.submit(ids, params), [len(i) for i in ids]
         except QueueFullError as e:
@@ -408,8 +414,10 @@ class GenerationServer(ThreadingHTTPServer):
                     done[event.row] = event
             if ticket.cancelled.is_set():
                 return None
+            ctx = self.batcher.context_length
             rows = [
-                (e.text, e.finish_reason, prompt_tokens[i], e.new_tokens) for i, e in sorted(done.items())
+                (e.text, _context_reason(e, prompt_tokens[i], ctx, req), prompt_tokens[i], e.new_tokens)
+                for i, e in sorted(done.items())
             ]
         return {
             "completions": [
@@ -417,6 +425,14 @@ class GenerationServer(ThreadingHTTPServer):
             ],
             "seconds": round(time.perf_counter() - start, 6),
         }
+
+
+def _context_reason(event: FinishEvent, prompt_tokens: int, context_length: int, req: GenerateRequest) -> str:
+    """``"context"`` for a default-length row that ended because the window was full, else its own reason."""
+    full = prompt_tokens + event.new_tokens >= context_length
+    return (
+        "context" if req.default_length and event.finish_reason == "length" and full else event.finish_reason
+    )
 
 
 class _Watchdog:
