@@ -31,9 +31,8 @@ def tok():
 
 def make(tok, style: dict, **kw):
     torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=64, context_length=32, **style, **kw
-    )
+    sizes = dict(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=64, context_length=32)
+    cfg = ModelConfig(**{**sizes, **style, **kw})
     model = build_model(cfg).eval()
     with torch.no_grad():  # non-trivial norms and biases, so that a wrong mapping shows
         for name, p in model.named_parameters():
