@@ -20,30 +20,10 @@ from scratchlm.errors import GenerationError
 from scratchlm.inference.beam import Hypothesis, beam_search, greedy_search
 
 
-def translate_texts(
-    model: Any,
-    tokenizer: Any,
-    sources: list[str],
-    *,
-    beam_size: int = 1,
-    length_penalty: float = 1.0,
-    max_len_a: float = 1.5,
-    max_len_b: int = 10,
-    batch_size: int = 64,
-    progress: bool = False,
-) -> list[str]:
-    """Detokenized translations of ``sources`` (list order kept); see the module docstring."""
-    hyps = translate_batched(
-        model,
-        tokenizer,
-        sources,
-        beam_size=beam_size,
-        length_penalty=length_penalty,
-        max_len_a=max_len_a,
-        max_len_b=max_len_b,
-        batch_size=batch_size,
-        progress=progress,
-    )
+def translate_texts(model: Any, tokenizer: Any, sources: list[str], **options: Any) -> list[str]:
+    """Detokenized translations of ``sources`` (list order kept); ``options`` are those of
+    :func:`translate_batched` (beam_size, length_penalty, max_len_a, max_len_b, batch_size, progress)."""
+    hyps = translate_batched(model, tokenizer, sources, **options)
     eos = tokenizer.eot_id
     return [tokenizer.decode([t for t in h.tokens if t != eos]).strip() for h in hyps]
 
