@@ -132,7 +132,10 @@ class TrainConfig:
     name: str = doc("default", "run name (used for the default run_dir)")
     seed: int = doc(1337, "random seed for init, data order and sampling")
     device: str = doc("auto", "auto | cpu | cuda | cuda:N | mps")
-    dtype: str = doc("auto", "auto (bf16 where supported) | float32 | bfloat16 | float16")
+    dtype: str = doc(
+        "auto",
+        "auto (bf16 where GPU or CPU has bf16 instructions, else fp16/fp32) | float32 | bfloat16 | float16",
+    )
     compile: bool = doc(False, "torch.compile the model (the saved state dict is always the plain module's)")
     activation_checkpointing: bool = doc(
         False, "recompute each block's activations in the backward: less memory, ~1/3 more compute"

@@ -272,3 +272,42 @@ def test_leftovers_of_an_interrupted_commit_are_replaced(tmp_path, capsys):
     assert "removing 7 file(s) of an interrupted prepare" in capsys.readouterr().err
     assert read_split(tmp_path, "train") == docs
     assert sorted(os.listdir(tmp_path)) == ["meta.json", "train_000000.bin", "train_000000.idx"]
+
+
+def test_two_prepares_of_one_directory_wait_for_each_other(tmp_path):
+    """A second prepare of the same directory (parallel sweep runs share the shard cache) waits for the first
+    and reuses its shards; without the lock it took the first one's files for leftovers and deleted them."""
+    import threading
+
+    docs = make_docs(60)
+    started, go = threading.Event(), threading.Event()
+
+    class SlowSource(ListSource):
+        def documents(self):
+            for i, d in enumerate(self.docs):
+                if i == 1:  # the first prepare is under way, its .partial files exist: let the second start
+                    started.set()
+                    go.wait(timeout=10)
+                yield d
+
+    results = {}
+
+    def run(name, source):
+        try:
+            results[name] = prepare(source, ByteTokenizer(), tmp_path / "d", num_workers=1, progress=False)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            results[name] = e
+
+    first = threading.Thread(target=run, args=("first", SlowSource(docs)))
+    first.start()
+    assert started.wait(timeout=10)
+    second = threading.Thread(target=run, args=("second", ListSource(docs)))
+    second.start()
+    second.join(timeout=0.5)
+    assert second.is_alive()  # waiting for the lock, not writing into the first one's directory
+    go.set()
+    first.join(timeout=30)
+    second.join(timeout=30)
+    assert isinstance(results["first"], dict), results["first"]
+    assert results["second"] == results["first"]  # reused, not re-encoded
+    assert sorted(read_split(tmp_path / "d", "train") + read_split(tmp_path / "d", "val")) == sorted(docs)

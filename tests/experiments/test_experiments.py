@@ -229,6 +229,13 @@ def test_sweep_grid_and_vary_parsing():
         plan({"a.x": [1, 2], "b.y": ["p"]}, zipped=True, seeds=1, base_seed=0)
     with pytest.raises(ConfigError, match="nothing to sweep"):
         plan({}, zipped=False, seeds=1, base_seed=0)
+    # --zip pairs values, so one key may repeat a value as long as the points differ
+    zipped = plan({"a.x": ["adamw", "muon", "muon"], "b.y": [1, 1, 2]}, zipped=True, seeds=1, base_seed=0)
+    assert [p.name for p in zipped] == ["x=adamw_y=1", "x=muon_y=1", "x=muon_y=2"]
+    with pytest.raises(ConfigError, match=r"--zip gives the point \{'a.x': 'muon', 'b.y': 1\} twice"):
+        plan({"a.x": ["adamw", "muon", "muon"], "b.y": [1, 1, 1]}, zipped=True, seeds=1, base_seed=0)
+    with pytest.raises(ConfigError, match="--vary a.x lists a value twice"):
+        plan({"a.x": [1, 1], "b.y": [2]}, zipped=False, seeds=1, base_seed=0)
     with pytest.raises(ConfigError, match="section.key=v1,v2"):
         parse_vary(["n_head=1,2"])
 

@@ -74,76 +74,81 @@ def prepare(
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     out = Path(out_dir)
     settings = _settings(source, tokenizer, val_source, val_fraction, shard_tokens)
-    if (out / shards.META).is_file():
-        return _reuse(out, settings, progress)
-    _check_out_dir(out)  # before anything is created or deleted
     created = _missing_dirs(out)  # removed again if this prepare fails: nothing half-written stays
-    out.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(out)
+    # one prepare per directory at a time: a second process (a parallel sweep sharing the shard cache)
+    # waits here, then finds meta.json and reuses the shards instead of deleting the first one's files
+    with _exclusive(out):
+        if (out / shards.META).is_file():
+            return _reuse(out, settings, progress)
+        _check_out_dir(out)  # before anything is created or deleted
+        out.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(out)
 
-    dtype = shards.token_dtype(tokenizer.vocab_size)
-    writers = {s: shards.ShardWriter(out, s, dtype, shard_tokens) for s in shards.SPLITS}
-    total_bytes = _num_bytes(source, val_source)
-    bar = tqdm(
-        total=total_bytes,
-        unit="B",
-        unit_scale=True,
-        desc=f"prepare {out.name}",
-        disable=not progress,
-        file=sys.stderr,
-        smoothing=0.1,
-    )
-    t0, rule = time.perf_counter(), [""]
-    counts = {"bytes": 0, "empty": 0}
-    try:
-        with _Encoder(tokenizer, num_workers, val_fraction) as encoder:
-            tasks = _tasks(source, val_source, val_fraction, task_chars, rule)
-            for result in encoder.run(tasks):
-                for split in shards.SPLITS:
-                    tokens, lengths = result[split]
-                    if len(lengths):
-                        writers[split].write(tokens, lengths)
-                counts["bytes"] += result["bytes"]
-                counts["empty"] += result["empty"]
-                bar.update(result["bytes"])
-        bar.close()
-        split_meta = {s: _split_summary(writers[s].finish()) for s in shards.SPLITS}
-        _check_splits(split_meta, counts["empty"], source, rule[0], val_fraction)
-        meta = {
-            "format": shards.FORMAT,
-            "version": shards.VERSION,
-            **settings,
-            "dtype": dtype.name,
-            "split_rule": rule[0],
-            "splits": split_meta,
-            "skipped_empty_documents": counts["empty"],
-            "text_bytes": counts["bytes"],
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        files = [
-            f for s in shards.SPLITS for sh in split_meta[s]["shards"] for f in (sh["file"], sh["index"])
-        ]
-        if hasattr(tokenizer, "save"):  # a copy beside the shards, so `scratchlm data info` can decode them
-            tokenizer.save(out / shards.partial_name(shards.TOKENIZER))
-            files.append(shards.TOKENIZER)
-        shards.commit(out, files, meta)
-    except BaseException:
-        bar.close()
-        for w in writers.values():
-            w.finish()
-        _remove_leftovers(out, quiet=True)
-        for d in created:  # deepest first; only directories this call made, and only if still empty
-            with contextlib.suppress(OSError):
-                d.rmdir()
-        raise
-    if progress:
-        mb = counts["bytes"] / 1e6
-        print(
-            f"prepared {out}: {split_meta['train']['tokens']:,} train / {split_meta['val']['tokens']:,} val "
-            f"tokens from {mb:.1f} MB in {meta['seconds']:.1f}s ({mb / max(meta['seconds'], 1e-9):.1f} MB/s)",
+        dtype = shards.token_dtype(tokenizer.vocab_size)
+        writers = {s: shards.ShardWriter(out, s, dtype, shard_tokens) for s in shards.SPLITS}
+        total_bytes = _num_bytes(source, val_source)
+        bar = tqdm(
+            total=total_bytes,
+            unit="B",
+            unit_scale=True,
+            desc=f"prepare {out.name}",
+            disable=not progress,
             file=sys.stderr,
+            smoothing=0.1,
         )
-    return meta
+        t0, rule = time.perf_counter(), [""]
+        counts = {"bytes": 0, "empty": 0}
+        try:
+            with _Encoder(tokenizer, num_workers, val_fraction) as encoder:
+                tasks = _tasks(source, val_source, val_fraction, task_chars, rule)
+                for result in encoder.run(tasks):
+                    for split in shards.SPLITS:
+                        tokens, lengths = result[split]
+                        if len(lengths):
+                            writers[split].write(tokens, lengths)
+                    counts["bytes"] += result["bytes"]
+                    counts["empty"] += result["empty"]
+                    bar.update(result["bytes"])
+            bar.close()
+            split_meta = {s: _split_summary(writers[s].finish()) for s in shards.SPLITS}
+            _check_splits(split_meta, counts["empty"], source, rule[0], val_fraction)
+            meta = {
+                "format": shards.FORMAT,
+                "version": shards.VERSION,
+                **settings,
+                "dtype": dtype.name,
+                "split_rule": rule[0],
+                "splits": split_meta,
+                "skipped_empty_documents": counts["empty"],
+                "text_bytes": counts["bytes"],
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+            files = [
+                f for s in shards.SPLITS for sh in split_meta[s]["shards"] for f in (sh["file"], sh["index"])
+            ]
+            if hasattr(
+                tokenizer, "save"
+            ):  # a copy beside the shards, so `scratchlm data info` can decode them
+                tokenizer.save(out / shards.partial_name(shards.TOKENIZER))
+                files.append(shards.TOKENIZER)
+            shards.commit(out, files, meta)
+        except BaseException:
+            bar.close()
+            for w in writers.values():
+                w.finish()
+            _remove_leftovers(out, quiet=True)
+            for d in created:  # deepest first; only directories this call made, and only if still empty
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            raise
+        if progress:
+            mb = counts["bytes"] / 1e6
+            print(
+                f"prepared {out}: {split_meta['train']['tokens']:,} train / {split_meta['val']['tokens']:,} val "
+                f"tokens from {mb:.1f} MB in {meta['seconds']:.1f}s ({mb / max(meta['seconds'], 1e-9):.1f} MB/s)",
+                file=sys.stderr,
+            )
+        return meta
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -218,6 +223,25 @@ def _check_out_dir(out: Path) -> None:
             f"'{out}' is not empty and is not a shard directory (it holds {shown}); "
             f"prepare into a new or empty directory (--out)"
         )
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` while preparing it: a hidden ``.NAME.lock`` file beside it, locked
+    with ``fcntl.flock`` (released by the OS if the process dies; the file stays, empty). Where ``fcntl``
+    does not exist (Windows) there is no lock: do not prepare one directory from two processes there."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _leftovers(out: Path) -> list[Path]:

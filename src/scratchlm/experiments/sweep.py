@@ -69,10 +69,7 @@ def parse_vary(items: list[str]) -> dict[str, list[Any]]:
         key = key.strip()
         if not eq or key.count(".") != 1 or not text.strip():
             raise ConfigError(f"--vary '{item}' must look like section.key=v1,v2 (e.g. model.n_head=1,4,8)")
-        values = [yaml.safe_load(v) if isinstance(v, str) else v for v in parse_list(key, text)]
-        if len(set(map(str, values))) != len(values):
-            raise ConfigError(f"--vary {key} lists a value twice: {values}")
-        out[key] = values
+        out[key] = [yaml.safe_load(v) if isinstance(v, str) else v for v in parse_list(key, text)]
     return out
 
 
@@ -112,7 +109,14 @@ def plan(vary: dict[str, list[Any]], *, zipped: bool, seeds: int, base_seed: int
         if len(set(lengths.values())) != 1:
             raise ConfigError(f"--zip needs the same number of values for every key, got {lengths}")
         combos = list(zip(*vary.values()))
+        # a key may repeat a value (optimizer=adamw,muon,muon with d_model=192,192,128): the points may not
+        twice = [c for i, c in enumerate(combos) if c in combos[:i]]
+        if twice:
+            raise ConfigError(f"--zip gives the point {dict(zip(keys, twice[0]))} twice; drop one of them")
     else:
+        for key, values in vary.items():
+            if len(set(map(str, values))) != len(values):
+                raise ConfigError(f"--vary {key} lists a value twice: {values}")
         combos = list(itertools.product(*vary.values()))
     short = _short_names(keys)
     points = []

@@ -104,6 +104,9 @@ class Muon(torch.optim.Optimizer):
     U = (1 - mu) g + mu B  (nesterov)  or  B   (the direction)
     O = newton_schulz(U)                       (orthogonalised: all singular values ~ 1)
     W <- W - lr * wd * W;   W <- W - lr * sqrt(max(1, rows / cols)) * O
+
+    ``ns_dtype`` is the precision of the Newton-Schulz step: bf16 as torch.optim.Muon (fast on GPUs), or
+    float32 on CPUs without bf16 matrix units, where a bf16 matmul runs ~25x slower than a float32 one.
     """
 
     def __init__(
@@ -115,9 +118,11 @@ class Muon(torch.optim.Optimizer):
         nesterov: bool = True,
         ns_steps: int = 5,
         eps: float = 1e-7,
+        ns_dtype: torch.dtype = torch.bfloat16,
     ):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov)
         super().__init__(params, dict(defaults, ns_steps=ns_steps, eps=eps))
+        self.ns_dtype = ns_dtype  # not a param-group entry: it stays out of state_dict, as in torch's Muon
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
@@ -145,7 +150,9 @@ class Muon(torch.optim.Optimizer):
                 # the bf16 Newton-Schulz step turns any last-bit difference into a visible one
                 buf.lerp_(g, 1 - mu)  # B = mu B + (1 - mu) g
                 update = g.lerp(buf, mu) if group["nesterov"] else buf  # (1 - mu) g + mu B
-                O = newton_schulz(update, group["ns_steps"], eps=group["eps"]).to(p.dtype)
+                O = newton_schulz(update, group["ns_steps"], eps=group["eps"], dtype=self.ns_dtype).to(
+                    p.dtype
+                )
                 rows, cols = p.shape
                 p.mul_(1 - lr * wd)
                 p.sub_(O * (lr * math.sqrt(max(1.0, rows / cols))))

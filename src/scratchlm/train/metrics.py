@@ -60,7 +60,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 class MetricsLogger:
     """Writes records to metrics.jsonl (+ TensorBoard) and drives the tqdm progress bar.
 
-    ``enabled=False`` (every rank but 0 of a multi-process run) makes every method a no-op.
+    ``enabled=False`` (every rank but 0 of a multi-process run) makes every method a no-op. With
+    ``max_time`` (a run whose schedule follows the wall clock) the bar counts training seconds, not steps.
     """
 
     def __init__(
@@ -72,22 +73,25 @@ class MetricsLogger:
         progress: bool,
         tensorboard: bool,
         enabled: bool = True,
+        max_time: float | None = None,
+        start_time: float = 0.0,
     ):
         self.enabled = enabled
         if not enabled:
             return
-        self.progress, self.max_steps = progress, max_steps
+        self.progress, self.max_steps, self.max_time = progress, max_steps, max_time
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a")  # noqa: SIM115 (closed in close())
         self.writer = _tensorboard_writer(Path(run_dir) / "tensorboard") if tensorboard else None
         from tqdm.auto import tqdm
 
+        by_time = max_time is not None
         self.bar = tqdm(
-            total=max_steps,
-            initial=start_step,
+            total=round(max_time) if by_time else max_steps,
+            initial=min(round(start_time), round(max_time)) if by_time else start_step,
             disable=not progress,
-            unit="step",
+            unit="s" if by_time else "step",
             dynamic_ncols=True,
             leave=True,
             mininterval=0.1 if sys.stderr.isatty() else 10.0,  # a log file gets a line every 10 s
@@ -112,15 +116,25 @@ class MetricsLogger:
             if self.progress:
                 self.bar.set_postfix_str(line, refresh=False)
             else:  # no bar to carry it: one line per log interval
-                self.bar.write(f"step {record['step']}/{self.max_steps}: {line}")
+                of = (
+                    f" ({record['time']:.0f}/{self.max_time:.0f} s)"
+                    if self.max_time
+                    else f"/{self.max_steps}"
+                )
+                self.bar.write(f"step {record['step']}{of}: {line}")
         elif record["kind"] == "eval":
             self.bar.write(eval_line(record))
         elif record["kind"] == "stop":
             self.bar.write(f"stopped: {record['detail']}")
 
-    def advance(self, steps: int = 1) -> None:
-        if self.enabled:
-            self.bar.update(steps)
+    def advance(self, elapsed: float) -> None:
+        """One more step done, ``elapsed`` training seconds so far (the bar's position when it counts time)."""
+        if not self.enabled:
+            return
+        if self.max_time is None:
+            self.bar.update(1)
+        else:
+            self.bar.update(min(round(elapsed), self.bar.total) - self.bar.n)
 
     def message(self, text: str) -> None:
         if self.enabled:

@@ -175,6 +175,8 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
         progress=tc.progress,
         tensorboard=tc.tensorboard,
         enabled=world.is_main,
+        max_time=tc.max_time if tc.schedule_clock == "time" else None,  # the bar counts seconds then
+        start_time=state.elapsed,
     )
     run_start, elapsed_before = time.perf_counter(), state.elapsed
     interval_tokens, interval_time, stopped, losses = 0, 0.0, None, []  # losses: train, since the last eval
@@ -240,7 +242,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                 state.tokens += int(n_tokens)
                 state.elapsed = clock / world.size
                 interval_tokens, interval_time = interval_tokens + int(n_tokens), interval_time + dt
-                logger.advance()
+                logger.advance(state.elapsed)
                 if state.step % tc.log_interval == 0 or state.step == 1:
                     tokens_per_s = interval_tokens / max(interval_time, 1e-9)
                     logger.log(
