@@ -160,7 +160,7 @@ def part_loop(workdir: Path, deadline: float, cpu: bool) -> None:
     from scratchlm.train.memory import apply_memory_options
     from scratchlm.train.metrics import peak_flops
     from scratchlm.train.optim import build_optimizers
-    from scratchlm.train.step import train_step
+    from scratchlm.train.step import CUDA_GRAPH_MODES, train_step
 
     out = PartWriter(workdir, "loop")
     device = torch.device("cpu" if cpu else "cuda")
@@ -176,7 +176,10 @@ def part_loop(workdir: Path, deadline: float, cpu: bool) -> None:
         model = build_model(cfg.model).to(device)
         apply_memory_options(model, cfg.train)
         model.train()
-        fwd = model if cpu else torch.compile(model)  # --cpu: eager (compiling on a small CPU takes minutes)
+        mode = cfg.train.compile_mode
+        graphs = mode in CUDA_GRAPH_MODES and not cpu  # outputs are reused by the next replay: mark each step
+        # --cpu: eager (compiling on a small CPU takes minutes)
+        fwd = model if cpu else torch.compile(model, mode=None if mode == "default" else mode)
         T, V = cfg.model.context_length, cfg.model.vocab_size
         data = torch.randint(0, V, (4, batch, T + 1), device=device)
         # contiguous like the loader's batches, so the CLI run finds this compilation in Inductor's cache
@@ -189,6 +192,8 @@ def part_loop(workdir: Path, deadline: float, cpu: bool) -> None:
 
         def bare_step(opt):  # nanoGPT's loop: no host sync inside a step
             x, y = next_batch()
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast(device, dtype):
                 loss = fwd(x, y)[1]
             loss.backward()
@@ -209,13 +214,20 @@ def part_loop(workdir: Path, deadline: float, cpu: bool) -> None:
             else:
                 opts = build_optimizers(model, cfg.train)
                 step = lambda opts=opts: train_step(
-                    fwd, model, opts, [next_batch()], grad_clip=1.0, device=device, dtype=dtype
+                    fwd,
+                    model,
+                    opts,
+                    [next_batch()],
+                    grad_clip=1.0,
+                    device=device,
+                    dtype=dtype,
+                    cuda_graphs=graphs,
                 )
             t0 = time.perf_counter()
             sec = measure(step, warmup, steps, sync)
             tokens_per_s = batch * T / sec
             row = {
-                "label": "train_step" if path == "train_step" else label,
+                "label": label.replace("bare loop", "train_step") if path == "train_step" else label,
                 "path": path,
                 "batch": batch,
                 "context": T,
@@ -238,6 +250,11 @@ def part_loop(workdir: Path, deadline: float, cpu: bool) -> None:
         ("bare loop, loss_chunk_rows=8192", 2 * b, ("bare",), ("train.loss_chunk_rows=8192",)),
         ("bare loop, activation ckpt + chunked loss", 2 * b, ("bare",),
          ("train.activation_checkpointing=true", "train.loss_chunk_rows=8192")),
+        # compile modes (train.compile_mode): Inductor's autotuned matmuls, then CUDA graphs as well
+        ("bare loop, compile max-autotune-no-cudagraphs", b, ("bare",),
+         ("train.compile=true", "train.compile_mode=max-autotune-no-cudagraphs")),
+        ("bare loop, compile reduce-overhead (CUDA graphs)", b, ("bare", "train_step"),
+         ("train.compile=true", "train.compile_mode=reduce-overhead")),
     ]  # fmt: skip
     for label, batch, paths, extra in plan:
         if time.time() > deadline - (5 if cpu else 45):  # a compiled measurement needs ~40 s on a GPU
@@ -472,21 +489,17 @@ def to_markdown(report: dict) -> str:
             f"| {r['label']} | {r.get('batch')} | {tps} | {mfu} | "
             f"{r.get('ms_per_step', '')} | {r.get('peak_mem_gib', '')} |"
         )
-    loop = {
-        (r["path"], r["batch"]): r
-        for r in report["parts"].get("loop", {}).get("rows", [])
-        if "error" not in r
-    }
+    loop = {r["label"]: r for r in report["parts"].get("loop", {}).get("rows", []) if "error" not in r}
     cli = next((r for r in report["parts"].get("cli", {}).get("rows", []) if "error" not in r), None)
-    bare = loop.get(("bare", 32)) or loop.get(("bare", 2))
+    bare = loop.get("bare loop")  # the default compile mode at batch 32 (2 with --cpu)
     lines.append("")
     if bare and cli:
         lines.append(
             f"- `scratchlm train` / bare loop at batch {bare['batch']}: "
             f"{cli['tokens_per_s'] / bare['tokens_per_s']:.3f} (target >= 0.97)"
         )
-    if bare and loop.get(("train_step", bare["batch"])):
-        ts = loop[("train_step", bare["batch"])]
+    if bare and loop.get("train_step"):
+        ts = loop["train_step"]
         lines.append(f"- `train_step` / bare loop: {ts['tokens_per_s'] / bare['tokens_per_s']:.3f}")
     best = max((r for r in loop.values() if r.get("mfu")), key=lambda r: r["mfu"], default=None)
     if best:

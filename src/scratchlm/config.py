@@ -137,6 +137,10 @@ class TrainConfig:
         "auto (bf16 where GPU or CPU has bf16 instructions, else fp16/fp32) | float32 | bfloat16 | float16",
     )
     compile: bool = doc(False, "torch.compile the model (the saved state dict is always the plain module's)")
+    compile_mode: str = doc(
+        "default",
+        "torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune | reduce-overhead (CUDA graphs)",
+    )
     activation_checkpointing: bool = doc(
         False, "recompute each block's activations in the backward: less memory, ~1/3 more compute"
     )
@@ -508,6 +512,7 @@ _CHOICES = {
     "train.schedule": ("cosine", "wsd", "constant", "noam"),
     "eval.metric": ("loss", "bleu"),
     "train.schedule_clock": ("steps", "time"),
+    "train.compile_mode": ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"),
     "train.resume": ("auto", "never"),
     "train.parallel": ("ddp", "fsdp", "zero1"),
 }
@@ -639,6 +644,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{key} is for decoder LMs (model.arch=gpt); seq2seq reads parallel files")
     if not 0.0 < t.decay_fraction <= 1.0:
         raise ConfigError(f"train.decay_fraction must be in (0, 1], got {t.decay_fraction}")
+    if t.compile_mode != "default" and not t.compile:
+        raise ConfigError(f"train.compile_mode={t.compile_mode} needs train.compile=true")
     if t.max_time is not None and t.max_time <= 0:
         raise ConfigError(f"train.max_time must be positive seconds or None, got {t.max_time}")
     if t.schedule_clock == "time" and t.max_time is None:

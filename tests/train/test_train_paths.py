@@ -121,3 +121,42 @@ def test_compiled_training_saves_plain_names_and_matches_eager(tmp_path, data_di
     assert not any("_orig_mod" in k for k in compiled) and set(compiled) == set(eager)
     for k in eager:
         torch.testing.assert_close(compiled[k], eager[k], atol=1e-4, rtol=1e-3)
+
+
+def test_compile_mode_reaches_torch_compile_and_cuda_graph_modes_mark_each_step(
+    tmp_path, data_dir, monkeypatch
+):
+    """``train.compile_mode`` is handed to torch.compile; the CUDA-graph modes mark a graph step per
+    micro-batch (on CUDA only: here the flag must stay off). torch.compile is replaced by a recorder, so the
+    test checks the wiring, not Inductor (the slow test above trains through the real compiler)."""
+    from scratchlm.config import load_config
+    from scratchlm.errors import ConfigError
+    from scratchlm.train import step as step_module
+
+    modes, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda m, mode=None: modes.append(mode) or m)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(
+        run_dir, data_dir, "train.max_steps=2", "train.compile=true", "train.compile_mode=reduce-overhead"
+    )
+    trainer.train_model(cfg, run_dir, ByteTokenizer(), data_dir)
+    assert modes == ["reduce-overhead"] and marks == []  # CPU: no CUDA graphs to mark
+
+    model = build_model(cfg.model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randint(0, cfg.model.vocab_size, (2, 9))
+    batches = [(x[:, :-1], x[:, 1:])] * 3
+    step_module.train_step(
+        model,
+        model,
+        [opt],
+        batches,
+        grad_clip=1.0,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        cuda_graphs=True,
+    )
+    assert len(marks) == 3  # one graph step per micro-batch
+    with pytest.raises(ConfigError, match="train.compile_mode=max-autotune needs train.compile=true"):
+        load_config(None, ["preset=cpu-tiny", "train.compile_mode=max-autotune"])

@@ -92,6 +92,10 @@ class MetricsLogger:
             initial=min(round(start_time), round(max_time)) if by_time else start_step,
             disable=not progress,
             unit="s" if by_time else "step",
+            # seconds of training out of max_time (the step count is in the loss line)
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}{postfix}]"
+            if by_time
+            else None,
             dynamic_ncols=True,
             leave=True,
             mininterval=0.1 if sys.stderr.isatty() else 10.0,  # a log file gets a line every 10 s
@@ -113,8 +117,10 @@ class MetricsLogger:
                 f"loss {record['loss']:.4f} lr {record['lr']:.2e} gnorm {record['grad_norm']:.2f} "
                 f"tok/s {record['tokens_per_s']:,.0f} mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}"
             )
-            if self.progress:
-                self.bar.set_postfix_str(line, refresh=False)
+            if self.progress:  # a bar of seconds does not show the step: the line does
+                self.bar.set_postfix_str(
+                    f"step {record['step']} {line}" if self.max_time else line, refresh=False
+                )
             else:  # no bar to carry it: one line per log interval
                 of = (
                     f" ({record['time']:.0f}/{self.max_time:.0f} s)"

@@ -33,17 +33,23 @@ def train_step(
     dtype: torch.dtype,
     scaler: torch.amp.GradScaler | None = None,
     before_sync: Callable[[], Any] | None = None,
+    cuda_graphs: bool = False,
 ) -> tuple[float, float]:
     """One optimizer step over the micro-batches; returns (mean loss, global grad norm before clipping).
 
     ``forward_model`` may be the compiled, DDP or FSDP wrapper of ``model``; the loss is the mean over
     micro-batches and ranks. A non-finite loss or gradient norm skips the update (gradients are zeroed) and
     is returned as such for the caller to act on. ``before_sync`` (e.g. ``Prefetcher.fill``) runs once the
-    device has all of the step's work queued, just before the step waits for it.
+    device has all of the step's work queued, just before the step waits for it. ``cuda_graphs``: the model
+    was compiled in a mode that replays CUDA graphs, whose outputs live in memory the next replay reuses;
+    each micro-batch starts a new graph step (``torch.compiler.cudagraph_mark_step_begin``) and its loss is
+    copied into ``total`` before the next one runs.
     """
     k = len(batches)
     total = torch.zeros((), device=device)
     for i, batch in enumerate(batches):
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with dist.gradient_sync(forward_model, enabled=i == k - 1):  # reduce over ranks once per step
             with autocast(device, dtype):
                 loss = batch_loss(forward_model, batch)
@@ -67,6 +73,10 @@ def train_step(
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     return loss_value, norm_value
+
+
+# torch.compile modes that capture and replay CUDA graphs
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 class Prefetcher:

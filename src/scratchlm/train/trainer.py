@@ -56,7 +56,7 @@ from scratchlm.train.memory import apply_memory_options, fit_micro_batch
 from scratchlm.train.metrics import MetricsLogger, peak_flops, plot_run, truncate_metrics
 from scratchlm.train.optim import set_lr
 from scratchlm.train.signals import StopRequest
-from scratchlm.train.step import Prefetcher, train_step
+from scratchlm.train.step import CUDA_GRAPH_MODES, Prefetcher, train_step
 from scratchlm.train.stopping import describe_stop, on_non_finite, stop_record
 from scratchlm.train.validation import run_evaluation
 
@@ -162,7 +162,10 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
     if world.is_main:  # drop what was logged after the checkpoint (all of it when there is none: a rerun
         truncate_metrics(run_dir, state.step)  # after a kill before the first checkpoint logs it again)
         truncate_samples(run_dir, state.step)
-    forward_model = torch.compile(forward_model) if tc.compile else forward_model
+    if tc.compile:  # "reduce-overhead" and "max-autotune" also capture CUDA graphs (train_step marks steps)
+        forward_model = torch.compile(
+            forward_model, mode=None if tc.compile_mode == "default" else tc.compile_mode
+        )
     model.train()
 
     data_meta = None if cfg.data.stream else shard_meta(data_dir)  # (bits per byte needs shard meta)
@@ -225,6 +228,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                     dtype=dtype,
                     scaler=scaler,
                     before_sync=train_loader.fill,
+                    cuda_graphs=tc.compile and tc.compile_mode in CUDA_GRAPH_MODES and device.type == "cuda",
                 )
                 dt = time.perf_counter() - t0
                 if not math.isfinite(loss) or (scaler is None and not math.isfinite(grad_norm)):
