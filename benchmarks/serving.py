@@ -129,7 +129,9 @@ def main() -> None:
 
     max_tokens = 16 if args.quick else args.max_tokens
     text = corpus()
-    cfg = load_config(preset="cpu-small")
+    cfg = load_config(
+        preset="cpu-small", overrides=["model.d_model=192"]
+    )  # the size the results were measured at
     tok = train_bpe_from_iterator([text], vocab_size=cfg.tokenizer.vocab_size, progress=False)
     cfg.model.vocab_size = tok.vocab_size
     torch.manual_seed(0)

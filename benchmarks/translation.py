@@ -1,6 +1,6 @@
 """Multi30k translation recipes end to end: train, average, translate test_2016_flickr, score with sacrebleu.
 
-    python benchmarks/translation.py --device cuda     # configs/multi30k-{en-de,de-en}.yaml, ~80 s of training each
+    python benchmarks/translation.py --device cuda     # configs/multi30k-{en-de,de-en}.yaml, 150 s of training each, <= 8 min in all
     python benchmarks/translation.py --device cpu      # configs/multi30k-*-cpu.yaml, 30 min of training each
     python benchmarks/translation.py --quick           # tiny settings, minutes on a CPU: checks the script
 
