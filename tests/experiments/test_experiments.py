@@ -78,7 +78,8 @@ def _table_without_time(out: Path) -> str:
     return sweep_table(plan(vary, zipped=False, seeds=1, base_seed=1337), summaries, list(vary))
 
 
-@pytest.mark.slow  # a child process and seven more tiny runs (~20 s on an idle 2-core machine)
+# a child process and seven more tiny runs (~20 s on an idle 2-core machine): in the default suite, as the
+# issue's done-when asks
 def test_sweep_killed_midway_resumes_and_matches_an_uninterrupted_sweep(study, tmp_path, monkeypatch):
     config = str(study / "tiny.yaml")
     straight = study.parent / "straight"
