@@ -95,8 +95,11 @@ def test_trainer_with_checkpointing_and_chunked_loss_ends_with_the_same_weights(
         summary = trainer.train_model(cfg, run_dir, ByteTokenizer(), data_dir)
         assert summary["step"] == 6
         weights.append(load_model_state(find_checkpoint(run_dir)))
+    # Rounding differs between the chunked and the whole loss, and AdamW's normalised step turns a near-zero
+    # gradient's rounding into up to ~2.5e-6 of weight after 6 steps on AVX-512/AMX CPUs. A real error moves
+    # weights by the size of an update (lr 1e-3), two orders of magnitude above this tolerance.
     for key, value in weights[0].items():
-        torch.testing.assert_close(weights[1][key], value, rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-5, atol=1e-5, msg=key)
 
 
 def test_auto_micro_batch_picks_the_largest_divisor_that_fits(monkeypatch, capsys):
