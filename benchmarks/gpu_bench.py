@@ -1,6 +1,6 @@
 """ScratchLM on one GPU in one bounded command: the training loop's overhead, MFU, attention, compile.
 
-    bash benchmarks/gpu.sh                 # = python benchmarks/gpu_bench.py all  (<= ~4.5 min on an H200)
+    bash benchmarks/gpu.sh                 # = python benchmarks/gpu_bench.py all  (<= ~5 min on an H200)
     python benchmarks/gpu_bench.py all --cpu --budget 600   # the same plumbing on the CPU with a tiny model
 
 Parts, each in its own process with its own time limit (a part that fails or runs out of time is recorded
@@ -10,12 +10,15 @@ with its traceback under logs/ and the next part runs):
    the GPU: a bare loop written here (forward, backward, clip, fused AdamW, no host sync) against
    ScratchLM's ``train_step`` (one host sync per step) at batch 32, then the bare loop at larger batches
    (with the chunked loss and activation checkpointing) while time remains: tokens/s and MFU.
-2. ``attention``: our Triton FlashAttention-2 (tiles autotuned, the choices recorded) against SDPA's flash
+2. ``profile``: one step of the bare loop at batch 32 under torch.profiler: the GPU's time by kind of kernel
+   (matmuls, attention, the loss, the optimizer, Inductor's other fused kernels, casts), its idle share, the
+   matmuls' and attention's own TFLOP/s, and the MFU bound they set (the MFU if nothing else took time).
+3. ``attention``: our Triton FlashAttention-2 (tiles autotuned, the choices recorded) against SDPA's flash
    and cuDNN backends, bf16 causal, B*T = 16K, H*D = 2048, D in {128, 64}, T in {2K, 8K}, MHA and GQA 4:1,
    forward and forward+backward TFLOP/s (benchmarks/attention.py's cases and FLOP convention).
-3. ``cli``: ``scratchlm train preset=gpt2 train.compile=true train.batch_size=32`` through the CLI (char
+4. ``cli``: ``scratchlm train preset=gpt2 train.compile=true train.batch_size=32`` through the CLI (char
    tokenizer on a slice of the built-in corpus), its steady-state tokens/s read from metrics.jsonl.
-4. ``flash_compile``: the gpt2 preset with ``model.attention=flash_triton`` and torch.compile, trained for a
+5. ``flash_compile``: the gpt2 preset with ``model.attention=flash_triton`` and torch.compile, trained for a
    few steps with ``train_step`` (the loss must fall), tokens/s.
 
 Output (rewritten after every part): benchmarks/results/gpu_<device>.{md,json}, the autotuned tiles as
@@ -48,10 +51,17 @@ RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-# (part, seconds on a GPU, seconds with --cpu); the GPU budgets sum to the default --budget of 260 s (+ a few
+# (part, seconds on a GPU, seconds with --cpu); the GPU budgets sum to the default --budget of 300 s (+ a few
 # seconds of start-up); time a part leaves unused goes to the later ones. The CLI run gets the most after the
-# loop: it compiles again if Inductor's on-disk cache misses. Attention runs last: each case adds data.
-PARTS = [("loop", 85, 240), ("cli", 75, 200), ("flash_compile", 50, 120), ("attention", 50, 120)]
+# loop: it compiles again if Inductor's on-disk cache misses. The profile reuses the loop's compilation from
+# that cache. Attention runs last: each case adds data.
+PARTS = [
+    ("loop", 85, 240),
+    ("cli", 75, 200),
+    ("profile", 40, 120),
+    ("flash_compile", 50, 120),
+    ("attention", 50, 120),
+]
 CPU_MODEL = [
     "model.n_layer=2",
     "model.n_head=2",
@@ -152,10 +162,35 @@ def measure(step, warmup: int, steps: int, sync) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def part_loop(workdir: Path, deadline: float, cpu: bool) -> None:
+def bare_step(fwd, model, opt, batch, device, dtype, graphs: bool) -> None:
+    """nanoGPT's training step, written plainly: forward, backward, clip, AdamW; no host sync inside."""
     import torch
 
     from scratchlm.device import autocast
+
+    x, y = batch
+    if graphs:  # CUDA-graph modes: outputs are reused by the next replay, so mark each step
+        torch.compiler.cudagraph_mark_step_begin()
+    with autocast(device, dtype):
+        loss = fwd(x, y)[1]
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def bare_optimizer(model, device):
+    """nanoGPT's AdamW (fused on CUDA) for the bare loop."""
+    import torch
+
+    return torch.optim.AdamW(
+        model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda"
+    )
+
+
+def part_loop(workdir: Path, deadline: float, cpu: bool) -> None:
+    import torch
+
     from scratchlm.model import build_model
     from scratchlm.train.memory import apply_memory_options
     from scratchlm.train.metrics import peak_flops
@@ -190,27 +225,10 @@ def part_loop(workdir: Path, deadline: float, cpu: bool) -> None:
             i[0] += 1
             return batches[i[0] % len(batches)]
 
-        def bare_step(opt):  # nanoGPT's loop: no host sync inside a step
-            x, y = next_batch()
-            if graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            with autocast(device, dtype):
-                loss = fwd(x, y)[1]
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
         for path in paths:
             if path == "bare":
-                opt = torch.optim.AdamW(
-                    model.parameters(),
-                    lr=1e-4,
-                    betas=(0.9, 0.95),
-                    weight_decay=0.1,
-                    fused=device.type == "cuda",
-                )
-                step = lambda opt=opt: bare_step(opt)
+                opt = bare_optimizer(model, device)
+                step = lambda opt=opt: bare_step(fwd, model, opt, next_batch(), device, dtype, graphs)
             else:
                 opts = build_optimizers(model, cfg.train)
                 step = lambda opts=opts: train_step(
@@ -272,7 +290,118 @@ def part_loop(workdir: Path, deadline: float, cpu: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# part 2: attention
+# part 2: where the step's time goes (what MFU is lost to)
+
+# Kinds of kernels (CUDA) or ops (--cpu), by substrings of their names, lower case; the first match wins.
+# cuDNN's attention kernels are "cudnn_generated_..._sdpa_...", SDPA's flash backend "flash_fwd/bwd_...",
+# cuBLAS's Hopper GEMMs "nvjet_..." or "sm90_xmma_gemm_...", Inductor's fused kernels "triton_<kind>_fused_<ops>".
+KERNEL_KINDS = [
+    ("attention", ("sdpa", "flash", "fmha", "attn", "attention")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "aten::mm", "aten::addmm", "aten::bmm")),
+    ("optimizer and clipping", ("adam", "multi_tensor", "foreach", "lpnorm")),
+    ("loss (log-softmax, NLL)", ("softmax", "nll", "cross_entropy", "logsumexp")),
+    ("dtype casts", ("_to_copy", "to_copy")),
+    ("other fused elementwise and norms (Inductor)", ("triton_",)),
+    ("copies and fills", ("memcpy", "memset", "copy_", "fill_", "zero_")),
+]
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: time the device had at least one kernel running."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def part_profile(workdir: Path, deadline: float, cpu: bool) -> None:
+    """One compiled bare-loop step of the gpt2 preset at batch 32 under torch.profiler: the device's time by
+    kind of kernel, its idle share, and the TFLOP/s of the matmuls and of attention on their own.
+
+    The MFU the matmuls allow, if nothing else took time, is (6N + 12LTC) x tokens / (matmul + attention
+    time) / peak: a loop or fusion change can raise MFU up to that bound, a higher one needs faster kernels.
+    """
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from scratchlm.model import build_model
+    from scratchlm.train.metrics import peak_flops
+
+    out = PartWriter(workdir, "profile")
+    device = torch.device("cpu" if cpu else "cuda")
+    dtype = torch.float32 if cpu else torch.bfloat16
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    batch, steps = (2, 2) if cpu else (32, 3)
+    cfg = gpt2_config(cpu, f"train.batch_size={batch}")
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to(device).train()
+    fwd = model if cpu else torch.compile(model)
+    opt = bare_optimizer(model, device)
+    T, V = cfg.model.context_length, cfg.model.vocab_size
+    data = torch.randint(0, V, (batch, T + 1), device=device)
+    xy = (data[:, :-1].contiguous(), data[:, 1:].contiguous())
+    step = lambda: bare_step(fwd, model, opt, xy, device, dtype, False)
+    sec = measure(step, 3, 5, sync)  # compiles (Inductor's on-disk cache from the loop part), then times
+    if time.time() > deadline - 10:
+        out.note("out of time before profiling")
+        return
+    activities = [ProfilerActivity.CPU] + ([] if cpu else [ProfilerActivity.CUDA])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    # On the GPU: every kernel, timed on the device. On the CPU: ops' self time (their children excluded).
+    if cpu:
+        events = [(e.name, e.self_cpu_time_total) for e in prof.events() if e.device_type == DeviceType.CPU]
+        busy = sum(us for _, us in events)
+    else:
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        events = [(e.name, e.time_range.elapsed_us()) for e in kernels]
+        busy = busy_us([(e.time_range.start, e.time_range.end) for e in kernels])
+    by_kind: dict[str, float] = {}
+    by_name: dict[str, float] = {}
+    for name, us in events:
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + us
+        by_name[name] = by_name.get(name, 0.0) + us
+    ms = lambda us: round(us / steps / 1e3, 3)  # per step
+    tokens = batch * T
+    matmul_flops = 6 * model.num_params(non_embedding=True) * tokens
+    attn_flops = 12 * cfg.model.n_layer * T * cfg.model.d_model * tokens
+    peak = peak_flops(device, dtype) if device.type == "cuda" else None
+    per_step = lambda kind: by_kind.get(kind, 0.0) / steps / 1e6  # seconds
+    tflops = lambda flops, s: round(flops / s / 1e12, 1) if s > 0 else None
+    matmul_s, attn_s = per_step("matmul"), per_step("attention")
+    row = {
+        "batch": batch,
+        "ms_per_step": round(sec * 1e3, 2),
+        "device_busy_ms_per_step": ms(busy),
+        "device_idle_share": round(1 - busy / steps / 1e6 / sec, 3) if not cpu else None,
+        "kinds_ms_per_step": {k: ms(v) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "matmul_tflops": tflops(matmul_flops, matmul_s),
+        "attention_tflops": tflops(attn_flops, attn_s),
+        "mfu": round((matmul_flops + attn_flops) / sec / peak, 4) if peak else None,
+        "mfu_bound_matmul_and_attention_only": (
+            round((matmul_flops + attn_flops) / (matmul_s + attn_s) / peak, 4)
+            if peak and matmul_s + attn_s > 0
+            else None
+        ),
+        "top_kernels_ms_per_step": [
+            [name[:120], ms(us)] for name, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:15]
+        ],
+    }
+    out.add(row)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# part 3: attention
 
 
 def part_attention(workdir: Path, deadline: float, cpu: bool) -> None:
@@ -320,7 +449,7 @@ def part_attention(workdir: Path, deadline: float, cpu: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# part 3: scratchlm train through the CLI
+# part 4: scratchlm train through the CLI
 
 
 def part_cli(workdir: Path, deadline: float, cpu: bool) -> None:
@@ -394,7 +523,7 @@ def part_cli(workdir: Path, deadline: float, cpu: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# part 4: flash_triton under torch.compile
+# part 5: flash_triton under torch.compile
 
 
 def part_flash_compile(workdir: Path, deadline: float, cpu: bool) -> None:
@@ -515,6 +644,7 @@ def to_markdown(report: dict) -> str:
     cmd = report["parts"].get("cli", {}).get("command")
     if cmd:
         lines += ["", f"CLI run: `{cmd}`"]
+    lines += profile_markdown(report["parts"].get("profile", {}).get("rows", []), report["cpu"])
     att = report["parts"].get("attention", {}).get("rows", [])
     if att:
         lines += [
@@ -548,6 +678,44 @@ def to_markdown(report: dict) -> str:
         )
         lines += [f"  - {n}" for n in p.get("notes", [])]
     return "\n".join(lines) + "\n"
+
+
+def profile_markdown(rows: list[dict], cpu: bool) -> list[str]:
+    """The profile part's table: time per step by kind of kernel, the kernels' own speed, the top kernels."""
+    prof = next((r for r in rows if "error" not in r), None)
+    if prof is None:
+        return []
+    busy = prof["device_busy_ms_per_step"]
+    what = "ops' self CPU time" if cpu else "GPU kernel time"
+    lines = [
+        "",
+        f"## Where one step's time goes (bare loop, batch {prof['batch']}, torch.profiler, {what})",
+        "",
+        f"Step: {prof['ms_per_step']} ms; busy: {busy} ms"
+        + (
+            f" (idle {100 * prof['device_idle_share']:.1f}%)"
+            if prof.get("device_idle_share") is not None
+            else ""
+        ),
+        "",
+        "| kind | ms/step | share of busy |",
+        "|---|---|---|",
+    ]
+    for kind, ms in prof["kinds_ms_per_step"].items():
+        lines.append(f"| {kind} | {ms} | {100 * ms / busy:.1f}% |" if busy else f"| {kind} | {ms} | |")
+    lines.append("")
+    lines.append(
+        f"- matmuls: {prof['matmul_tflops']} TFLOP/s (6N FLOPs); attention: {prof['attention_tflops']} "
+        "TFLOP/s (12LTC FLOPs, causal half not saved)"
+    )
+    if prof.get("mfu_bound_matmul_and_attention_only"):
+        lines.append(
+            f"- MFU {100 * prof['mfu']:.1f}%; the bound with only matmuls and attention taking time: "
+            f"{100 * prof['mfu_bound_matmul_and_attention_only']:.1f}%"
+        )
+    lines += ["", "| top kernels | ms/step |", "|---|---|"]
+    lines += [f"| `{name.replace('|', '/')}` | {ms} |" for name, ms in prof["top_kernels_ms_per_step"]]
+    return lines
 
 
 def write_report(report: dict, workdir: Path, slug: str, out_dir: Path | None) -> None:
@@ -674,6 +842,7 @@ def run_part(args) -> int:
     workdir = Path(args.workdir)
     fn = {
         "loop": part_loop,
+        "profile": part_profile,
         "attention": part_attention,
         "cli": part_cli,
         "flash_compile": part_flash_compile,
@@ -701,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("all", help="every part, bounded by --budget seconds")
     a.add_argument("--cpu", action="store_true", help="plumbing check on the CPU with a tiny model")
-    a.add_argument("--budget", type=float, default=260.0, help="seconds for all parts together")
+    a.add_argument("--budget", type=float, default=300.0, help="seconds for all parts together")
     a.add_argument("--parts", nargs="+", choices=[p[0] for p in PARTS], help="only these parts")
     a.add_argument("--workdir", help="scratch directory (default $TMPDIR/scratchlm_gpu_bench_<device>)")
     p = sub.add_parser("part", help="one part (used by `all`)")
