@@ -418,7 +418,7 @@ def part_attention(workdir: Path, deadline: float, cpu: bool) -> None:
     providers = {n: all_providers[n] for n in names}
     tiles_path = workdir / "flash_tiles.json"
     # in order of use: the targets (D = 128), then D = 64 (the gpt2 preset's head size); each new shape
-    # autotunes 22 tile configurations (~20 s), so a bounded run may stop before the GQA cases
+    # autotunes 23 tile configurations (~20 s), so a bounded run may stop before the GQA cases
     cases = [(128, 2048, 1), (64, 2048, 1), (128, 8192, 1), (64, 8192, 1)]
     cases += [(128, 2048, 4), (128, 8192, 4), (64, 2048, 4), (64, 8192, 4)]
     for D, T, group in cases:

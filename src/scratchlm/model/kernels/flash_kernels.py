@@ -46,17 +46,34 @@ def _round_fp32_for_bf16(x, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _query_tile(CAUSAL: tl.constexpr):
+    """Which query tile this program owns, from program_id(0) over the grid's cdiv(T, BLOCK_M) tiles.
+
+    Causal: in reverse, last tile first. A query tile's work grows with its position (tile i sees i + 1 key
+    tiles) and the GPU starts programs in launch order, so the longest start first and the short ones fill
+    the last wave instead of one long tile running alone at the end: longest-processing-time-first (LPT)
+    scheduling. Non-causal tiles are equal: launch order. (The dK/dV kernel needs no reversal: key tile j is
+    seen by the query rows from j on, so its first tiles are already the longest.)
+    """
+    tile = tl.program_id(0)
+    if CAUSAL:
+        tile = tl.num_programs(0) - 1 - tile
+    return tile
+
+
+@triton.jit
 def _fwd_tile_loop(
     acc,
     m_i,
     l_i,
     q,
-    k_ptrs,
-    v_ptrs,
+    k_head,
+    v_head,
     stride_kt,
     stride_vt,
     offs_m,
     offs_n,
+    offs_d,
     lo,
     hi,
     T,
@@ -70,12 +87,14 @@ def _fwd_tile_loop(
     """Online softmax over key tiles [lo, hi): update (acc, m_i, l_i) of one query tile."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
+        k_ptrs = k_head + cols[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_head + cols[:, None] * stride_vt + offs_d[None, :]
         if MASKED:  # diagonal or tail tile: bounds-checked loads and a mask on the scores
-            k = tl.load(k_ptrs + start_n * stride_kt, mask=cols[:, None] < T, other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vt, mask=cols[:, None] < T, other=0.0)
+            k = tl.load(k_ptrs, mask=cols[:, None] < T, other=0.0)
+            v = tl.load(v_ptrs, mask=cols[:, None] < T, other=0.0)
         else:  # interior tile: every key exists and is visible
-            k = tl.load(k_ptrs + start_n * stride_kt)
-            v = tl.load(v_ptrs + start_n * stride_vt)
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -131,7 +150,7 @@ def attn_fwd_kernel(
     Q, O: (B, H, T, HEAD_DIM); K, V: (B, H // GROUP, T, HEAD_DIM); LSE: (B, H, T) fp32 contiguous.
     ``T_BUCKET`` (next power of two of T) is only an autotuning key. Needs BLOCK_M % BLOCK_N == 0.
     """
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = _query_tile(CAUSAL) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -140,8 +159,8 @@ def attn_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
-    k_ptrs = K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = V + b * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    k_head = K + b * stride_kb + kv_h * stride_kh  # this head's row 0; tiles are addressed in the loop
+    v_head = V + b * stride_vb + kv_h * stride_vh
 
     q = tl.load(q_ptrs, mask=offs_m[:, None] < T, other=0.0)
     if UPCAST:
@@ -165,12 +184,13 @@ def attn_fwd_kernel(
         m_i,
         l_i,
         q,
-        k_ptrs,
-        v_ptrs,
+        k_head,
+        v_head,
         stride_kt,
         stride_vt,
         offs_m,
         offs_n,
+        offs_d,
         0,
         interior_end,
         T,
@@ -186,12 +206,13 @@ def attn_fwd_kernel(
         m_i,
         l_i,
         q,
-        k_ptrs,
-        v_ptrs,
+        k_head,
+        v_head,
         stride_kt,
         stride_vt,
         offs_m,
         offs_n,
+        offs_d,
         interior_end,
         masked_end,
         T,
@@ -256,14 +277,15 @@ def _dkdv_tile_loop(
     dv,
     k,
     v,
-    q_ptrs,
-    do_ptrs,
+    q_head,
+    do_head,
     lse_ptr,
     delta_ptr,
     stride_qt,
     stride_dot,
     offs_n,
     offs_m_base,
+    offs_d,
     lo,
     hi,
     T,
@@ -278,8 +300,10 @@ def _dkdv_tile_loop(
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m_base
         row_ok = offs_m < T
-        q = tl.load(q_ptrs + start_m * stride_qt, mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_ptrs + start_m * stride_dot, mask=row_ok[:, None], other=0.0)
+        q = tl.load(q_head + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(
+            do_head + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0
+        )
         lse2 = tl.load(lse_ptr + offs_m, mask=row_ok, other=float("inf")) * LOG2E  # missing row: P = 0
         delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
         if UPCAST:
@@ -373,8 +397,8 @@ def attn_bwd_dkdv_kernel(
     rest_lo = diag_hi  # causal: the rows below the diagonal block; non-causal: every row
     for g in range(GROUP):
         h = kv_h * GROUP + g
-        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m_base[:, None] * stride_qt + offs_d[None, :]
-        do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m_base[:, None] * stride_dot + offs_d[None, :]
+        q_head = Q + b * stride_qb + h * stride_qh  # this head's row 0; tiles are addressed in the loop
+        do_head = DO + b * stride_dob + h * stride_doh
         lse_ptr = LSE + (b * H + h) * T
         delta_ptr = DELTA + (b * H + h) * T
         dk, dv = _dkdv_tile_loop(
@@ -382,14 +406,15 @@ def attn_bwd_dkdv_kernel(
             dv,
             k,
             v,
-            q_ptrs,
-            do_ptrs,
+            q_head,
+            do_head,
             lse_ptr,
             delta_ptr,
             stride_qt,
             stride_dot,
             offs_n,
             offs_m_base,
+            offs_d,
             diag_lo,
             diag_hi,
             T,
@@ -405,14 +430,15 @@ def attn_bwd_dkdv_kernel(
             dv,
             k,
             v,
-            q_ptrs,
-            do_ptrs,
+            q_head,
+            do_head,
             lse_ptr,
             delta_ptr,
             stride_qt,
             stride_dot,
             offs_n,
             offs_m_base,
+            offs_d,
             rest_lo,
             T,
             T,
@@ -437,12 +463,13 @@ def _dq_tile_loop(
     do,
     lse2,
     delta,
-    k_ptrs,
-    v_ptrs,
+    k_head,
+    v_head,
     stride_kt,
     stride_vt,
     offs_m,
     offs_n_base,
+    offs_d,
     lo,
     hi,
     T,
@@ -456,12 +483,14 @@ def _dq_tile_loop(
     """Accumulate dQ of one query tile over key tiles [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n_base
+        k_ptrs = k_head + cols[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_head + cols[:, None] * stride_vt + offs_d[None, :]
         if MASKED:
-            k = tl.load(k_ptrs + start_n * stride_kt, mask=cols[:, None] < T, other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vt, mask=cols[:, None] < T, other=0.0)
+            k = tl.load(k_ptrs, mask=cols[:, None] < T, other=0.0)
+            v = tl.load(v_ptrs, mask=cols[:, None] < T, other=0.0)
         else:
-            k = tl.load(k_ptrs + start_n * stride_kt)
-            v = tl.load(v_ptrs + start_n * stride_vt)
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -515,7 +544,7 @@ def attn_bwd_dq_kernel(
 
     DQ is contiguous (B, H, T, HEAD_DIM). Needs BLOCK_M % BLOCK_N == 0.
     """
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = _query_tile(CAUSAL) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -539,8 +568,8 @@ def attn_bwd_dq_kernel(
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    k_ptrs = K + b * stride_kb + kv_h * stride_kh + offs_n_base[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = V + b * stride_vb + kv_h * stride_vh + offs_n_base[:, None] * stride_vt + offs_d[None, :]
+    k_head = K + b * stride_kb + kv_h * stride_kh  # this head's row 0; tiles are addressed in the loop
+    v_head = V + b * stride_vb + kv_h * stride_vh
     scale = tl.cast(softmax_scale, tl.float32)  # fp32 whatever the caller passes (Inductor: fp64)
     qk_scale2 = scale * LOG2E
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -557,12 +586,13 @@ def attn_bwd_dq_kernel(
         do,
         lse2,
         delta,
-        k_ptrs,
-        v_ptrs,
+        k_head,
+        v_head,
         stride_kt,
         stride_vt,
         offs_m,
         offs_n_base,
+        offs_d,
         0,
         interior_end,
         T,
@@ -579,12 +609,13 @@ def attn_bwd_dq_kernel(
         do,
         lse2,
         delta,
-        k_ptrs,
-        v_ptrs,
+        k_head,
+        v_head,
         stride_kt,
         stride_vt,
         offs_m,
         offs_n_base,
+        offs_d,
         interior_end,
         masked_end,
         T,
