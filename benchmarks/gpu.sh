@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ScratchLM's GPU benchmark in one bounded command (<= ~5 min on one H100/H200); see benchmarks/gpu_bench.py.
+# ScratchLM's GPU benchmark in one bounded command (<= ~5.5 min on one H100/H200); see benchmarks/gpu_bench.py.
 #   bash benchmarks/gpu.sh            -> benchmarks/results/gpu_<device>.{md,json}, flash_tiles_<device>.json,
 #                                        and the same files plus logs/ under $OUT when OUT is set
 #   bash benchmarks/gpu.sh --cpu --budget 600   # plumbing check without a GPU (tiny model; report in $TMPDIR)

@@ -71,7 +71,8 @@ class ModelConfig:
     qk_norm: bool = doc(False, "normalise queries and keys per head before attention")
     attention: str = doc(
         "sdpa",
-        "attention backend: sdpa | manual | flash_triton | auto (the faster of sdpa and flash_triton, timed)",
+        "attention backend: sdpa | sdpa_cudnn (cuDNN's kernel first) | manual | flash_triton | "
+        "auto (the fastest of sdpa, sdpa_cudnn and flash_triton, timed)",
     )
     impl: str = doc("fast", "fast (torch's fused ops) | reference (the hand-written scratchlm.reference ops)")
     init_std: float = doc(0.02, "std of the normal init; residual projections get std/sqrt(2*n_layer)")
@@ -501,7 +502,7 @@ _CHOICES = {
     "model.pos": ("learned", "sinusoidal", "rope", "none"),
     "model.rope_style": ("half", "interleaved"),
     "model.mlp": ("gelu_tanh", "gelu", "swiglu", "relu2", "relu"),
-    "model.attention": ("sdpa", "manual", "flash_triton", "auto"),
+    "model.attention": ("sdpa", "sdpa_cudnn", "manual", "flash_triton", "auto"),
     "model.impl": ("fast", "reference"),
     "tokenizer.kind": ("bpe", "char", "gpt2"),
     "tokenizer.pattern": ("gpt2", "gpt4"),

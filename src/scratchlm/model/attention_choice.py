@@ -1,12 +1,13 @@
-"""``model.attention=auto``: the faster of SDPA and our Triton kernel, timed on this GPU at the run's shape.
+"""``model.attention=auto``: the fastest of SDPA, SDPA with cuDNN first, and our Triton kernel, timed here.
 
 Which backend wins depends on the GPU, the head size, the sequence length and the library versions (on an
 H200, SDPA's cuDNN backend beat our kernel at D = 128 and our kernel beat SDPA's flash backend; see
 benchmarks/gpu.sh), so the choice is measured, not guessed: before the model is built, one attention call
 forward and backward at the run's (batch, heads, context, head size, dtype) is timed for each candidate,
-and the faster one is used for the whole run (printed once). SDPA picks its own kernel (cuDNN, flash,
-memory-efficient) inside; ``flash_triton`` is a candidate only where it can serve the training path (CUDA,
-Triton, a supported head size, no attention dropout). On a CPU, ``auto`` is ``sdpa``.
+and the fastest is used for the whole run (printed once). ``sdpa`` lets SDPA pick its kernel in its own
+order (flash before cuDNN); ``sdpa_cudnn`` asks for cuDNN's first (see ``layers.sdpa_backends``);
+``flash_triton`` is a candidate only where it can serve the training path (CUDA, Triton, a supported head
+size, no attention dropout). On a CPU, ``auto`` is ``sdpa``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from scratchlm.config import ModelConfig
+from scratchlm.model.layers import sdpa_backends
 
 
 def _time_ms(fn, reps: int = 10) -> float:
@@ -45,9 +47,12 @@ def attention_timings(cfg: ModelConfig, batch_size: int, device: torch.device, d
         for _ in "kv"
     )
     do = torch.randn_like(q)
-    candidates = {
-        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)
-    }
+
+    def sdpa(backend: str):
+        with sdpa_backends(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)
+
+    candidates = {"sdpa": lambda: sdpa("sdpa"), "sdpa_cudnn": lambda: sdpa("sdpa_cudnn")}
     if flash_available(device)[0] and D in SUPPORTED_HEAD_DIMS and cfg.dropout == 0:
         candidates["flash_triton"] = lambda: flash_attention(q, k, v, causal=True)
     timings = {}

@@ -10,6 +10,7 @@ The math lives in plain functions: each layer calls them through its ``ops`` att
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import TYPE_CHECKING
@@ -218,6 +219,27 @@ def warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+def sdpa_backends(backend: str):
+    """The context in which attention calls torch's SDPA for ``model.attention=backend``.
+
+    ``sdpa_cudnn``: SDPA tries cuDNN's fused attention first, then flash, memory-efficient and math, in
+    that order, wherever the one before cannot serve the call (a CPU, a mask or dtype it does not take).
+    SDPA's own order puts flash before cuDNN, which on an H200 was 0.63x cuDNN's speed forward+backward at
+    D = 64 (benchmarks/results/gpu_nvidia_h200_attention.md). Any other backend: SDPA's own choice.
+    """
+    if backend != "sdpa_cudnn":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [
+        SDPBackend.CUDNN_ATTENTION,
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+        SDPBackend.MATH,
+    ]
+    return sdpa_kernel(order, set_priority=True)
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped/multi-query heads (Hkv <= H), optional QK-norm and RoPE.
 
@@ -229,7 +251,7 @@ class Attention(nn.Module):
     Backends (cfg.attention): ``sdpa`` (:func:`scratchlm.model.functional.scaled_dot_product_attention`:
     torch's fused kernel, or the formula where that is faster), ``manual`` (the formula above, step by
     step), ``flash_triton`` (scratchlm.model.kernels, training path only: no mask, no cache; otherwise sdpa,
-    said once). Set ``record`` to a dict to receive the scaled scores before the mask, the mask and the
+    said once), ``sdpa_cudnn`` (sdpa with cuDNN's kernel first, see :func:`sdpa_backends`). Set ``record`` to a dict to receive the scaled scores before the mask, the mask and the
     probabilities of the next calls (keys ``scores``, ``mask``, ``probs``; the formula is then computed
     step by step): ``scratchlm explain`` reads them from a forward hook.
     """
@@ -315,16 +337,17 @@ class Attention(nn.Module):
                 dt = v.dtype
                 return flash_attention(q.to(dt), k.to(dt), v, causal=True)
             warn_once(f"attention=flash_triton not used ({why}); using sdpa")
-        return self.ops.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            mask,
-            causal=causal,
-            dropout_p=dropout_p,
-            explicit=self.backend == "manual",
-            record=self.record,
-        )
+        with sdpa_backends(self.backend):
+            return self.ops.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                mask,
+                causal=causal,
+                dropout_p=dropout_p,
+                explicit=self.backend == "manual",
+                record=self.record,
+            )
 
     def _flash_ok(self, q: torch.Tensor, plain_causal: bool, dropout_p: float) -> tuple[bool, str]:
         if not plain_causal:
