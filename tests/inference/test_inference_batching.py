@@ -51,6 +51,34 @@ def finished(ticket) -> list[FinishEvent]:
     return sorted((e for e in events if isinstance(e, FinishEvent)), key=lambda e: e.row)
 
 
+class StepGate:
+    """Runs the batcher's loop one step at a time from the test, so requests join at chosen steps whatever
+    the machine's speed (a request of 20 tokens can finish within a 10 ms sleep on a fast CPU)."""
+
+    def __init__(self, batcher: Batcher):
+        self.batcher, self.step = batcher, batcher._step
+        self.go, self.done = threading.Semaphore(0), threading.Semaphore(0)
+        batcher._step = self._gated  # the loop looks the method up on every iteration
+
+    def _gated(self) -> None:
+        self.go.acquire()
+        try:
+            self.step()
+        finally:
+            self.done.release()
+
+    def run(self, steps: int) -> None:
+        """Let the loop take ``steps`` steps (each admits waiting requests, samples, decodes) and wait."""
+        for _ in range(steps):
+            self.go.release()
+            assert self.done.acquire(timeout=TIMEOUT)
+
+    def open(self) -> None:
+        """Back to free running."""
+        self.batcher._step = self.step
+        self.go.release()  # the loop may be waiting for one more permit
+
+
 @pytest.mark.parametrize("pos", ["rope", "learned"])
 def test_staggered_requests_equal_the_engine(tok, pos):
     model = make(tok, pos)
@@ -77,13 +105,15 @@ def test_cache_compaction_when_the_window_fills(tok):
     shared cache's filled length passes the window and must drop all-padding columns."""
     model = make(tok, "rope", context_length=24)
     engine, batcher = Engine(model, tok), Batcher(model, tok, max_batch=4)
+    gate = StepGate(batcher)
     try:
         tickets = []
         for p in ["hello world", "def", "the quick brown", "naïve café"]:
             ids = tok.encode(p)
             opts = dict(max_new_tokens=24 - len(ids), temperature=0, stop_token_ids=[])
             tickets.append((p, opts, batcher.submit([ids], SamplingParams(**opts))))
-            time.sleep(0.01)
+            gate.run(3)  # each request joins the ones already decoding, three steps apart
+        gate.open()
         for p, opts, t in tickets:
             (done,) = finished(t)
             assert done.new_tokens == opts["max_new_tokens"]
