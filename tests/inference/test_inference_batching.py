@@ -83,15 +83,17 @@ class StepGate:
 def test_staggered_requests_equal_the_engine(tok, pos):
     model = make(tok, pos)
     engine, batcher = Engine(model, tok), Batcher(model, tok, max_batch=8)
+    gate = StepGate(batcher)
     prompts = ["hello", "def main", "the quick brown fox", "naïve", "a", "hello world, hello there the"]
     try:
         tickets = []
         for i, p in enumerate(prompts):  # each joins a batch already decoding (shorter and longer prompts)
             opts = dict(max_new_tokens=30 - 2 * i, temperature=0, stop_token_ids=[])
             tickets.append((p, opts, batcher.submit([tok.encode(p)], SamplingParams(**opts))))
-            time.sleep(0.002)
+            gate.run(2)
         seeded = dict(max_new_tokens=15, temperature=1.0, top_k=40, seed=3, repetition_penalty=1.1)
         tickets.append(("the", seeded, batcher.submit([tok.encode("the")], SamplingParams(**seeded))))
+        gate.open()
         for p, opts, t in tickets:
             (done,) = finished(t)
             assert done.text == engine.generate(p, **opts)[0].text
