@@ -91,3 +91,26 @@ def test_sdpa_cudnn_equals_sdpa_on_the_cpu_eager_and_compiled():
         torch.testing.assert_close(loss, loss_ref)
         for (name, p), p_ref in zip(model.named_parameters(), ref.parameters(), strict=True):
             torch.testing.assert_close(p.grad, p_ref.grad, msg=name)
+
+
+def test_a_candidate_that_fails_at_the_shape_is_left_out(monkeypatch, capsys):
+    """attention_timings on the CPU with the timer stubbed: sdpa_cudnn raising is skipped, sdpa is kept."""
+    cfg = ModelConfig(vocab_size=32, context_length=8, n_layer=1, n_head=2, d_model=16)
+    calls = iter([1.5, RuntimeError("cuDNN Frontend error: no valid engine configs\nmore")])
+
+    def fake_time(fn):
+        fn()  # the candidate really runs (forward and backward on the CPU)
+        result = next(calls)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    monkeypatch.setattr(attention_choice, "_time_ms", fake_time)
+    timings = attention_choice.attention_timings(cfg, 2, torch.device("cpu"), torch.float32)
+    assert timings == {"sdpa": 1.5}
+    assert "sdpa_cudnn left out (RuntimeError: cuDNN Frontend error: no valid engine configs)" in (
+        capsys.readouterr().out
+    )
+    monkeypatch.setattr(attention_choice, "_time_ms", lambda fn: (_ for _ in ()).throw(RuntimeError("x")))
+    with pytest.raises(RuntimeError):  # plain sdpa failing is an error, not a silent choice
+        attention_choice.attention_timings(cfg, 2, torch.device("cpu"), torch.float32)
