@@ -69,6 +69,14 @@ def test_unknown_key_names_the_closest(override, expected):
         load_config(overrides=[override])
 
 
+def test_a_bad_choice_lists_the_choices_once_and_guesses_a_typo():
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["model.attention=bogus"])
+    assert str(e.value).count("sdpa_cudnn") == 1 and "did you mean" not in str(e.value)
+    with pytest.raises(ConfigError, match="did you mean 'sdpa_cudnn'"):
+        load_config(overrides=["model.attention=sdpa_cudn"])
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -530,8 +530,9 @@ def validate(cfg: Config) -> None:
         sec, name = key.split(".")
         value = getattr(getattr(cfg, sec), name)
         if value not in choices:
+            hint = _closest(str(value), list(choices))  # the list is in the message already: only a guess
             raise ConfigError(
-                f"{key}={value!r} is not one of {', '.join(choices)}{_closest(str(value), list(choices))}"
+                f"{key}={value!r} is not one of {', '.join(choices)}{hint if 'did you mean' in hint else ''}"
             )
     # non-finite floats first: inf passes every `> 0` below, and nan is better named as such than as a range
     for sec in SECTIONS:
