@@ -37,25 +37,35 @@ FP32_POINTERS = {"LSE", "DELTA"}
 
 
 def compile_kernel(fn, dtype: str, constexprs: dict, warps: int, stages: int, arch: int):
-    """A compiled kernel for ``arch`` (e.g. 90) with the given constexprs; every other argument an i32."""
+    """A compiled kernel for ``arch`` (e.g. 90) with the given constexprs; every other argument an i32.
+
+    Like a real launch, the pointers, the strides and T are marked divisible by 16 (Triton's JIT does so
+    for 16-byte aligned pointers and integers that are multiples of 16, as they are for (B, H, T, D)
+    tensors with D in {64, 128} and T a multiple of 16). Without that hint loads cannot be vectorised or
+    made asynchronous, and the compiled code would not be what runs. H (the head count) is left unmarked.
+    """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = list(inspect.signature(fn.fn).parameters)
-    signature = {}
+    signature, divisible = {}, []
     for n in names:
         if n in constexprs:
             signature[n] = "constexpr"
-        elif n in POINTERS:
-            signature[n] = f"*{dtype}"
-        elif n in FP32_POINTERS:
-            signature[n] = "*fp32"
+        elif n in POINTERS or n in FP32_POINTERS:
+            signature[n] = "*fp32" if n in FP32_POINTERS else f"*{dtype}"
+            divisible.append(n)
         elif n == "softmax_scale":
             signature[n] = "fp32"
         else:
             signature[n] = "i32"
-    src = ASTSource(fn, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+            if n.startswith("stride_") or n in ("T", "T_BUCKET"):
+                divisible.append(n)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    src = ASTSource(
+        fn, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()}, attrs=attrs
+    )
     options = {"num_warps": warps, "num_stages": stages}
     return triton.compile(src, target=GPUTarget("cuda", arch, 32 if arch < 100 else 64), options=options)
 

@@ -49,8 +49,8 @@ INTERPRETER_TILES = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16), "preproc
 # H100 candidates (fwd and dQ need BLOCK_M % BLOCK_N == 0, dK/dV needs BLOCK_N % BLOCK_M == 0).
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). Configurations that do not fit in shared memory are skipped.
 # The first entry of each list is what SCRATCHLM_FLASH_TILES=fixed tries first, the later ones in order are
-# its fallbacks: the first ones compile without register spills on sm_90 at D = 64 and 128 (except dK/dV at
-# D = 128, which spills 120 bytes: `python benchmarks/flash_registers.py` compiles them all offline and
+# its fallbacks: the first ones compile without register spills on sm_90 at D = 64 and 128 (the 4-warp
+# variants after them spill at D = 128; `python benchmarks/flash_registers.py` compiles them all offline and
 # lists registers and spills). The last entry is small enough (~96 KB of shared memory) to fit any GPU of
 # compute capability >= 8.0 even for fp32 inputs at D = 128, where by our estimate the larger ones can
 # exceed an H100's 227 KB; without it such a case has no config.

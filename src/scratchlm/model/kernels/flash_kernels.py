@@ -19,10 +19,9 @@ attention); the dK/dV kernel owns one key tile and loops over all ``GROUP`` quer
 gradient is written exactly once (no atomics, bitwise deterministic).
 
 Addressing: a kernel keeps only its head's base pointer (``k_head``) and forms each tile's addresses where it
-loads the tile (``k_head + rows[:, None] * stride + offs_d[None, :]``). A (BLOCK, D) tensor of 64-bit pointers
-built before a loop and advanced inside it would stay live through the loop, two registers per element, and
-made the compiled kernels spill hundreds of bytes per thread to local memory on sm_90
-(``benchmarks/flash_registers.py`` compiles them offline and reports registers and spills).
+loads the tile (``k_head + rows[:, None] * stride + offs_d[None, :]``), rather than building a (BLOCK, D)
+tensor of pointers before the loop and advancing it; on sm_90 this took fewer registers at most tile
+configurations (``benchmarks/flash_registers.py`` compiles them offline and reports registers and spills).
 
 Constexpr flags: ``CAUSAL`` (query i sees keys j <= i), ``UPCAST`` (cast tiles to fp32 before ``tl.dot``:
 the CPU interpreter cannot multiply bf16), ``PRECISION`` (``tl.dot`` input precision: "ieee" is exact fp32,
