@@ -251,9 +251,10 @@ class Attention(nn.Module):
     Backends (cfg.attention): ``sdpa`` (:func:`scratchlm.model.functional.scaled_dot_product_attention`:
     torch's fused kernel, or the formula where that is faster), ``manual`` (the formula above, step by
     step), ``flash_triton`` (scratchlm.model.kernels, training path only: no mask, no cache; otherwise sdpa,
-    said once), ``sdpa_cudnn`` (sdpa with cuDNN's kernel first, see :func:`sdpa_backends`). Set ``record`` to a dict to receive the scaled scores before the mask, the mask and the
-    probabilities of the next calls (keys ``scores``, ``mask``, ``probs``; the formula is then computed
-    step by step): ``scratchlm explain`` reads them from a forward hook.
+    said once), ``sdpa_cudnn`` (sdpa with cuDNN's kernel first, see :func:`sdpa_backends`). Set ``record``
+    to a dict to receive the scaled scores before the mask, the mask and the probabilities of the next
+    calls (keys ``scores``, ``mask``, ``probs``; the formula is then computed step by step):
+    ``scratchlm explain`` reads them from a forward hook.
     """
 
     ops = functional
