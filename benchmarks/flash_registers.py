@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     from scratchlm.model.kernels import flash_attention as fa
     from scratchlm.model.kernels import flash_kernels as fk
 
+    unsupported = [d for d in args.head_dims if d not in fa.SUPPORTED_HEAD_DIMS]
+    if unsupported:
+        parser.error(f"--head-dims {unsupported}: the kernels support {list(fa.SUPPORTED_HEAD_DIMS)}")
+
     lists = {
         "attn_fwd_kernel": fa.FWD_CONFIGS,
         "attn_bwd_dkdv_kernel": fa.DKDV_CONFIGS,
