@@ -6,6 +6,7 @@ thread the server started is joined, the engine path is cancelled rather than wa
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -55,11 +56,15 @@ def server(lm):
     stop(srv)
 
 
-def exchange(srv, raw: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send raw request bytes on a fresh connection, read until the server closes: (status, headers, body)."""
+def exchange(srv, raw: bytes, half_close: bool = True) -> tuple[int, dict[str, str], bytes]:
+    """Send raw request bytes on a fresh connection, read until the server closes: (status, headers, body).
+
+    ``half_close``: shut the write side after the request (the server answers, then reads end-of-file and
+    closes); else the request must say ``Connection: close``."""
     with socket.create_connection(srv.server_address[:2], timeout=TIMEOUT) as s:
         s.sendall(raw)
-        s.shutdown(socket.SHUT_WR)  # one request: the server answers, then sees end-of-file and closes
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
         reply = b""
         while chunk := s.recv(1 << 16):
             reply += chunk
@@ -274,3 +279,25 @@ def test_server_close_answers_requests_in_flight_503_and_joins_every_thread(lm):
     left = {t for t in threading.enumerate() if t.name.startswith("scratchlm-")} - before
     assert not left, f"threads still running after server_close: {sorted(t.name for t in left)}"
     srv.thread.join(TIMEOUT)
+
+
+def test_a_connection_on_a_file_descriptor_over_1024_is_served(lm):
+    """select() cannot watch a descriptor >= FD_SETSIZE (1024): the check for a departed client must not
+    take such a connection for gone (its request was cancelled and never answered)."""
+    resource = pytest.importorskip("resource")
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1200:
+        pytest.skip("the open-file limit is under 1200")
+    srv = start(lm)
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # push new descriptors past 1024
+    try:
+        for stream in (False, True):  # a stream's [DONE] is sent only to a client still there
+            body = {"model": "tiny", "prompt": "hello", "max_tokens": 4, "stream": stream}
+            raw = req("POST", "/v1/completions", json.dumps(body).encode(), auth=None)
+            raw = raw.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+            status, _, answer = exchange(srv, raw, half_close=False)
+            assert status == 200
+            assert answer.rstrip().endswith(b"data: [DONE]") if stream else json.loads(answer)["choices"]
+    finally:
+        for fd in filler:
+            os.close(fd)
+        stop(srv)

@@ -220,10 +220,9 @@ class GenerationServer(ThreadingHTTPServer):
                     daemon=True,  # a hung client never keeps the process alive; server_close joins them
                 )
                 self._handlers[thread] = request
+                thread.start()  # under the lock: server_close only ever joins started threads
         if refuse:
             self.rejecter.reject(request)
-        else:
-            thread.start()
 
     def process_request_thread(self, request, client_address) -> None:
         try:
@@ -560,10 +559,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, model_object(self.server.model_name, self.server.created))
 
     def _client_gone(self) -> bool:
-        """True when the client closed its side (readable with nothing to read)."""
+        """True when the client closed its side (readable with nothing to read).
+
+        ``poll``, not ``select``: select cannot watch a descriptor >= 1024, which a busy server reaches.
+        """
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            if hasattr(select, "poll"):
+                poller = select.poll()
+                poller.register(self.connection, select.POLLIN)
+                readable = bool(poller.poll(0))
+            else:  # Windows: select has no such limit there
+                readable = bool(select.select([self.connection], [], [], 0)[0])
+            return readable and self.connection.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True
 
