@@ -121,7 +121,8 @@ def test_serve_stops_cleanly_under_load(run_dir, sig):
     assert elapsed < 20  # the 100,000-token generation was cancelled, not waited for
     events = [e for e in replies[0].split(b"\n\n") if e.startswith(b"data: {")]  # headers were read before
     assert json.loads(events[-1][len(b"data: ") :]) == {"error": "the server is shutting down; retry later"}
-    assert replies[1].startswith(b"HTTP/1.1 200") and b"data: " in replies[1]  # finished or cut with an event
+    # the batcher's stream: finished, or cut with an error event, or (not started yet on a slow machine) a 503
+    assert replies[1].startswith(b"HTTP/1.1 503") or b"data: " in replies[1], replies[1][:200]
     for reply in replies[2:5]:  # waited for the lock: answered before the stop, or 503
         assert reply.startswith((b"HTTP/1.1 200", b"HTTP/1.1 503")), reply[:200]
     assert replies[5] == b""  # the idle connection was closed
