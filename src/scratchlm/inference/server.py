@@ -117,7 +117,8 @@ class GenerationServer(ThreadingHTTPServer):
     ``max_connections`` get 503 at once; a request whose headers and body have not fully arrived
     ``request_deadline_s`` after it started (or after the previous answer on a kept-alive connection) is
     answered 408 and closed. ``api_key``: every endpoint but ``/health`` then needs
-    ``Authorization: Bearer <api_key>``.
+    ``Authorization: Bearer <api_key>``. Stop it with :meth:`shutdown` (from another thread) then
+    :meth:`server_close`, which answers what is in flight 503 and joins every thread it started.
     """
 
     def __init__(
