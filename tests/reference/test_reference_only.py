@@ -1,6 +1,6 @@
 """``model.impl=reference`` runs only hand-written code: with every fast-path function and torch's fused ops
 made to raise, GPT-2-style, Llama-style (GQA) and seq2seq models still train, and their losses equal the
-fast path's.
+fast path's; the real trainer runs the same way.
 
 What raises (the decision is written down in docs/reference.md):
 - every function of :mod:`scratchlm.model.functional` and the chunked loss of :mod:`scratchlm.model.loss`,
@@ -245,3 +245,38 @@ def test_the_chunked_loss_is_refused_with_impl_reference():
     with pytest.raises(ConfigError, match="train.loss_chunk_rows=0"):
         load_config(None, ["model.impl=reference", "train.loss_chunk_rows=64"])
     assert load_config(None, ["model.impl=reference"]).train.loss_chunk_rows == 0
+
+
+def test_the_real_trainer_runs_with_every_fast_op_raising(tmp_path, monkeypatch):
+    """The trainer's whole loop (loader, reference AdamW, clipping, dropout, evaluation, checkpoints) with
+    impl=reference. Text samples at eval time are off: the sampler (inference, not the model) draws from
+    torch.softmax of the last logits."""
+    from pathlib import Path
+
+    import scratchlm.train.trainer as trainer
+    from scratchlm.train.metrics import read_metrics
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+    from train_helpers import ByteTokenizer, make_data, tiny_config
+
+    monkeypatch.setattr(trainer, "_plots", lambda run_dir: None)
+    data_dir = make_data(tmp_path, chars=20_000)
+    make_fast_path_raise(monkeypatch)
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(
+        run_dir,
+        data_dir,
+        "model.impl=reference",
+        "train.optimizer=adamw_reference",
+        *(f"model.{k}={str(v).lower()}" for k, v in LLAMA.items()),
+        "model.dropout=0.1",
+        "train.max_steps=6",
+        "eval.interval=6",
+        "eval.num_samples=0",
+        "train.grad_clip=0.5",
+    )
+    trainer.train_model(cfg, run_dir, ByteTokenizer(), data_dir)
+    records = read_metrics(run_dir)
+    train = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(train) >= 3 and train[-1] < train[0]
+    assert any(r["kind"] == "eval" for r in records)
