@@ -646,6 +646,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{key} is for decoder LMs (model.arch=gpt); seq2seq reads parallel files")
     if not 0.0 < t.decay_fraction <= 1.0:
         raise ConfigError(f"train.decay_fraction must be in (0, 1], got {t.decay_fraction}")
+    if m.impl == "reference" and t.loss_chunk_rows:
+        raise ConfigError(
+            "train.loss_chunk_rows (the fused chunked loss) has no hand-written twin for model.impl=reference; "
+            "set train.loss_chunk_rows=0"
+        )
     if t.compile_mode != "default" and not t.compile:
         raise ConfigError(f"train.compile_mode={t.compile_mode} needs train.compile=true")
     if t.max_time is not None and t.max_time <= 0:
