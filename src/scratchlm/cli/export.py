@@ -36,6 +36,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--force", action="store_true", help="write into a non-empty --out, replacing files of the same names"
     )
     p.add_argument("--which", choices=["best", "latest"], default="best", help="checkpoint to export")
+    p.add_argument(
+        "--adapters-only",
+        action="store_true",
+        help="LoRA runs (hf format): write the base model plus the adapters in peft's format "
+        "(adapter_config.json, adapter_model.safetensors) instead of merging them into the weights",
+    )
     p.set_defaults(func=run_export)
 
 
@@ -53,7 +59,9 @@ def run_export(args: argparse.Namespace) -> int:
             f"--out {out} is not empty; export into a new directory, or pass --force to replace "
             "config.json, model.safetensors and tokenizer.json there"
         )
-    lm = load(args.run_dir, which=args.which, device="cpu")
+    if args.adapters_only:
+        return _export_adapters(args, out)
+    lm = load(args.run_dir, which=args.which, device="cpu")  # a LoRA run comes back merged
     out = export_hf(lm.model, args.out, tokenizer=lm.tokenizer)
     arch = "GPT2LMHeadModel" if lm.config.model.pos == "learned" else "LlamaForCausalLM"
     print(f"exported {lm.checkpoint} as {arch} to {out}")
@@ -76,4 +84,27 @@ def _export_gguf(args: argparse.Namespace, out: Path) -> int:
     print(
         f"exported {lm.checkpoint} as GGUF ({arch}, {args.dtype}) to {out} ({out.stat().st_size / 1e6:.1f} MB)"
     )
+    return 0
+
+
+def _export_adapters(args: argparse.Namespace, out: Path) -> int:
+    """The base in the HF format and the LoRA adapters in peft's, side by side in ``out``."""
+    from scratchlm.config import load_run_config
+    from scratchlm.model.hf import export_hf
+    from scratchlm.model.peft_format import export_peft_adapters
+    from scratchlm.tokenizer import load_tokenizer
+    from scratchlm.train.adapters import adapted_model
+    from scratchlm.train.checkpoint import find_checkpoint, load_model_state
+
+    cfg = load_run_config(args.run_dir)
+    if not cfg.train.lora.rank:
+        raise ConfigError(
+            f"--adapters-only: {args.run_dir} is not a LoRA run (train.lora.rank=0); export it without the flag"
+        )
+    ckpt = find_checkpoint(args.run_dir, args.which)
+    model = adapted_model(cfg, Path(args.run_dir), load_model_state(ckpt), ckpt / "model.safetensors")
+    tokenizer = load_tokenizer(Path(args.run_dir) / "tokenizer.json")
+    export_hf(model, out, tokenizer=tokenizer)  # the base: export_hf reads the base weights' names only
+    export_peft_adapters(model, out)
+    print(f"exported the base of {ckpt} and its LoRA adapters (peft format) to {out}")
     return 0
