@@ -11,6 +11,7 @@ functional             linear, embedding, softmax, log_softmax, relu, silu, gelu
                        cross_entropy (ignore_index, label smoothing)
 optim                  AdamW, Muon (newton_schulz), clip_grad_norm, warmup / cosine / wsd / constant
 bpe                    byte-level BPE training in its simplest correct form
+lora                   LoRA: h = W x + b + (alpha / r) B A dropout(x), and its merge (tested equal to peft)
 modules                use_reference(model): the same model (same weights) computed by the above
 =====================  ========================================================================
 
