@@ -22,6 +22,7 @@ Writes benchmarks/results/finetune.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -270,11 +271,22 @@ def main(argv: list[str] | None = None) -> int:
 # LoRA vs full fine-tuning (python benchmarks/finetune.py --lora-vs-full)
 
 LORA_BEGIN, LORA_END = "<!-- lora-vs-full -->", "<!-- /lora-vs-full -->"
-LORA_MODEL = [
-    "model.n_layer=6",
-    "model.n_head=6",
-    "model.d_model=384",
-    "model.context_length=128",
+MEM_MODEL = [
+    "model.n_layer=8",
+    "model.n_head=8",
+    "model.d_model=512",
+    "model.context_length=64",
+    "model.pos=rope",
+    "model.norm=rmsnorm",
+    "model.mlp=swiglu",
+    "model.bias=false",
+    "model.tie_embeddings=false",
+]
+LORA_MODEL = [  # small enough for tens of steps per minute on 2 shared CPU cores
+    "model.n_layer=4",
+    "model.n_head=4",
+    "model.d_model=128",
+    "model.context_length=64",
     "model.pos=rope",
     "model.norm=rmsnorm",
     "model.mlp=swiglu",
@@ -299,23 +311,12 @@ def _lora_block(text: str) -> str:
 
 
 def child(overrides: list[str]) -> dict:
-    """Run one fine-tuning in this process (``--child``): the run's summary, peak RSS, trainable params."""
+    """Run one training in this process (``--child``): the run's summary and this process's peak memory."""
     import resource
 
     from scratchlm.config import load_config
-    from scratchlm.model import build_model
     from scratchlm.pipeline import run
-    from scratchlm.train.init_from import apply_init_from
 
-    cfg, _ = apply_init_from(load_config(None, overrides))
-    model = build_model(cfg.model)
-    if cfg.train.lora.rank:
-        from scratchlm.train.adapters import add_lora
-
-        add_lora(model, cfg.train.lora)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    del model
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     result = run(load_config(None, overrides), progress=False)
@@ -324,9 +325,24 @@ def child(overrides: list[str]) -> dict:
         "tokens_per_s": result["tokens"] / result["wall_time"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-        "trainable_params": trainable,
-        "total_params": total,
     }
+
+
+def parameter_counts(overrides: list[str]) -> tuple[int, int]:
+    """(trainable, total) parameters of the model these overrides train (adapters included)."""
+    from scratchlm.config import load_config
+    from scratchlm.model import build_model
+    from scratchlm.train.adapters import add_lora, trainable_parameters
+
+    cfg = load_config(None, overrides)
+    if cfg.train.init_from:
+        from scratchlm.train.init_from import apply_init_from
+
+        cfg, _ = apply_init_from(cfg)
+    model = build_model(dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or 1024))
+    if cfg.train.lora.rank:
+        add_lora(model, cfg.train.lora)
+    return trainable_parameters(model)
 
 
 def run_child(overrides: list[str]) -> dict:
@@ -344,7 +360,7 @@ def run_child(overrides: list[str]) -> dict:
 
 
 def lora_vs_full(args: argparse.Namespace) -> int:
-    """Pretrain a 6-layer Llama-style model on Python source for ``--pretrain-seconds``, then fine-tune it
+    """Pretrain a 4-layer Llama-style model on Python source for ``--pretrain-seconds``, then fine-tune it
     on Tiny Shakespeare for ``--seconds`` of training each way (each in its own process, so peak RSS is
     that method's); validation loss of each over the same 10 batches."""
     from scratchlm.corpus import stdlib_root
@@ -389,13 +405,25 @@ def lora_vs_full(args: argparse.Namespace) -> int:
         rows = {}
         data_dir = None
         for i, (name, extra) in enumerate(METHODS.items()):
-            rows[name] = run_child([*shared, f"train.run_dir={tmp / f'ft{i}'}", *extra])
+            overrides = [*shared, f"train.run_dir={tmp / f'ft{i}'}", *extra]
+            rows[name] = run_child(overrides)
+            rows[name]["trainable_params"], rows[name]["total_params"] = parameter_counts(overrides)
             from scratchlm.config import load_run_config
 
             data_dir = load_run_config(rows[name]["run_dir"]).data.data_dir
             rows[name]["val_loss_10"] = val_loss_of(Path(rows[name]["run_dir"]), data_dir)
             print(name, rows[name], flush=True)
         before = val_loss_of(Path(pre["run_dir"]), data_dir)
+        # memory and speed on a larger model, where weights, gradients and AdamW moments dominate memory:
+        # 4 steps each from random weights (the base's values change neither)
+        big = [*MEM_MODEL, *COMMON, "train.batch_size=4", f"tokenizer.path={tmp / 'tokenizer.json'}"]
+        big += [f"data.source={args.data}", "train.max_steps=4", "eval.interval=100000", "eval.batches=1"]
+        memory = {}
+        for i, (name, extra) in enumerate(METHODS.items()):
+            overrides = [*big, f"train.run_dir={tmp / f'mem{i}'}", *extra]
+            memory[name] = run_child(overrides)
+            memory[name]["trainable_params"], memory[name]["total_params"] = parameter_counts(overrides)
+            print(name, memory[name], flush=True)
     m = machine()
     report = {
         "benchmark": "finetune_lora",
@@ -409,10 +437,11 @@ def lora_vs_full(args: argparse.Namespace) -> int:
         "pretrain": {"steps": pre["step"], "wall_s": pre_wall, "val_loss_code": pre["val_loss"]},
         "val_loss_before": before,
         "runs": {k: {kk: vv for kk, vv in v.items() if kk != "run_dir"} for k, v in rows.items()},
+        "memory_runs": {k: {kk: vv for kk, vv in v.items() if kk != "run_dir"} for k, v in memory.items()},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "finetune_lora.json").write_text(json.dumps(report, indent=2) + "\n")
-    gpu = any(r["peak_gpu_mb"] for r in rows.values())
+    gpu = any(r["peak_gpu_mb"] for r in memory.values())
     lines = [
         LORA_BEGIN,
         "## LoRA vs full fine-tuning, same model, data and wall time",
@@ -422,29 +451,43 @@ def lora_vs_full(args: argparse.Namespace) -> int:
         "end: the machine is shared with other jobs, so tokens/s and what fits in the time budget are noisy "
         "(compare the rows with each other, not with other tables).",
         "",
-        f"Model: Llama style, 6 layers, 6 heads, d_model 384, context 128, BPE 1024, "
+        "Model: Llama style, 4 layers, 4 heads, d_model 128, context 64, BPE 1024, "
         f"{next(iter(rows.values()))['total_params'] / 1e6:.1f}M parameters, pretrained for "
-        f"{args.pretrain_seconds} s ({pre['step']} steps of 8x128 tokens) on 1 MB of Python standard-library "
-        f"source; then fine-tuned on Tiny Shakespeare for {args.seconds} s of training each way "
+        f"{args.pretrain_seconds:g} s ({pre['step']} steps of 8x64 tokens) on 1 MB of Python standard-library "
+        f"source; then fine-tuned on Tiny Shakespeare for {args.seconds:g} s of training each way "
         "(`train.max_time`), each method in its own process, the ScratchLM defaults of each: the `finetune` "
         "preset (AdamW, peak lr 1e-4, 10 warmup steps), and `--lora` (the same with lr 2e-4).",
         "",
-        "| method | trainable params | peak RSS (MB) | "
-        + ("peak GPU (MB) | " if gpu else "")
-        + "tokens/s | steps | val loss |",
-        "|---|---|---|" + ("---|" if gpu else "") + "---|---|---|",
-        "| pretrained, before fine-tuning | - | - | " + ("- | " if gpu else "") + f"- | - | {before:.3f} |",
+        "| method | trainable params | tokens/s | steps | val loss |",
+        "|---|---|---|---|---|",
+        f"| pretrained, before fine-tuning | - | - | - | {before:.3f} |",
     ]
     for name, r in rows.items():
         share = 100 * r["trainable_params"] / r["total_params"]
         lines.append(
+            f"| {name} | {r['trainable_params']:,} ({share:.2f}%) | {r['tokens_per_s']:,.0f} | {r['step']} | "
+            f"{r['val_loss_10']:.3f} |"
+        )
+    first = next(iter(memory.values()))
+    lines += [
+        "",
+        f"Memory and speed, on a larger model where the weights dominate memory: Llama style, 8 layers, 8 heads, "
+        f"d_model 512, context 64, {first['total_params'] / 1e6:.1f}M parameters, batch 4x64, 4 steps each "
+        "from random weights, each method in its own process:",
+        "",
+        "| method | trainable params | peak RSS (MB) | " + ("peak GPU (MB) | " if gpu else "") + "tokens/s |",
+        "|---|---|---|" + ("---|" if gpu else "") + "---|",
+    ]
+    for name, r in memory.items():
+        share = 100 * r["trainable_params"] / r["total_params"]
+        lines.append(
             f"| {name} | {r['trainable_params']:,} ({share:.2f}%) | {r['peak_rss_mb']:.0f} | "
             + (f"{r['peak_gpu_mb']:.0f} | " if gpu else "")
-            + f"{r['tokens_per_s']:,.0f} | {r['step']} | {r['val_loss_10']:.3f} |"
+            + f"{r['tokens_per_s']:,.0f} |"
         )
     lines += [
         "",
-        "Validation loss: nats per token over the same 10 batches of 8x128 tokens of the Tiny Shakespeare "
+        "Validation loss: nats per token over the same 10 batches of 8x64 tokens of the Tiny Shakespeare "
         "validation split (the LoRA runs merged into their base). Peak RSS is the whole fine-tuning process "
         "(Python, torch, data, evaluation included), so the difference between rows is what the method "
         "changes: gradients and AdamW moments for every weight (full) or for the adapters only (LoRA).",

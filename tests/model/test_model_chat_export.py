@@ -267,6 +267,15 @@ def test_ollama_export_writes_a_valid_modelfile(chat_run, tmp_path, capsys):
     assert main(["export", str(chat_run), "--format", "ollama", "--out", str(out)]) == 2  # not empty
 
 
+def test_adapters_only_is_for_lora_runs_and_the_hf_format(chat_run, tmp_path, capsys):
+    assert main(["export", str(chat_run), "--adapters-only", "--out", str(tmp_path / "a")]) == 2
+    assert "is not a LoRA run (train.lora.rank=0)" in capsys.readouterr().err
+    args = ["export", str(chat_run), "--adapters-only", "--format", "gguf", "--out", str(tmp_path / "b.gguf")]
+    assert main(args) == 2
+    assert "--adapters-only writes peft's format" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 def test_the_end_of_run_sample_of_a_chat_run_is_a_chat_turn(chat_run, capsys):
     from scratchlm.cli.train import _print_sample
 

@@ -58,6 +58,11 @@ def run_export(args: argparse.Namespace) -> int:
     from scratchlm.model.hf import export_hf
 
     out = Path(args.out)
+    if args.adapters_only and args.format != "hf":
+        raise ConfigError(
+            f"--adapters-only writes peft's format next to an HF export; with --format {args.format} the "
+            "adapters are merged into the weights: drop --adapters-only"
+        )
     if args.format == "gguf":
         return _export_gguf(args, out)
     if args.format == "ollama":

@@ -135,8 +135,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
     In place; returns ``model``. The merged model has exactly the base model's parameter names.
     """
     for layer in adapted_layers(model).values():
-        delta = reference_lora.merge(layer.weight, layer.lora_A.weight, layer.lora_B.weight, layer.lora_alpha)
-        layer.weight.copy_(delta)
+        merged = reference_lora.merge(layer.weight, layer.lora_A.weight, layer.lora_B.weight, layer.lora_alpha)
+        layer.weight.copy_(merged)
         reference = isinstance(layer, reference_lora.LoRALinear)
         for attr in ("lora_A", "lora_B", "lora_dropout"):
             delattr(layer, attr)
@@ -172,20 +172,24 @@ def base_record(cfg: Config) -> dict[str, str]:
     return {"kind": "run", "path": BASE_FILE}
 
 
-def load_base(model: nn.Module, cfg: Config, run_dir: Path, write: bool = False) -> None:
+def load_base(
+    model: nn.Module, cfg: Config, run_dir: Path, write: bool = False, training: bool = False
+) -> None:
     """Put the frozen base weights of a LoRA run into ``model`` (before :func:`add_lora`).
 
     From ``train.init_from`` (its weights are read on every start, a resumed one too: checkpoints hold
     only adapters), else from ``run_dir/lora_base.safetensors``; when that file does not exist and
     ``write`` is true (a new run from scratch, on rank 0), the model's seeded initial weights are written
-    there. Loading a finished run (``write=False``) checks the source's sha256 against ``init_from.json``.
+    there; the other ranks of a distributed run (``training`` without ``write``) keep their seeded weights
+    (the same as rank 0's, which DDP broadcasts anyway). Loading a finished run (neither) checks the source's
+    sha256 against ``init_from.json``.
     """
     from scratchlm.train.checkpoint import save_weights
     from scratchlm.train.init_from import init_model, resolve_source
 
     run_dir = Path(run_dir)
     if cfg.train.init_from:
-        if not write:
+        if not training:
             _check_source_unchanged(run_dir, resolve_source(cfg.train.init_from))
         init_model(model, cfg, resumed=False)  # the source's weights (train.freeze is moot: all are frozen)
         return
@@ -197,7 +201,7 @@ def load_base(model: nn.Module, cfg: Config, run_dir: Path, write: bool = False)
         tmp = path.with_name(path.name + ".tmp")
         save_weights(model.state_dict(), tmp)
         os.replace(tmp, path)
-    else:
+    elif not training:
         raise CheckpointError(
             f"{path} is missing: it holds the frozen base weights this LoRA run's adapters were trained on; "
             "restore it (the run cannot be loaded without it)"
@@ -239,7 +243,7 @@ def setup_lora(model: nn.Module, cfg: Config, run_dir: Path, latest: Path | None
     checkpoint's adapters. Returns the adapted module names."""
     from scratchlm.train.checkpoint import load_model_state
 
-    load_base(model, cfg, run_dir, write=is_main)
+    load_base(model, cfg, run_dir, write=is_main, training=True)
     names = add_lora(model, cfg.train.lora)
     if latest is not None:
         load_adapters(model, load_model_state(latest), latest / "model.safetensors")
