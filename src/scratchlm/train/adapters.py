@@ -135,7 +135,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
     In place; returns ``model``. The merged model has exactly the base model's parameter names.
     """
     for layer in adapted_layers(model).values():
-        merged = reference_lora.merge(layer.weight, layer.lora_A.weight, layer.lora_B.weight, layer.lora_alpha)
+        merged = reference_lora.merge(
+            layer.weight, layer.lora_A.weight, layer.lora_B.weight, layer.lora_alpha
+        )
         layer.weight.copy_(merged)
         reference = isinstance(layer, reference_lora.LoRALinear)
         for attr in ("lora_A", "lora_B", "lora_dropout"):
