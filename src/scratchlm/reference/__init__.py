@@ -18,6 +18,7 @@ bpe                    byte-level BPE training, and Tokenizer.encode / decode
 data, checkpoint       get_batch; save_checkpoint / load_checkpoint (tensors only, weights_only=True)
 optim                  AdamW, Muon (newton_schulz), clip_grad_norm, warmup / cosine / wsd / constant
 cs336                  the CS336 assignment's config and weight names <-> ScratchLM's
+lora                   LoRA: h = W x + b + (alpha / r) B A dropout(x), and its merge (tested equal to peft)
 modules                use_reference(model): the same model (same weights) computed by the above
 =====================  ========================================================================
 

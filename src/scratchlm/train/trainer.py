@@ -150,9 +150,14 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
     train_loader = Prefetcher(train_loader, accum)  # next step's batches read while the device works
     state = TrainState()
     latest = dist.on_main(lambda: ckpt.latest_checkpoint(run_dir)) if tc.resume == "auto" else None
-    if latest is not None:  # full weights into the plain module, before DDP broadcasts / FSDP shards them
-        model.load_state_dict(ckpt.load_model_state(latest))
-    init_model(model, cfg, resumed=latest is not None)  # train.init_from weights (new runs), train.freeze
+    if tc.lora.rank:  # LoRA: frozen base + adapters; a checkpoint holds the adapters only (train/adapters.py)
+        from scratchlm.train.adapters import setup_lora
+
+        setup_lora(model, cfg, run_dir, latest, is_main=world.is_main)
+    else:
+        if latest is not None:  # full weights into the plain module, before DDP broadcasts / FSDP shards them
+            model.load_state_dict(ckpt.load_model_state(latest))
+        init_model(model, cfg, resumed=latest is not None)  # train.init_from weights (new runs), train.freeze
     forward_model, optimizers = dist.parallelize(model, tc, world, device, arch=cfg.model.arch, dtype=dtype)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     if latest is not None:
@@ -187,6 +192,12 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
     def save(improved: bool) -> Path:
         """Every rank gathers (FSDP / ZeRO-1 shards, RNG states); rank 0 writes; all get its path or error."""
         weights, optimizer = dist.full_model_state(model), dist.full_optimizer_state(model, optimizers)
+        if tc.lora.rank:  # only the adapters, and where their base is
+            from scratchlm.train.adapters import base_record, lora_state
+
+            weights, lora_record = lora_state(weights), {"lora_base": base_record(cfg)}
+        else:
+            lora_record = {}
         rng, loaders = zip(*dist.all_gather_objects((ckpt.capture_rng(), train_loader.state_dict())))
         per_rank = {"rng_per_rank": list(rng), "loader_per_rank": list(loaders)} if world.size > 1 else {}
 
@@ -201,6 +212,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                     "loader": loaders[0],  # a stream's position differs per rank, shards' does not
                     "rng": rng[0],
                     **per_rank,
+                    **lora_record,
                     "schedule": {"name": tc.schedule, "step": state.step},
                     "versions": ckpt.library_versions(),
                 },
