@@ -461,3 +461,17 @@ def test_repl_unencodable_message_is_one_line_error_and_not_a_turn():
     assert lines[0].startswith("error: char tokenizer") and "\u00e9" in lines[0]
     assert len(lines) == 2 and not lines[1].startswith("error")
     assert [u for u, _ in session.history] == ["hello"]
+
+
+def test_interactive_chat_labels_the_turns():
+    """At a terminal each reply is labelled (it followed the `> ` prompt unmarked); piped output stays bare."""
+    from scratchlm.inference.chat import MODEL_LABEL, USER_LABEL
+
+    out = io.StringIO()
+    assert run_repl(ChatSession(FakeEngine()), io.StringIO("hi\nagain\n"), out, interactive=True) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[1:] == [f"{USER_LABEL}{MODEL_LABEL}reply 1", f"{USER_LABEL}{MODEL_LABEL}reply 2", USER_LABEL]
+    assert USER_LABEL.strip() == "you>" and MODEL_LABEL.strip() == "model>"
+    piped = io.StringIO()
+    run_repl(ChatSession(FakeEngine()), io.StringIO("hi\n"), piped)
+    assert piped.getvalue() == "reply 1\n"
