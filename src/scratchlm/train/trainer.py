@@ -174,7 +174,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
         tokens_per_step = accum * tc.batch_size * cfg.model.context_length * world.size
         print(start_line(cfg, model, device, dtype, run_dir, tokens_per_step), flush=True)
     # warmup longer than the budget: said at once for max_steps, after 5 timed steps for max_time
-    warmup_said = world.is_main and bool(warn_once(warmup_warning(tc, state.step)))
+    warmup_said = world.is_main and bool(warn_if(warmup_warning(tc, state.step)))
     first_step = state.step
     flops_per_token = model.flops_per_token()
     peak = peak_flops(device, dtype)
@@ -258,7 +258,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                     first_clock = state.elapsed  # (the first step pays for warm-up: not timed)
                 elif state.step == first_step + 6 and tc.max_time and world.is_main and not warmup_said:
                     warmup_said = bool(
-                        warn_once(
+                        warn_if(
                             warmup_warning(tc, state.step, state.elapsed, (state.elapsed - first_clock) / 5)
                         )
                     )
@@ -338,7 +338,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
     }
 
 
-def warn_once(message: str | None) -> str | None:
+def warn_if(message: str | None) -> str | None:
     """``warnings.warn(message)`` when there is one (the CLI prints it as one ``warning:`` line)."""
     if message:
         warnings.warn(message, stacklevel=2)
