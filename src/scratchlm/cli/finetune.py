@@ -51,7 +51,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="LoRA instead of full fine-tuning: train.lora.rank=8 and train.lr=2e-4 (litgpt's LoRA default); "
         "only the adapters train and are saved; train.lora.* overrides go on top",
     )
-    p.set_defaults(func=run_finetune)
+    from scratchlm.cli.train import add_console_options
+
+    add_console_options(p)
+    p.set_defaults(func=run_finetune, intermixed="args")
 
 
 def is_chat_jsonl(path: str) -> bool:
@@ -85,4 +88,12 @@ def run_finetune(args: argparse.Namespace) -> int:
     if getattr(args, "lora", False):  # the short form; the user's own train.lora.* / train.lr come later
         implied += ["train.lora.rank=8", "train.lr=2e-4"]
     config = [a for a in args.args if "=" not in a]
-    return run_train(argparse.Namespace(args=[*config, *implied, *given], dry_run=args.dry_run, resume=None))
+    return run_train(
+        argparse.Namespace(
+            args=[*config, *implied, *given],
+            dry_run=args.dry_run,
+            resume=None,
+            verbose=args.verbose,
+            quiet=args.quiet,
+        )
+    )

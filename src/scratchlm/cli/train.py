@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import sys
 import time
 
-from scratchlm.config import PRESETS, field_docs, load_config, to_yaml
 from scratchlm.errors import ConfigError
 
 MAIN_JOB_PRESET = "cpu-small"
 
 
 def _options_help() -> str:
+    """The epilog of ``scratchlm train --help``: every config option with its type, default and doc (built
+    only when that help is shown: it imports the config module, which ``scratchlm --help`` does not need)."""
+    from scratchlm.config import field_docs
+    from scratchlm.presets import PRESETS
+
     lines = [
         "options (section.key=value; defaults < preset < YAML < command line):",
         "  list values: data.source=a.txt,b.txt or, quoted for the shell, "
@@ -39,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="train a model (no arguments: the main job on the built-in corpus)",
         description="Train a tokenizer (or reuse a cached one), prepare shards, train and evaluate a model, "
         "and print a sample. Arguments are an optional YAML config followed by dotted overrides.",
-        epilog=_options_help(),
+        epilog_factory=_options_help,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -58,7 +64,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR exactly where it stopped (overrides may extend it)",
     )
-    p.set_defaults(func=run_train)
+    add_console_options(p)
+    p.set_defaults(func=run_train, intermixed="args")
 
     c = sub.add_parser("corpus", help="the built-in corpus (Python standard library source)")
     csub = c.add_subparsers(dest="corpus_command", metavar="COMMAND", required=True)
@@ -69,6 +76,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     pr = sub.add_parser("presets", help="list the named presets and what each sets")
     pr.set_defaults(func=run_presets)
+
+
+def add_console_options(p: argparse.ArgumentParser) -> None:
+    """--verbose / --quiet of ``train`` and ``finetune`` (see scratchlm/console.py)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print the resolved config before training (--dry-run always does); by default one summary line",
+    )
+    g.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress, no log lines, no sample: only warnings, errors and the final result",
+    )
 
 
 def split_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -89,6 +111,7 @@ def split_args(args: list[str]) -> tuple[str | None, list[str]]:
 def run_train(args: argparse.Namespace) -> int:
     """``scratchlm train``; under torchrun (``torchrun --nproc_per_node N -m scratchlm train ...``) every
     rank runs it and only rank 0 prints (the config, the summary and the sample)."""
+    from scratchlm.config import load_config, to_yaml
     from scratchlm.pipeline import resume_config, run
     from scratchlm.train.distributed import is_main_process
 
@@ -113,7 +136,8 @@ def run_train(args: argparse.Namespace) -> int:
 
             cfg, _ = apply_init_from(cfg, explicit_keys(config_path, overrides))
     main = is_main_process()
-    if main:
+    quiet = getattr(args, "quiet", False)
+    if main and (args.dry_run or getattr(args, "verbose", False)):
         print("# resolved config" + (f" (preset {cfg.preset})" if cfg.preset else ""))
         print(to_yaml(cfg), end="")
     if args.dry_run:
@@ -124,16 +148,21 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
 
     start = time.time()
-    result = run(cfg)
+    if quiet:  # the run's own output goes nowhere (stdout is then no terminal: no bars either)
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            result = run(cfg, progress=False)
+    else:
+        result = run(cfg)
     if not main:
         return 0
-    print(f"\nrun directory: {result['run_dir']}")
+    print(("" if quiet else "\n") + f"run directory: {result['run_dir']}")
     print(f"steps: {result['step']}, tokens: {result['tokens']:,}, wall time: {time.time() - start:.0f} s")
     if result.get("val_loss") is not None:
         ppl = math.exp(min(result["val_loss"], 50.0))
         print(f"final validation loss: {result['val_loss']:.4f} (perplexity {ppl:.2f})")
     print(f"stopped: {result['stop_detail']}")
-    _print_sample(result["run_dir"], cfg)
+    if not quiet:
+        _print_sample(result["run_dir"], cfg)
     return 0
 
 
@@ -204,6 +233,8 @@ def run_corpus_info(args: argparse.Namespace) -> int:
 
 
 def run_presets(args: argparse.Namespace) -> int:
+    from scratchlm.presets import PRESETS
+
     for name, values in PRESETS.items():
         flat = ", ".join(f"{sec}.{k}={v}" for sec, kv in values.items() for k, v in kv.items())
         print(f"{name}:\n  {flat}")
