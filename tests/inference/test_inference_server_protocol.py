@@ -247,8 +247,11 @@ def test_server_close_answers_requests_in_flight_503_and_joins_every_thread(lm):
             replies[name] = reply
 
     body = json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 8}).encode()
-    # the engine's own path ("context": "slide"): far more tokens than would finish before the close
-    engine = json.dumps({"prompt": "hello", "context": "slide", "max_new_tokens": 100_000}).encode()
+    # the engine's own path ("context": "slide"): far more tokens than would finish before the close, and no
+    # end-of-text stop (a sampled end-of-text would finish it early, answered 200, on a slow machine)
+    engine = json.dumps(
+        {"prompt": "hello", "context": "slide", "max_new_tokens": 100_000, "stop_token_ids": []}
+    ).encode()
     idle = socket.create_connection(srv.server_address[:2], timeout=TIMEOUT)  # a kept-alive idle client
     threads = [
         threading.Thread(target=client, args=("batcher", req("POST", "/v1/completions", body, auth=None))),
