@@ -64,6 +64,7 @@ from scratchlm.experiments.runs import (
     markdown_table,
     summarize_run,
 )
+from scratchlm.naming import check_run_name
 
 MANIFEST = "sweep.json"
 MAX_POINTS = 1000  # a larger grid is refused up front (--max-points raises it)
@@ -84,12 +85,27 @@ def parse_vary(items: list[str]) -> dict[str, list[Any]]:
     for item in items:
         key, eq, text = item.partition("=")
         key = key.strip()
-        if not eq or key.count(".") != 1 or not text.strip():
-            raise ConfigError(f"--vary '{item}' must look like section.key=v1,v2 (e.g. model.n_head=1,4,8)")
+        if not eq or key.count(".") != 1 or not all(key.split(".")) or not text.strip():
+            raise ConfigError(
+                f"--vary {_show(item)} must look like section.key=v1,v2 (e.g. model.n_head=1,4,8)"
+            )
         if key in out:
-            raise ConfigError(f"--vary {key} is given twice; give its values once (--vary {key}=v1,v2,v3)")
-        out[key] = [yaml.safe_load(v) if isinstance(v, str) else v for v in parse_list(key, text)]
+            raise ConfigError(
+                f"--vary {_show(key)} is given twice; give its values once (--vary {_show(key)}=v1,v2,v3)"
+            )
+        try:
+            out[key] = [yaml.safe_load(v) if isinstance(v, str) else v for v in parse_list(key, text)]
+        except yaml.YAMLError as e:
+            problem = str(e).splitlines()[0]
+            raise ConfigError(
+                f"--vary {_show(key)}: a value is not valid YAML ({problem}); quote or fix it"
+            ) from None
     return out
+
+
+def _show(text: str) -> str:
+    """User text inside a one-line message: as typed, or quoted with escapes when it holds a newline etc."""
+    return text if text.isprintable() and text.strip() == text and text else repr(text)
 
 
 def file_grid(config_path: str | Path | None) -> dict[str, Any]:
@@ -111,6 +127,16 @@ def file_grid(config_path: str | Path | None) -> dict[str, Any]:
     vary = grid.get("vary") or {}
     if not isinstance(vary, dict) or not all(isinstance(v, list) and v for v in vary.values()):
         raise ConfigError(f"{path}: sweep.vary must map section.key to a non-empty list of values")
+    for key in vary:
+        if not isinstance(key, str) or key.count(".") != 1 or not all(key.split(".")):
+            raise ConfigError(
+                f"{path}: sweep.vary key {key!r} must look like section.key (e.g. model.n_head)"
+            )
+    seeds = grid.get("seeds", 1)
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"{path}: sweep.seeds must be a whole number >= 1, got {seeds!r}")
+    if not isinstance(grid.get("zip", False), bool):
+        raise ConfigError(f"{path}: sweep.zip must be true or false, got {grid.get('zip')!r}")
     return grid
 
 
@@ -146,7 +172,7 @@ def plan(
     else:
         for key, values in vary.items():
             if len(set(map(str, values))) != len(values):
-                raise ConfigError(f"--vary {key} lists a value twice: {values}")
+                raise ConfigError(f"--vary {_show(key)} lists a value twice: {values}")
         combos = list(itertools.product(*vary.values()))
     short = _short_names(keys)
     points = []
@@ -155,6 +181,7 @@ def plan(
         base = "_".join(f"{short[k]}={_slug(v)}" for k, v in values.items())
         for i in range(seeds):
             name = base + (f"_seed={base_seed + i}" if seeds > 1 else "")
+            check_run_name(name, "a sweep point's folder name (made of its values)")
             points.append(Point(name, values, base_seed + i))
     return points
 
