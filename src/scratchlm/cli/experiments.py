@@ -89,7 +89,14 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
     name = name or (Path(config_path).stem if config_path else "sweep")
     out = Path(args.out) if args.out else Path("runs") / "sweeps" / name
     result = run_sweep(
-        config_path, overrides, vary, out=out, zipped=zipped, seeds=seeds, max_points=args.max_points
+        config_path,
+        overrides,
+        vary,
+        out=out,
+        zipped=zipped,
+        seeds=seeds,
+        max_points=args.max_points,
+        test=grid.get("test"),
     )
     if result["interrupted"]:
         return 130

@@ -59,6 +59,7 @@ from scratchlm.errors import ConfigError, ScratchLMError
 from scratchlm.experiments.runs import (
     EVAL_COLUMNS,
     EVAL_KEYS,
+    TEST_KEYS,
     curves,
     format_value,
     markdown_table,
@@ -122,8 +123,8 @@ def file_grid(config_path: str | Path | None) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
     grid = (values.get("sweep") or {}) if isinstance(values, dict) else {}
-    if not isinstance(grid, dict) or set(grid) - {"vary", "seeds", "zip"}:
-        raise ConfigError(f"{path}: sweep: must be a mapping with vary (key: [values]), seeds and zip")
+    if not isinstance(grid, dict) or set(grid) - {"vary", "seeds", "zip", "test"}:
+        raise ConfigError(f"{path}: sweep: must be a mapping with vary (key: [values]), seeds, zip and test")
     vary = grid.get("vary") or {}
     if not isinstance(vary, dict) or not all(isinstance(v, list) and v for v in vary.values()):
         raise ConfigError(f"{path}: sweep.vary must map section.key to a non-empty list of values")
@@ -137,7 +138,28 @@ def file_grid(config_path: str | Path | None) -> dict[str, Any]:
         raise ConfigError(f"{path}: sweep.seeds must be a whole number >= 1, got {seeds!r}")
     if not isinstance(grid.get("zip", False), bool):
         raise ConfigError(f"{path}: sweep.zip must be true or false, got {grid.get('zip')!r}")
+    if "test" in grid:
+        grid = {**grid, "test": _test_spec(grid["test"], path)}
     return grid
+
+
+def _test_spec(test: Any, path: Path) -> dict[str, Any]:
+    """``sweep.test`` -> {"src", "ref" (absolute; relative paths are from the config's folder), "beams"}."""
+    usage = f"{path}: sweep.test must be a mapping with src: FILE, ref: FILE (and beams: N >= 1)"
+    if not isinstance(test, dict) or set(test) - {"src", "ref", "beams"} or not {"src", "ref"} <= set(test):
+        raise ConfigError(usage)
+    beams = test.get("beams", 1)
+    if not all(isinstance(test[k], str) and test[k] for k in ("src", "ref")) or not _is_count(beams):
+        raise ConfigError(usage)
+    out = {k: str((path.parent / test[k]).resolve()) for k in ("src", "ref")}
+    for key, file in out.items():
+        if not Path(file).is_file():
+            raise ConfigError(f"{path}: sweep.test.{key} file {file} does not exist")
+    return {**out, "beams": beams}
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def plan(
@@ -280,10 +302,14 @@ def run_sweep(
     zipped: bool = False,
     seeds: int = 1,
     max_points: int = MAX_POINTS,
+    test: dict[str, Any] | None = None,
     log=print,
 ) -> dict[str, Any]:
     """Run (or continue) the sweep in ``out``; returns ``{"out", "points", "table", "interrupted", "failed"}``
-    (``failed``: point name -> its one-line error).
+    (``failed``: point name -> its one-line error, training or test scoring).
+
+    test: ``{"src", "ref", "beams"}`` (a config's ``sweep.test``): each finished seq2seq point's final model
+    is scored on that file pair (:mod:`scratchlm.experiments.heldout`; skipped when already scored).
 
     Every point's config is resolved before the first run starts (a bad value stops the sweep at once).
     A point that raises while training is recorded as failed and the sweep goes on. A point interrupted by
@@ -349,10 +375,35 @@ def run_sweep(
 
     save()
     failed: dict[str, str] = {}
+    test_failed: dict[str, str] = {}
+
+    def score(i: int, p: Point) -> None:
+        """Test scores of a finished seq2seq point (sweep.test); a failure is recorded, the sweep goes on."""
+        if not test or configs[p.name].model.arch != "seq2seq":
+            return
+        from scratchlm.experiments.heldout import score_test_set
+
+        try:
+            record = score_test_set(
+                out / sources.get(p.name, p.name),
+                test["src"],
+                test["ref"],
+                beams=test.get("beams", 1),
+                device=configs[p.name].train.device,
+            )
+        except Exception as e:  # noqa: BLE001 - the point trained; its test scoring failing is recorded
+            if not isinstance(e, ScratchLMError):
+                traceback.print_exc(file=sys.stderr)
+            failed[p.name] = test_failed[p.name] = f"test scoring: {_one_line(e)}"
+            log(f"[{i}/{len(points)}] {p.name}: {failed[p.name]}")
+            return
+        log(f"[{i}/{len(points)}] {p.name}: test BLEU {record['bleu']:.2f} chrF {record['chrf']:.2f}")
+
     for i, p in enumerate(points, 1):
         run_dir = out / p.name
         if status.get(p.name) == "done" and (out / sources.get(p.name, p.name)).is_dir():
             log(f"[{i}/{len(points)}] {p.name}: done already, skipped")
+            score(i, p)
             continue
         sources.pop(p.name, None)
         if run_dir.exists() and not has_checkpoint(run_dir):
@@ -364,6 +415,7 @@ def run_sweep(
                 status[p.name] = "done"
                 save()
                 log(f"[{i}/{len(points)}] {p.name}: reused {same} (the same resolved config, finished)")
+                score(i, p)
                 continue
         log(f"[{i}/{len(points)}] {p.name}: {'resuming' if run_dir.exists() else 'training'}")
         status[p.name] = "running"
@@ -385,14 +437,17 @@ def run_sweep(
         errors.pop(p.name, None)
         save()
         log(f"[{i}/{len(points)}] {p.name}: {result['stop_detail']}")
+        score(i, p)
     table = write_sweep_report(
         out,
         points,
         list(vary),
         sources={k: out / v for k, v in sources.items()},
-        failed=failed,
+        failed={k: v for k, v in failed.items() if k not in test_failed},
+        notes=test_failed,
         overrides={p.name: point_overrides(overrides, p) for p in points},
         config=config_path,
+        test=test,
     )
     return {"out": out, "points": points, "table": table, "interrupted": False, "failed": failed}
 
@@ -444,12 +499,15 @@ def write_sweep_report(
     failed: dict[str, str] | None = None,
     overrides: dict[str, list[str]] | None = None,
     config: str | Path | None = None,
+    notes: dict[str, str] | None = None,
+    test: dict[str, Any] | None = None,
 ) -> str:
     """sweep.md, results.json and plots/ of a finished sweep; returns the table.
 
     sources: point -> the run directory it reuses (default ``out/<point>``); failed: point -> its one-line
     error (the row says "failed", the list below the table gives the error); overrides: point -> the
-    overrides it ran with (listed per point).
+    overrides it ran with (listed per point); notes: point -> a problem after training (test scoring);
+    test: the sweep.test spec, described above the table.
     """
     from scratchlm.viz.curves import plot_curves
 
@@ -495,8 +553,18 @@ def write_sweep_report(
         "bits/byte = loss / ln 2 x tokens / UTF-8 bytes of the validation split; "
         "accuracy = next-token top-k accuracy on the same tokens; FLOPs/token = training FLOPs (6N + attention).",
         "",
-        table,
     ]
+    if test:
+        search = "greedy" if test.get("beams", 1) == 1 else f"beam {test['beams']}"
+        lines += [
+            f"Test: sacreBLEU and chrF (sacrebleu defaults, raw cased text) of {search} translations of "
+            f"`{Path(test['src']).name}` against `{Path(test['ref']).name}`, by each run's final model "
+            "(averaged/ when the run wrote it, else best/); the test set chooses nothing. val ppl (all pairs, "
+            "no LS) = exp(loss) of that model on every validation pair without label smoothing (the val loss "
+            "and val ppl columns are training's evaluations: eval.batches batches, label smoothing included).",
+            "",
+        ]
+    lines += [table]
     if failed:
         lines += [
             f"{len(failed)} of {len(points)} runs failed (below); run the same command again to retry them.",
@@ -518,6 +586,8 @@ def write_sweep_report(
             what = summaries[p.name]["stop_detail"] or "unfinished"
             if p.name in sources:
                 what = f"*reused* `{os.path.relpath(where[p.name], out)}`; {what}"
+        if p.name in (notes or {}):
+            what += f"; **{notes[p.name]}**"
         args = " ".join(overrides.get(p.name, []))
         lines.append(f"- `{p.name}`: {what}" + (f"; overrides `{args}`" if args else ""))
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
@@ -526,7 +596,7 @@ def write_sweep_report(
 
 def _failed_summary(error: str) -> dict[str, Any]:
     """The table row's numbers of a failed point: none, and why."""
-    keys = ("params", "flops_per_token", "tokens", "wall_time", "best_val_loss", *EVAL_KEYS)
+    keys = ("params", "flops_per_token", "tokens", "wall_time", "best_val_loss", *EVAL_KEYS, *TEST_KEYS)
     return {**dict.fromkeys(keys), "stop_reason": "failed", "stop_detail": f"failed: {error}"}
 
 
