@@ -366,3 +366,30 @@ def test_sweep_refuses_bad_specs_in_one_line_before_any_run(study, tmp_path, cap
     # train.name goes through the same check
     with pytest.raises(ConfigError, match=r"train.name='a/b' is a path, not a name"):
         load_config(None, ["train.name=a/b"])
+
+
+def test_sweep_jobs_trains_points_in_parallel_processes_with_the_same_results(study, tmp_path, monkeypatch):
+    monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))  # a cold cache: the first point fills it
+    monkeypatch.setenv("PYTHONPATH", str(REPO / "src"))  # the children import this checkout
+    out = tmp_path / "jobs"
+    args = ["sweep", str(study / "tiny.yaml"), "--out", str(out), "--vary", "model.pos=none", "--jobs", "2"]
+    assert main(args) == 0
+    names = ["n_head=1_pos=none", "n_head=2_pos=none"]
+    assert [p["status"] for p in json.loads((out / "sweep.json").read_text())["points"]] == ["done", "done"]
+    for name in names:  # the same numbers as the in-process sweep (one thread per process here)
+        a, b = summarize_run(out / name), summarize_run(study.parent / "straight" / name)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5) and a["tokens"] == b["tokens"]
+        assert "stopped: reached train.max_steps=8" in (out / "logs" / f"{name}.log").read_text()
+    assert main(args) == 0  # again: nothing to do
+
+
+def test_a_failed_training_process_gives_its_one_line_error(tmp_path):
+    from scratchlm.experiments.sweep import _last_error
+
+    log = tmp_path / "p.log"
+    log.write_text("# resolved config\nmodel:\n  n_layer: 1\nerror: loss is nan at step 3; lower train.lr\n")
+    assert _last_error(log, 2) == "loss is nan at step 3; lower train.lr"
+    log.write_text("Traceback (most recent call last):\n  File x\nRuntimeError: out of memory\n")
+    assert _last_error(log, 1) == "RuntimeError: out of memory"
+    log.write_text("")
+    assert _last_error(log, -9) == "the training process exited with code -9"

@@ -39,7 +39,7 @@ def test_translation_study_configs_resolve_at_cpu_and_gpu_size(study):
     path = REPO / "configs" / "ablations" / f"multi30k-{study}.yaml"
     key, values = STUDIES[study]
     grid = file_grid(path)
-    assert grid["vary"] == {key: values}
+    assert grid["vary"] == {key: values} and grid["jobs"] == 2  # two points at once, one core each
     assert [Path(grid["test"][k]).name for k in ("src", "ref")] == [
         "test_2016_flickr.de",
         "test_2016_flickr.en",
@@ -60,6 +60,7 @@ def _head(src: Path, dst: Path, n: int) -> None:
 def test_pos_study_scaled_down_scores_each_point_on_the_test_set(tmp_path, monkeypatch):
     pytest.importorskip("sacrebleu")
     monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PYTHONPATH", str(REPO / "src"))  # sweep.jobs: 2 trains in child processes
     data = tmp_path / "data"
     data.mkdir()
     for split, n in (("train", 200), ("val", 16), ("test_2016_flickr", 8)):
@@ -91,6 +92,7 @@ def test_pos_study_scaled_down_scores_each_point_on_the_test_set(tmp_path, monke
         assert r["test_bleu"] == record[0]["bleu"] and 0 <= r["test_chrf"] <= 100
         assert r["val_pairs_ppl"] == pytest.approx(math.exp(record[0]["val_pairs_loss"]))
         assert (out / name / "eval" / "test_test_2016_flickr_beam1.hyp").read_text().count("\n") == 8
+    assert all((out / "logs" / f"{name}.log").is_file() for name in results)  # trained two at a time
     # run again: nothing retrained, nothing scored twice
     assert main(["sweep", str(config), *TINY, "--out", str(out)]) == 0
     again = [

@@ -93,7 +93,7 @@ test_sweep_section, test_sweep_section_long = two_speeds(
         JSON_VALUES,
         st.fixed_dictionaries(
             {"vary": st.dictionaries(KEYS, st.lists(SCALARS, max_size=5), max_size=3)},
-            optional={"zip": st.booleans(), "seeds": SCALARS},
+            optional={"zip": st.booleans(), "seeds": SCALARS, "jobs": SCALARS},
         ),
     ),
     seeds=st.integers(min_value=1, max_value=4),

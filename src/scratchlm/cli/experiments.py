@@ -44,6 +44,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="refuse a grid of more than N runs before resolving any (default: %(default)s)",
     )
+    s.add_argument(
+        "--jobs",
+        type=int,
+        metavar="N",
+        help="train N points at once, each in its own process with cores/N threads "
+        "(default: the config's sweep.jobs, else 1)",
+    )
     s.set_defaults(func=run_sweep_cmd)
 
     c = sub.add_parser(
@@ -97,6 +104,7 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
         seeds=seeds,
         max_points=args.max_points,
         test=grid.get("test"),
+        jobs=args.jobs if args.jobs is not None else int(grid.get("jobs", 1)),
     )
     if result["interrupted"]:
         return 130

@@ -123,8 +123,10 @@ def file_grid(config_path: str | Path | None) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
     grid = (values.get("sweep") or {}) if isinstance(values, dict) else {}
-    if not isinstance(grid, dict) or set(grid) - {"vary", "seeds", "zip", "test"}:
-        raise ConfigError(f"{path}: sweep: must be a mapping with vary (key: [values]), seeds, zip and test")
+    if not isinstance(grid, dict) or set(grid) - {"vary", "seeds", "zip", "test", "jobs"}:
+        raise ConfigError(
+            f"{path}: sweep: must be a mapping with vary (key: [values]), seeds, zip, test and jobs"
+        )
     vary = grid.get("vary") or {}
     if not isinstance(vary, dict) or not all(isinstance(v, list) and v for v in vary.values()):
         raise ConfigError(f"{path}: sweep.vary must map section.key to a non-empty list of values")
@@ -138,6 +140,8 @@ def file_grid(config_path: str | Path | None) -> dict[str, Any]:
         raise ConfigError(f"{path}: sweep.seeds must be a whole number >= 1, got {seeds!r}")
     if not isinstance(grid.get("zip", False), bool):
         raise ConfigError(f"{path}: sweep.zip must be true or false, got {grid.get('zip')!r}")
+    if "jobs" in grid and not _is_count(grid["jobs"]):
+        raise ConfigError(f"{path}: sweep.jobs must be a whole number >= 1, got {grid['jobs']!r}")
     if "test" in grid:
         grid = {**grid, "test": _test_spec(grid["test"], path)}
     return grid
@@ -303,11 +307,14 @@ def run_sweep(
     seeds: int = 1,
     max_points: int = MAX_POINTS,
     test: dict[str, Any] | None = None,
+    jobs: int = 1,
     log=print,
 ) -> dict[str, Any]:
     """Run (or continue) the sweep in ``out``; returns ``{"out", "points", "table", "interrupted", "failed"}``
     (``failed``: point name -> its one-line error, training or test scoring).
 
+    jobs: points trained at once, each in its own ``scratchlm train`` process with
+    ``OMP_NUM_THREADS = cores // jobs`` (its output in ``out/logs/<point>.log``); 1 = one after another, here.
     test: ``{"src", "ref", "beams"}`` (a config's ``sweep.test``): each finished seq2seq point's final model
     is scored on that file pair (:mod:`scratchlm.experiments.heldout`; skipped when already scored).
 
@@ -319,6 +326,8 @@ def run_sweep(
     from scratchlm.pipeline import has_checkpoint, run
 
     out = Path(out)
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     base_seed = load_config(config_path, list(overrides)).train.seed
     points = plan(vary, zipped=zipped, seeds=seeds, base_seed=base_seed, max_points=max_points)
     configs = {p.name: _point_config(config_path, overrides, p, out / p.name) for p in points}
@@ -381,8 +390,13 @@ def run_sweep(
         """Test scores of a finished seq2seq point (sweep.test); a failure is recorded, the sweep goes on."""
         if not test or configs[p.name].model.arch != "seq2seq":
             return
-        from scratchlm.experiments.heldout import score_test_set
+        import torch
 
+        from scratchlm.experiments.heldout import score_test_set
+        from scratchlm.tokenizer.pretokenize import available_cores
+
+        if jobs > 1:  # beside the training processes: take one process's share of the cores, not all
+            torch.set_num_threads(max(1, available_cores() // jobs))
         try:
             record = score_test_set(
                 out / sources.get(p.name, p.name),
@@ -399,12 +413,26 @@ def run_sweep(
             return
         log(f"[{i}/{len(points)}] {p.name}: test BLEU {record['bleu']:.2f} chrF {record['chrf']:.2f}")
 
-    for i, p in enumerate(points, 1):
+    def record_failure(i: int, p: Point, error: str) -> None:
+        failed[p.name] = errors[p.name] = error
+        status[p.name] = "failed"
+        save()
+        log(f"[{i}/{len(points)}] {p.name}: failed: {error}")
+
+    def record_done(i: int, p: Point, detail: str) -> None:
+        status[p.name] = "done"
+        errors.pop(p.name, None)
+        save()
+        log(f"[{i}/{len(points)}] {p.name}: {detail}")
+        score(i, p)
+
+    def needs_training(i: int, p: Point) -> bool:
+        """False for a point done already or reused from a finished run (then scored); True otherwise."""
         run_dir = out / p.name
         if status.get(p.name) == "done" and (out / sources.get(p.name, p.name)).is_dir():
             log(f"[{i}/{len(points)}] {p.name}: done already, skipped")
             score(i, p)
-            continue
+            return False
         sources.pop(p.name, None)
         if run_dir.exists() and not has_checkpoint(run_dir):
             shutil.rmtree(run_dir)  # a start without any checkpoint: its partial logs would be appended to
@@ -416,28 +444,37 @@ def run_sweep(
                 save()
                 log(f"[{i}/{len(points)}] {p.name}: reused {same} (the same resolved config, finished)")
                 score(i, p)
-                continue
+                return False
         log(f"[{i}/{len(points)}] {p.name}: {'resuming' if run_dir.exists() else 'training'}")
         status[p.name] = "running"
         save()
+        return True
+
+    def result_of(interrupted: bool) -> dict[str, Any]:
+        return {"out": out, "points": points, "table": None, "interrupted": interrupted, "failed": failed}
+
+    if jobs > 1:
+        todo = [(i, p) for i, p in enumerate(points, 1) if needs_training(i, p)]
+        stopped = _train_in_processes(
+            todo, config_path, overrides, out, jobs, record_done, record_failure, log
+        )
+        if stopped:
+            log("sweep interrupted; run the same command again to continue it")
+            return result_of(True)
+    for i, p in enumerate(points, 1) if jobs == 1 else []:
+        if not needs_training(i, p):
+            continue
         try:
             result = run(configs[p.name])
         except Exception as e:  # noqa: BLE001 - any failure of one point is recorded; the sweep goes on
             if not isinstance(e, ScratchLMError):
                 traceback.print_exc(file=sys.stderr)  # a bug, not a user error: keep its traceback
-            failed[p.name] = errors[p.name] = _one_line(e)
-            status[p.name] = "failed"
-            save()
-            log(f"[{i}/{len(points)}] {p.name}: failed: {errors[p.name]}")
+            record_failure(i, p, _one_line(e))
             continue
         if result["stopped_reason"] == "interrupted":
             log(f"sweep interrupted during {p.name}; run the same command again to continue it")
-            return {"out": out, "points": points, "table": None, "interrupted": True, "failed": failed}
-        status[p.name] = "done"
-        errors.pop(p.name, None)
-        save()
-        log(f"[{i}/{len(points)}] {p.name}: {result['stop_detail']}")
-        score(i, p)
+            return result_of(True)
+        record_done(i, p, result["stop_detail"])
     table = write_sweep_report(
         out,
         points,
@@ -450,6 +487,87 @@ def run_sweep(
         test=test,
     )
     return {"out": out, "points": points, "table": table, "interrupted": False, "failed": failed}
+
+
+def _train_in_processes(todo, config_path, overrides, out: Path, jobs: int, on_done, on_failure, log) -> bool:
+    """Train ``todo`` ([(i, point)]) ``jobs`` at a time, each as ``python -m scratchlm train CONFIG <point's
+    overrides> train.run_dir=out/<point>`` (which resumes a run directory that has a checkpoint) with
+    ``cores // jobs`` threads. Returns True when interrupted (Ctrl-C: every child checkpoints and stops)."""
+    import subprocess
+    import time
+
+    from scratchlm.tokenizer.pretokenize import available_cores
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, available_cores() // jobs)))
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    queue, running = list(todo), []  # running: (i, point, process, log path, log file)
+    interrupted = False
+    try:
+        while queue or running:
+            # the first point trains the tokenizer and prepares the data that the others share (the cache):
+            # the others start once its run directory holds tokenizer.json (or it ended)
+            first = running[0] if len(running) == 1 and len(todo) == len(queue) + 1 else None
+            if first and first[2].poll() is None and not (out / first[1].name / "tokenizer.json").is_file():
+                time.sleep(0.5)
+                continue
+            while queue and len(running) < jobs:
+                i, p = queue.pop(0)
+                args = [*point_overrides(overrides, p), f"train.run_dir={out / p.name}"]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "scratchlm",
+                    "train",
+                    *([str(config_path)] if config_path else []),
+                    *args,
+                ]
+                path = out / "logs" / f"{p.name}.log"
+                f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed when the process ends
+                running.append(
+                    (i, p, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env), path, f)
+                )
+                log(f"[{i}] {p.name}: started in a process ({env['OMP_NUM_THREADS']} threads), log {path}")
+            time.sleep(0.5)
+            for item in [r for r in running if r[2].poll() is not None]:
+                running.remove(item)
+                i, p, proc, path, f = item
+                f.close()
+                stop = _last_stop(out / p.name)
+                if proc.returncode == 0 and stop and stop.get("reason") != "interrupted":
+                    on_done(i, p, stop.get("detail") or "finished")
+                elif stop and stop.get("reason") == "interrupted":
+                    interrupted = True
+                else:
+                    on_failure(i, p, _last_error(path, proc.returncode))
+            if interrupted and not running:
+                return True
+    except KeyboardInterrupt:
+        for _, _, proc, _, f in running:  # they got the same SIGINT: let them write their checkpoints
+            proc.wait()
+            f.close()
+        return True
+    return interrupted
+
+
+def _last_stop(run_dir: Path) -> dict[str, Any] | None:
+    from scratchlm.train.metrics import read_metrics
+
+    if not (run_dir / "metrics.jsonl").is_file():
+        return None
+    stops = [r for r in read_metrics(run_dir) if r.get("kind") == "stop"]
+    return stops[-1] if stops else None
+
+
+def _last_error(log_path: Path, returncode: int) -> str:
+    """The one-line error of a failed ``scratchlm train`` process: its ``error: ...`` line, else the last
+    line it wrote (a traceback's exception), else its exit code."""
+    lines = [
+        ln.strip() for ln in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()
+    ]
+    errors = [ln.removeprefix("error: ") for ln in lines if ln.startswith("error: ")]
+    if errors:
+        return errors[-1]
+    return lines[-1] if lines else f"the training process exited with code {returncode}"
 
 
 def aggregate(summaries: list[dict[str, Any]], key: str) -> tuple[float | None, float | None]:
