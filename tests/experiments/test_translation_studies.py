@@ -23,7 +23,7 @@ STUDIES["depth"] = ("model.n_layer", [2, 4, 6])
 GPU_SIZE = [
     "train.device=cuda", "train.dtype=bfloat16", "model.d_model=512", "model.n_head=8", "model.d_ff=2048",
     "model.dropout=0.2", "tokenizer.vocab_size=8000", "data.batch_tokens=12000", "train.batch_size=128",
-    "train.max_time=300", "train.warmup_steps=300",
+    "train.max_time=150", "train.warmup_steps=300",
 ]  # fmt: skip
 # what the scaled-down test changes: a tiny model, a few steps (everything else is the study's file)
 TINY = [
