@@ -380,6 +380,9 @@ def test_sweep_jobs_trains_points_in_parallel_processes_with_the_same_results(st
         a, b = summarize_run(out / name), summarize_run(study.parent / "straight" / name)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5) and a["tokens"] == b["tokens"]
         assert "stopped: reached train.max_steps=8" in (out / "logs" / f"{name}.log").read_text()
+    first, second = ((out / "logs" / f"{name}.log").read_text() for name in names)
+    assert "tokenizer: training" in first and "tokenizer: training" not in second  # the second waited for it
+    assert "prepared " in first and "is up to date" in second  # the same for the shards
     assert main(args) == 0  # again: nothing to do
 
 

@@ -445,10 +445,16 @@ def run_sweep(
                 log(f"[{i}/{len(points)}] {p.name}: reused {same} (the same resolved config, finished)")
                 score(i, p)
                 return False
-        log(f"[{i}/{len(points)}] {p.name}: {'resuming' if run_dir.exists() else 'training'}")
+        if jobs == 1:
+            record_start(i, p)
+        else:
+            log(f"[{i}/{len(points)}] {p.name}: queued")
+        return True
+
+    def record_start(i: int, p: Point) -> None:
+        log(f"[{i}/{len(points)}] {p.name}: {'resuming' if (out / p.name).exists() else 'training'}")
         status[p.name] = "running"
         save()
-        return True
 
     def result_of(interrupted: bool) -> dict[str, Any]:
         return {"out": out, "points": points, "table": None, "interrupted": interrupted, "failed": failed}
@@ -456,7 +462,7 @@ def run_sweep(
     if jobs > 1:
         todo = [(i, p) for i, p in enumerate(points, 1) if needs_training(i, p)]
         stopped = _train_in_processes(
-            todo, config_path, overrides, out, jobs, record_done, record_failure, log
+            todo, config_path, overrides, out, jobs, record_start, record_done, record_failure, log
         )
         if stopped:
             log("sweep interrupted; run the same command again to continue it")
@@ -489,7 +495,9 @@ def run_sweep(
     return {"out": out, "points": points, "table": table, "interrupted": False, "failed": failed}
 
 
-def _train_in_processes(todo, config_path, overrides, out: Path, jobs: int, on_done, on_failure, log) -> bool:
+def _train_in_processes(
+    todo, config_path, overrides, out: Path, jobs: int, on_start, on_done, on_failure, log
+) -> bool:
     """Train ``todo`` ([(i, point)]) ``jobs`` at a time, each as ``python -m scratchlm train CONFIG <point's
     overrides> train.run_dir=out/<point>`` (which resumes a run directory that has a checkpoint) with
     ``cores // jobs`` threads. Returns True when interrupted (Ctrl-C: every child checkpoints and stops)."""
@@ -501,32 +509,27 @@ def _train_in_processes(todo, config_path, overrides, out: Path, jobs: int, on_d
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, available_cores() // jobs)))
     (out / "logs").mkdir(parents=True, exist_ok=True)
     queue, running = list(todo), []  # running: (i, point, process, log path, log file)
+    started = 0
     interrupted = False
     try:
         while queue or running:
             # the first point trains the tokenizer and prepares the data that the others share (the cache):
-            # the others start once its run directory holds tokenizer.json (or it ended)
-            first = running[0] if len(running) == 1 and len(todo) == len(queue) + 1 else None
-            if first and first[2].poll() is None and not (out / first[1].name / "tokenizer.json").is_file():
-                time.sleep(0.5)
-                continue
-            while queue and len(running) < jobs:
-                i, p = queue.pop(0)
-                args = [*point_overrides(overrides, p), f"train.run_dir={out / p.name}"]
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "scratchlm",
-                    "train",
-                    *([str(config_path)] if config_path else []),
-                    *args,
-                ]
-                path = out / "logs" / f"{p.name}.log"
-                f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed when the process ends
-                running.append(
-                    (i, p, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env), path, f)
-                )
-                log(f"[{i}] {p.name}: started in a process ({env['OMP_NUM_THREADS']} threads), log {path}")
+            # the others start once its run directory holds tokenizer.json (or it has ended)
+            first = running[0] if started == 1 and running else None
+            warming = first is not None and first[2].poll() is None
+            if not (warming and not (out / first[1].name / "tokenizer.json").is_file()):
+                while queue and len(running) < (1 if started == 0 else jobs):
+                    i, p = queue.pop(0)
+                    on_start(i, p)
+                    args = [*point_overrides(overrides, p), f"train.run_dir={out / p.name}"]
+                    config = [str(config_path)] if config_path else []
+                    cmd = [sys.executable, "-m", "scratchlm", "train", *config, *args]
+                    path = out / "logs" / f"{p.name}.log"
+                    f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed when the process ends
+                    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+                    running.append((i, p, proc, path, f))
+                    started += 1
+                    log(f"[{i}] {p.name}: started ({env['OMP_NUM_THREADS']} threads), log {path}")
             time.sleep(0.5)
             for item in [r for r in running if r[2].poll() is not None]:
                 running.remove(item)
