@@ -252,9 +252,13 @@ def config_key(cfg: Config, like: Config | None = None) -> str:
     return json.dumps(values, sort_keys=True, default=str)
 
 
-def find_finished_run(out: Path, cfg: Config, exclude: Path) -> Path | None:
+def find_finished_run(
+    out: Path, cfg: Config, exclude: Path, loaded: dict[Path, Config | None] | None = None
+) -> Path | None:
     """A finished point (status done, trained in place) of this sweep or a sibling sweep (a folder beside
-    ``out`` with a sweep.json) whose resolved config equals ``cfg``; None when there is none."""
+    ``out`` with a sweep.json) whose resolved config equals ``cfg``; None when there is none.
+    ``loaded`` caches the configs read (run directory -> Config, None when unreadable) across calls."""
+    loaded = {} if loaded is None else loaded
     want = config_key(cfg, cfg)
     folders = sorted({out, *(out.parent.iterdir() if out.parent.is_dir() else [])})
     for folder in folders:
@@ -271,11 +275,13 @@ def find_finished_run(out: Path, cfg: Config, exclude: Path) -> Path | None:
             run_dir = folder / str(row.get("name"))
             if run_dir == exclude or not (run_dir / "config.yaml").is_file():
                 continue
-            try:
-                if config_key(load_run_config(run_dir), cfg) == want:
-                    return run_dir
-            except ScratchLMError:
-                continue  # an older or damaged run: not a candidate
+            if run_dir not in loaded:
+                try:
+                    loaded[run_dir] = load_run_config(run_dir)
+                except ScratchLMError:
+                    loaded[run_dir] = None  # an older or damaged run: not a candidate
+            if loaded[run_dir] is not None and config_key(loaded[run_dir], cfg) == want:
+                return run_dir
     return None
 
 
@@ -385,6 +391,7 @@ def run_sweep(
     save()
     failed: dict[str, str] = {}
     test_failed: dict[str, str] = {}
+    seen_configs: dict[Path, Config | None] = {}  # finished runs' configs, read once (find_finished_run)
 
     def score(i: int, p: Point) -> None:
         """Test scores of a finished seq2seq point (sweep.test); a failure is recorded, the sweep goes on."""
@@ -437,7 +444,7 @@ def run_sweep(
         if run_dir.exists() and not has_checkpoint(run_dir):
             shutil.rmtree(run_dir)  # a start without any checkpoint: its partial logs would be appended to
         if not run_dir.exists():
-            same = find_finished_run(out, configs[p.name], exclude=run_dir)
+            same = find_finished_run(out, configs[p.name], exclude=run_dir, loaded=seen_configs)
             if same is not None:
                 sources[p.name] = os.path.relpath(same, out)
                 status[p.name] = "done"
