@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from scratchlm.errors import ConfigError
+from scratchlm.naming import check_run_name
 from scratchlm.presets import PRESETS  # the named runs (presets.py)
 
 
@@ -678,9 +679,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be {valid}, got {value}")
     if not 0 <= t.seed < 2**32:  # numpy's seed range; checked here, before any tokenizer or shard is built
         raise ConfigError(f"train.seed must be in [0, 2**32 - 1], got {t.seed}")
-    name_problem = run_name_problem(t.name)
-    if name_problem:
-        raise ConfigError(f"train.name={t.name!r} {name_problem}; give a plain name such as 'my-run'")
+    check_run_name(t.name, "train.name")  # one rule for run and sweep names (naming.py)
     if t.tokens_per_step is not None:
         micro = t.batch_size * m.context_length
         if t.tokens_per_step <= 0 or t.tokens_per_step % micro:
@@ -729,15 +728,6 @@ def validate(cfg: Config) -> None:
     specials = cfg.tokenizer.special_tokens
     if len(set(specials)) != len(specials):
         raise ConfigError(f"tokenizer.special_tokens lists a token twice: {specials}")
-
-
-def run_name_problem(name: str) -> str | None:
-    """Why ``name`` cannot name a run directory under runs/ (empty, ``.``/``..``, a path), or None."""
-    if not name.strip():
-        return "is empty (the run would be written into runs/ itself)"
-    if name in (".", "..") or any(c in name for c in "/\\\0"):
-        return "is a path, not a name (the run would be written outside runs/<name>; use train.run_dir for a path)"
-    return None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -137,7 +137,9 @@ def get_shards(cfg: Config, tokenizer, sources: Sources | None = None, progress:
     if cfg.data.data_dir:
         out = Path(cfg.data.data_dir)
     else:
-        out = cache_dir() / "shards" / _key(sources.fingerprint, tokenizer.fingerprint, cfg.data.val_fraction)
+        # "split-bytes": shards whose meta.json counts each split's bytes (bits per byte); older caches lack them
+        key = _key(sources.fingerprint, tokenizer.fingerprint, cfg.data.val_fraction, "split-bytes")
+        out = cache_dir() / "shards" / key
     prepare(
         sources.train,
         tokenizer,

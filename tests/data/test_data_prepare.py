@@ -72,6 +72,9 @@ def test_round_trip_several_workers(tmp_path, workers):
     assert meta["dtype"] == "uint16" and len(meta["splits"]["train"]["shards"]) > 3
     assert meta["splits"]["train"]["documents"] == len(train)
     assert meta["splits"]["train"]["tokens"] == sum(len(d.encode()) + 1 for d in train)
+    # each split's UTF-8 text bytes (multi-byte characters included), the denominator of bits per byte
+    for split, kept in (("train", train), ("val", val)):
+        assert meta["splits"][split]["bytes"] == sum(len(d.encode("utf-8")) for d in kept)
     # the split is a function of the documents alone (not of worker count or order)
     again = prepare(
         ListSource(docs[::-1], "reversed"),
@@ -128,6 +131,7 @@ def test_single_document_is_split_by_position(tmp_path):
     train, val = read_split(tmp_path, "train"), read_split(tmp_path, "val")
     assert train[0] + val[0] == text and val[0].startswith("line ") and 0.08 < len(val[0]) / len(text) < 0.12
     assert meta["split_rule"] == "position"
+    assert [meta["splits"][s]["bytes"] for s in ("train", "val")] == [len(train[0]), len(val[0])]
 
 
 def test_empty_documents_skipped_and_all_empty_is_an_error(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from scratchlm.cli import main
+from scratchlm.config import load_config, load_run_config
 from scratchlm.errors import ConfigError
 from scratchlm.experiments.compare import compare_runs
 from scratchlm.experiments.report import write_report
@@ -113,8 +115,13 @@ def test_sweep_killed_midway_resumes_and_matches_an_uninterrupted_sweep(study, t
         and (killed / "plots/loss_by_pos.png").is_file()
     )
 
-    # a different grid in the same folder is refused, not mixed in
-    assert main(["sweep", config, "--out", str(killed), "--vary", "model.n_head=1,4"]) == 2
+    # another base (config or overrides) in the same folder is refused, not mixed in
+    assert main(["sweep", config, "train.max_steps=6", "--out", str(killed)]) == 2
+    # a smaller grid (a value dropped, e.g. one that failed) is accepted: nothing retrained
+    assert main(["sweep", config, "--out", str(killed), "--vary", "model.n_head=1"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (killed / POINTS[0]).rglob("*") if p.is_file()} == first
+    rows = [line for line in (killed / "sweep.md").read_text().splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[:2] for r in rows[1:]] == [["| 1", "learned"], ["| 1", "none"]]  # n_head=1 only
 
 
 def test_sweep_and_compare_tables_equal_each_runs_evaluation(study, tmp_path):
@@ -125,8 +132,12 @@ def test_sweep_and_compare_tables_equal_each_runs_evaluation(study, tmp_path):
     table = (out / "sweep.md").read_text()
     for r, run in zip(results, runs):
         last = [m for m in read_metrics(run) if m["kind"] == "eval"][-1]
-        for key in ("val_loss", "val_ppl", "val_acc_top1", "val_acc_top5"):
+        for key in ("val_loss", "val_ppl", "val_bpb", "val_acc_top1", "val_acc_top5"):
             assert r[key] == last[key], key
+        # bits per byte of a char-level run: loss / ln 2 * tokens / bytes of the validation split
+        meta = json.loads((Path(load_run_config(run).data.data_dir) / "meta.json").read_text())
+        val = meta["splits"]["val"]
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2) * val["tokens"] / val["bytes"])
         n_head, pos = r["point"].removeprefix("n_head=").split("_pos=")
         row = next(line for line in table.splitlines() if line.startswith(f"| {n_head} | {pos} |"))
         assert f"| {last['val_loss']:.4f} |" in row and f"| {last['val_acc_top1']:.2%} |" in row
@@ -269,3 +280,119 @@ def test_ablation_configs_load_with_their_grids():
             Path(cfg.data.source[0]).resolve() == (REPO.parent / "shared/data/tinyshakespeare.txt").resolve()
         )
         assert key in file_grid(path)["vary"]
+
+
+def test_sweep_reuses_a_finished_run_with_the_same_config_from_a_sibling_sweep(study, monkeypatch):
+    """pos.yaml, heads.yaml and depth.yaml share their baseline point: it is trained once."""
+    monkeypatch.setenv("SCRATCHLM_CACHE", str(study.parent / "cache"))
+    monkeypatch.chdir(study.parent)
+    out = study.parent / "sibling"  # beside straight/, as runs/sweeps/heads beside runs/sweeps/pos
+    args = ["sweep", str(study / "tiny.yaml"), "--out", str(out), "--vary", "model.n_head=2,4"]
+    assert main([*args, "--vary", "model.pos=none"]) == 0
+    manifest = {p["name"]: p for p in json.loads((out / "sweep.json").read_text())["points"]}
+    assert manifest["n_head=2_pos=none"]["reused_from"] == "../straight/n_head=2_pos=none"
+    assert not (out / "n_head=2_pos=none").exists()  # not retrained
+    assert (out / "n_head=4_pos=none" / "metrics.jsonl").is_file()  # a new config: trained
+    results = {r["point"]: r for r in json.loads((out / "results.json").read_text())}
+    theirs = summarize_run(study.parent / "straight" / "n_head=2_pos=none")
+    assert results["n_head=2_pos=none"]["val_loss"] == theirs["val_loss"]
+    md = (out / "sweep.md").read_text()
+    assert "- `n_head=2_pos=none`: *reused* `../straight/n_head=2_pos=none`" in md
+    # every override each point ran with is listed
+    assert "overrides `model.n_head=4 model.pos=none train.seed=1337 train.name=n_head=4_pos=none`" in md
+
+
+def test_a_failing_point_is_recorded_and_the_sweep_goes_on_then_retried(study, tmp_path, monkeypatch, capsys):
+    import scratchlm.pipeline as pipeline
+    from scratchlm.errors import TrainingError
+
+    monkeypatch.setenv("SCRATCHLM_CACHE", str(study.parent / "cache"))
+    real_run = pipeline.run
+
+    def run_or_fail(cfg, *a, **kw):  # the first point diverges (as a NaN loss does), the others train
+        if cfg.train.name == "n_head=1_pos=learned":
+            raise TrainingError("loss is nan at step 3; lower train.lr")
+        return real_run(cfg, *a, **kw)
+
+    monkeypatch.setattr(pipeline, "run", run_or_fail)
+    out = tmp_path / "s"
+    args = ["sweep", str(study / "tiny.yaml"), "--out", str(out), "--vary", "model.n_head=1,2"]
+    assert main([*args, "--vary", "model.pos=learned"]) == 1
+    err = capsys.readouterr().err
+    assert "1 of 2 runs failed" in err and "Traceback" not in err
+    manifest = json.loads((out / "sweep.json").read_text())["points"]
+    assert [(p["status"], p.get("error")) for p in manifest] == [
+        ("failed", "loss is nan at step 3; lower train.lr"),
+        ("done", None),
+    ]
+    md = (out / "sweep.md").read_text()
+    assert "- `n_head=1_pos=learned`: **failed**: loss is nan at step 3; lower train.lr" in md
+    assert "| 1 | learned | 1 | - |" in md and md.count("| failed |") == 1
+
+    # re-running retries the failed point (the finished one is kept)
+    monkeypatch.setattr(pipeline, "run", real_run)
+    assert main([*args, "--vary", "model.pos=learned"]) == 0
+    assert [p["status"] for p in json.loads((out / "sweep.json").read_text())["points"]] == ["done"] * 2
+    assert "failed" not in (out / "sweep.md").read_text()
+
+
+def test_sweep_refuses_bad_specs_in_one_line_before_any_run(study, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SCRATCHLM_CACHE", str(study.parent / "cache"))
+    monkeypatch.chdir(tmp_path)
+    config = str(study / "tiny.yaml")
+    cases = [
+        (["--vary", "model.n_head=1,2", "--vary", "model.n_head=2"], "--vary model.n_head is given twice"),
+        (
+            [
+                "--vary",
+                "train.lr=" + ",".join(f"{i + 1}e-4" for i in range(1500)),
+                "--vary",
+                "train.min_lr=" + ",".join(f"{i + 1}e-6" for i in range(1500)),
+            ],
+            "the sweep has 9,000,000 runs, more than the limit of 1,000; vary fewer values, "
+            "or raise the limit with --max-points 9000000",
+        ),
+        (["--name", "../../x"], "sweep --name='../../x' is a path, not a name"),
+        (["--name", ""], "sweep --name='' is empty"),
+    ]
+    for extra, message in cases:
+        assert main(["sweep", config, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not any(tmp_path.iterdir())  # nothing written anywhere
+    # the limit can be raised: a grid of 4 refused at --max-points 3
+    assert main(["sweep", config, "--max-points", "3", "--out", str(tmp_path / "x")]) == 2
+    assert "raise the limit with --max-points 4" in capsys.readouterr().err
+    # train.name goes through the same check
+    with pytest.raises(ConfigError, match=r"train.name='a/b' is a path, not a name"):
+        load_config(None, ["train.name=a/b"])
+
+
+def test_sweep_jobs_trains_points_in_parallel_processes_with_the_same_results(study, tmp_path, monkeypatch):
+    monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))  # a cold cache: the first point fills it
+    monkeypatch.setenv("PYTHONPATH", str(REPO / "src"))  # the children import this checkout
+    out = tmp_path / "jobs"
+    args = ["sweep", str(study / "tiny.yaml"), "--out", str(out), "--vary", "model.pos=none", "--jobs", "2"]
+    assert main(args) == 0
+    names = ["n_head=1_pos=none", "n_head=2_pos=none"]
+    assert [p["status"] for p in json.loads((out / "sweep.json").read_text())["points"]] == ["done", "done"]
+    for name in names:  # the same numbers as the in-process sweep (one thread per process here)
+        a, b = summarize_run(out / name), summarize_run(study.parent / "straight" / name)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5) and a["tokens"] == b["tokens"]
+        assert "stopped: reached train.max_steps=8" in (out / "logs" / f"{name}.log").read_text()
+    first, second = ((out / "logs" / f"{name}.log").read_text() for name in names)
+    assert "tokenizer: training" in first and "tokenizer: training" not in second  # the second waited for it
+    assert "prepared " in first and "is up to date" in second  # the same for the shards
+    assert main(args) == 0  # again: nothing to do
+
+
+def test_a_failed_training_process_gives_its_one_line_error(tmp_path):
+    from scratchlm.experiments.sweep import _last_error
+
+    log = tmp_path / "p.log"
+    log.write_text("# resolved config\nmodel:\n  n_layer: 1\nerror: loss is nan at step 3; lower train.lr\n")
+    assert _last_error(log, 2) == "loss is nan at step 3; lower train.lr"
+    log.write_text("Traceback (most recent call last):\n  File x\nRuntimeError: out of memory\n")
+    assert _last_error(log, 1) == "RuntimeError: out of memory"
+    log.write_text("")
+    assert _last_error(log, -9) == "the training process exited with code -9"

@@ -196,3 +196,24 @@ def test_every_preset_builds(preset):
     with torch.device("meta"):
         model = build_model(cfg)
     assert model.flops_per_token() > 6 * model.num_params(non_embedding=True) > 0
+
+
+@pytest.mark.parametrize("pos", ["sinusoidal", "learned", "none"])
+def test_sinusoidal_positions_scale_the_embeddings_by_sqrt_d_model_as_the_paper(pos):
+    """Vaswani et al. 3.4: the decoder's input is wte(idx) * sqrt(d_model) + PE (seq2seq.py does the same);
+    learned and no positions keep GPT-2's unscaled wte(idx) (+ wpe)."""
+    from scratchlm.model.layers import sinusoidal_table
+
+    model = tiny(pos=pos)
+    seen = {}
+    model.drop.register_forward_hook(lambda m, args, out: seen.setdefault("x", args[0]))
+    idx = torch.randint(0, 100, (2, 12))
+    model(idx)
+    tokens = model.wte.weight[idx]  # (B, T, C)
+    if pos == "sinusoidal":
+        expected = tokens * math.sqrt(32) + sinusoidal_table(12, 32)[None]
+    elif pos == "learned":
+        expected = tokens + model.wpe.weight[:12][None]
+    else:
+        expected = tokens
+    torch.testing.assert_close(seen["x"], expected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -36,6 +37,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seeds", type=int, help="runs per point with seeds train.seed, +1, ... (default 1)")
     s.add_argument("--name", help="the sweep's name (default: the config file's name)")
     s.add_argument("--out", metavar="DIR", help="the sweep's folder (default runs/sweeps/NAME)")
+    s.add_argument(
+        "--max-points",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="refuse a grid of more than N runs before resolving any (default: %(default)s)",
+    )
+    s.add_argument(
+        "--jobs",
+        type=int,
+        metavar="N",
+        help="train N points at once, each in its own process with cores/N threads "
+        "(default: the config's sweep.jobs, else 1)",
+    )
     s.set_defaults(func=run_sweep_cmd, intermixed="args")
 
     c = sub.add_parser(
@@ -67,6 +82,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_sweep_cmd(args: argparse.Namespace) -> int:
     from scratchlm.cli.train import MAIN_JOB_PRESET, split_args
     from scratchlm.experiments.sweep import file_grid, parse_vary, run_sweep
+    from scratchlm.naming import check_run_name
 
     config_path, overrides = split_args(args.args)
     if config_path is None and not any(o.startswith("preset=") for o in overrides):
@@ -76,12 +92,30 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
     vary.update(parse_vary(args.vary))
     seeds = args.seeds if args.seeds is not None else int(grid.get("seeds", 1))
     zipped = args.zip or bool(grid.get("zip", False))
-    name = args.name or (Path(config_path).stem if config_path else "sweep")
+    name = check_run_name(args.name, "sweep --name") if args.name is not None else None
+    name = name or (Path(config_path).stem if config_path else "sweep")
     out = Path(args.out) if args.out else Path("runs") / "sweeps" / name
-    result = run_sweep(config_path, overrides, vary, out=out, zipped=zipped, seeds=seeds)
+    result = run_sweep(
+        config_path,
+        overrides,
+        vary,
+        out=out,
+        zipped=zipped,
+        seeds=seeds,
+        max_points=args.max_points,
+        test=grid.get("test"),
+        jobs=args.jobs if args.jobs is not None else int(grid.get("jobs", 1)),
+    )
     if result["interrupted"]:
         return 130
     print(f"\n{result['table']}\nsweep table and plots: {out / 'sweep.md'}")
+    if result["failed"]:
+        print(
+            f"{len(result['failed'])} of {len(result['points'])} runs failed (listed in sweep.md); "
+            "run the same command again to retry them",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

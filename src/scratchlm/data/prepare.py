@@ -97,7 +97,7 @@ def prepare(
             smoothing=0.1,
         )
         t0, rule = time.perf_counter(), [""]
-        counts = {"bytes": 0, "empty": 0}
+        counts = {"bytes": 0, "empty": 0, "train_bytes": 0, "val_bytes": 0}
         try:
             with _Encoder(tokenizer, num_workers, val_fraction) as encoder:
                 tasks = _tasks(source, val_source, val_fraction, task_chars, rule)
@@ -106,11 +106,13 @@ def prepare(
                         tokens, lengths = result[split]
                         if len(lengths):
                             writers[split].write(tokens, lengths)
-                    counts["bytes"] += result["bytes"]
-                    counts["empty"] += result["empty"]
+                    for key in counts:
+                        counts[key] += result[key]
                     bar.update(result["bytes"])
             bar.close()
             split_meta = {s: _split_summary(writers[s].finish()) for s in shards.SPLITS}
+            for s in shards.SPLITS:
+                split_meta[s]["bytes"] = counts[f"{s}_bytes"]
             _check_splits(split_meta, counts["empty"], source, rule[0], val_fraction)
             meta = {
                 "format": shards.FORMAT,
@@ -374,7 +376,8 @@ def _load_worker_tokenizer(spec: tuple[str, Any]) -> None:
 
 
 def encode_documents(tokenizer: Any, texts: list[str], where: str, val_fraction: float) -> dict[str, Any]:
-    """Encode one task: {"train": (tokens, lengths), "val": (tokens, lengths), "bytes": n, "empty": n}.
+    """Encode one task: {"train": (tokens, lengths), "val": (tokens, lengths), "bytes": n, "empty": n,
+    "train_bytes": n, "val_bytes": n} (bytes: UTF-8 text bytes of all / of each split's kept documents).
 
     tokens (N,) uint32 is the concatenation of ``ids + [eot]`` per kept document, lengths (D,) int64 their
     sizes. Whitespace-only documents are dropped (counted in "empty").
@@ -392,6 +395,10 @@ def encode_documents(tokenizer: Any, texts: list[str], where: str, val_fraction:
     }
     for split, want in (("train", False), ("val", True)):
         chosen = [ids for ids, v in zip(ids_list, to_val) if v == want]
+        # the split's text size, for bits per byte (evaluate.eval_record): loss * tokens / bytes / ln 2
+        out[f"{split}_bytes"] = sum(
+            len(t.encode("utf-8", errors="replace")) for t, v in zip(kept, to_val) if v == want
+        )
         lengths = np.array([len(ids) + 1 for ids in chosen], dtype=np.int64)
         tokens = np.empty(int(lengths.sum()), dtype=np.uint32)
         pos = 0

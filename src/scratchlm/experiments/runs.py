@@ -7,7 +7,9 @@ Every number comes from the run's own files, so a sweep or comparison table equa
 - ``metrics.jsonl``: the last ``eval`` record gives the final validation loss, perplexity, bits per byte,
   top-1/top-5 accuracy (and BLEU/chrF of seq2seq runs when logged); the best validation loss is the minimum
   over evaluations; tokens, steps and training wall time come from the last record that has them; the last
-  ``stop`` record says why the run ended (none: still running, or killed).
+  ``stop`` record says why the run ended (none: still running, or killed); the last ``eval_translation``
+  record on a source/reference file pair (``scratchlm eval RUN --src --ref``, or the sweep's ``sweep.test``)
+  gives the test BLEU, chrF and perplexity.
 """
 
 from __future__ import annotations
@@ -31,7 +33,12 @@ EVAL_COLUMNS: list[tuple[str, str, str]] = [
     ("val_acc_top5", "acc top-5", "{:.2%}"),
     ("val_bleu", "BLEU", "{:.2f}"),
     ("val_chrf", "chrF", "{:.2f}"),
+    ("val_pairs_ppl", "val ppl (all pairs, no LS)", "{:.2f}"),
+    ("test_bleu", "test BLEU", "{:.2f}"),
+    ("test_chrf", "test chrF", "{:.2f}"),
 ]
+# held-out test scores of translation runs: the last eval_translation record on a file pair (heldout.py)
+TEST_KEYS = ("test_bleu", "test_chrf", "test_ppl", "test_file", "val_pairs_ppl")
 EVAL_KEYS = ("val_loss", "val_ppl", "val_bpb", "val_acc_top1", "val_acc_top5", "val_bleu", "val_chrf")
 
 
@@ -51,7 +58,8 @@ def model_size(cfg: Config) -> tuple[int, int, int]:
 def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     """One run as a flat dict: ``name``, ``run_dir``, ``params``, ``non_embedding_params``,
     ``flops_per_token``, ``steps``, ``tokens``, ``wall_time`` (s), the :data:`EVAL_KEYS` of the last
-    evaluation (None when absent), ``best_val_loss``, ``stop_reason`` and ``stop_detail`` (None: unfinished).
+    evaluation (None when absent), ``best_val_loss``, the :data:`TEST_KEYS` (None without a test record),
+    ``stop_reason`` and ``stop_detail`` (None: unfinished).
 
     Raises ConfigError when ``run_dir`` is not a run directory.
     """
@@ -77,6 +85,17 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     }
     out.update({k: last.get(k) for k in EVAL_KEYS})
     out["best_val_loss"] = min((r["val_loss"] for r in evals), default=None)
+    tests = [
+        r
+        for r in records
+        if r.get("kind") == "eval_translation"
+        and r.get("bleu") is not None
+        and r.get("src") != "validation pairs"
+    ]
+    test = tests[-1] if tests else {}
+    out.update(test_bleu=test.get("bleu"), test_chrf=test.get("chrf"), test_ppl=test.get("ppl"))
+    out["val_pairs_ppl"] = test.get("val_pairs_ppl")
+    out["test_file"] = Path(test["src"]).name if test.get("src") else None
     out["stop_reason"] = stops[-1]["reason"] if stops else None
     out["stop_detail"] = stops[-1]["detail"] if stops else None
     return out

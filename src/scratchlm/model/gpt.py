@@ -1,6 +1,7 @@
 """Decoder-only Transformer language model: GPT-2 style and Llama style from one ModelConfig.
 
     idx (B, T) -> wte (+ wpe | sinusoid) -> dropout -> n_layer x Block -> ln_f -> lm_head -> logits (B, T, V)
+    pos=sinusoidal: wte(idx) * sqrt(C) + PE, as "Attention Is All You Need" section 3.4 (and seq2seq.py)
     Block (pre-LN):  x = x + attn(norm_1(x));  x = x + mlp(norm_2(x))
     Block (post-LN): x = norm_1(x + attn(x));  x = norm_2(x + mlp(x))
 
@@ -79,6 +80,9 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, C)
         self.wpe = nn.Embedding(cfg.context_length, C) if cfg.pos == "learned" else None
         self.sinusoid = SinusoidalPositions(cfg.context_length, C) if cfg.pos == "sinusoidal" else None
+        # the fixed table has entries of magnitude ~1 while wte starts at std init_std (0.02): unscaled, the
+        # positions drown the tokens. The paper multiplies the embeddings by sqrt(d_model) (section 3.4).
+        self.emb_scale = math.sqrt(C) if cfg.pos == "sinusoidal" else 1.0
         self.rope = (
             RotaryEmbedding(C // cfg.n_head, cfg.rope_theta, cfg.rope_style, cfg.context_length)
             if cfg.pos == "rope"
@@ -133,6 +137,8 @@ class GPT(nn.Module):
             positions = torch.arange(start, S, device=idx.device)[None]  # (1, T)
 
         x = self.wte(idx)  # (B, T, C)
+        if self.emb_scale != 1.0:
+            x = x * self.emb_scale
         if self.wpe is not None:
             x = x + self.wpe(positions)
         elif self.sinusoid is not None:
