@@ -705,10 +705,9 @@ def to_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically: temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
+    from scratchlm import fileio
+
+    fileio.write_text(path, to_yaml(cfg))
 
 
 def load_run_config(run_dir: str | Path) -> Config:

@@ -111,9 +111,7 @@ def get_tokenizer(cfg: Config, sources: Sources | None = None, progress: bool = 
             progress=progress,
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("tokenizer.json.tmp")
-    tok.save(tmp)
-    tmp.replace(path)
+    tok.save(path)  # (atomic: fileio)
     return tok
 
 
@@ -194,9 +192,7 @@ def start_run(cfg: Config, tokenizer) -> Path:
         print(f"resuming the run in {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    tmp = run_dir / "tokenizer.json.tmp"
-    tokenizer.save(tmp)
-    tmp.replace(run_dir / "tokenizer.json")
+    tokenizer.save(run_dir / "tokenizer.json")  # (atomic: fileio)
     save_chat_template(tokenizer, run_dir)  # tokenizer_config.json, when the tokenizer has a chat template
     return run_dir
 
@@ -306,9 +302,9 @@ def _restore_if_unchanged(run_dir: Path, config_bytes: bytes, checkpoint: Path |
     from scratchlm.train.checkpoint import latest_checkpoint
 
     if latest_checkpoint(run_dir) == checkpoint:
-        tmp = run_dir / "config.yaml.tmp"
-        tmp.write_bytes(config_bytes)
-        tmp.replace(run_dir / "config.yaml")
+        from scratchlm import fileio
+
+        fileio.write_bytes(run_dir / "config.yaml", config_bytes)
 
 
 def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
@@ -376,6 +372,5 @@ def _seq2seq_tokenizer(cfg: Config, progress: bool):
         progress=progress,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(path.with_name("tokenizer.json.tmp"))
-    path.with_name("tokenizer.json.tmp").replace(path)
+    tok.save(path)  # (atomic: fileio)
     return tok

@@ -131,9 +131,9 @@ def run_translate(args: argparse.Namespace) -> int:
             progress=args.src_file is not None,
         )
     if args.out:
-        tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
-        tmp.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
-        tmp.replace(args.out)
+        from scratchlm import fileio
+
+        fileio.write_text(args.out, "".join(h + "\n" for h in hyps))
         print(f"wrote {len(hyps)} translations to {args.out}", file=sys.stderr)
     else:
         for h in hyps:

@@ -19,11 +19,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from scratchlm import fileio
 from scratchlm.config import ModelConfig
 from scratchlm.errors import CheckpointError, ConfigError
 from scratchlm.model.gpt import GPT
@@ -87,18 +89,22 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, tokenizer=None) -> Path:
         )
     config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     out = Path(out_dir)
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "model.safetensors.tmp"
-    save_file({k: v.clone().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
-    tmp = out / "config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, out / "config.json")
-    if tokenizer is not None:
-        from scratchlm.tokenizer.chat_template import save_chat_template
+    try:
+        with fileio.atomic_path(out / "model.safetensors") as tmp:
+            tensors = {k: v.clone().contiguous() for k, v in tensors.items()}
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        fileio.write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            from scratchlm.tokenizer.chat_template import save_chat_template
 
-        tokenizer.save(out / "tokenizer.json")
-        save_chat_template(tokenizer, out)
+            tokenizer.save(out / "tokenizer.json")
+            save_chat_template(tokenizer, out)
+    except BaseException:
+        if made:  # a failed export (disk full) leaves no directory that looks like a model behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return out
 
 

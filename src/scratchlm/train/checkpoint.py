@@ -39,7 +39,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from scratchlm.errors import CheckpointError
+from scratchlm import fileio
+from scratchlm.errors import CheckpointError, FileWriteError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
@@ -90,12 +91,16 @@ def save_checkpoint(
         else:
             tmp.rename(final)
         _fsync(root)
-        _atomic_write_text(root / LATEST, name + "\n")
-    except OSError as e:
+        fileio.write_text(root / LATEST, name + "\n")
+    except Exception as e:  # OSError, or safetensors' SafetensorError around one (disk full)
+        if not fileio.is_write_failure(e) and not isinstance(e, FileWriteError):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        failed = final / _failed_file(tmp) if not isinstance(e, FileWriteError) else root / LATEST
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
-            f"could not write checkpoint {final} ({e}); the previous checkpoint named in "
-            f"{root / LATEST} is intact: free disk space and resume"
+            f"could not write checkpoint file {failed}: {fileio.failure_cause(e)}; the previous checkpoint "
+            f"named in {root / LATEST} is intact: free disk space and resume"
         ) from e
     _prune(root, keep_last, keep=name)
     return final
@@ -378,16 +383,13 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _failed_file(tmp: Path) -> str:
+    """The file of a checkpoint being written when a write failed: the last one present in ``tmp``."""
+    present = [f for f in (*FILES, "state.json") if (tmp / f).exists()]
+    return present[-1] if present else FILES[0]
+
+
 def _write_json(path: Path, obj: Any) -> None:
     with open(path, "w") as f:
         json.dump(obj, f)
         f.write("\n")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -225,7 +225,7 @@ def record_init_source(run_dir: Path, source: InitSource) -> Path:
         "tokenizer": str(Path(source.tokenizer_path).resolve()),
     }
     path = Path(run_dir) / "init_from.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    from scratchlm import fileio
+
+    fileio.write_text(path, json.dumps(record, indent=2) + "\n")
     return path

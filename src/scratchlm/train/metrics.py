@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from scratchlm import fileio
+
 # dense (no sparsity) peak FLOP/s by device-name substring: (bf16/fp16, fp32 via TF32)
 PEAK_FLOPS: dict[str, tuple[float, float]] = {
     "H200": (989e12, 494e12),
@@ -215,9 +217,7 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [r for r in read_metrics(run_dir) if r["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    fileio.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
@@ -254,7 +254,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out_dir / name
-        fig.savefig(path, dpi=110)
+        with fileio.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         paths.append(path)
 

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from scratchlm import fileio
 from scratchlm.viz.plots import _pyplot
 
 X_LABELS = {"step": "optimizer step", "tokens": "tokens seen", "time": "training wall time (s)"}
@@ -59,6 +60,7 @@ def plot_curves(
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    with fileio.atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format=out.suffix[1:] or "png")
     plt.close(fig)
     return out
