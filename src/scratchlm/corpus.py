@@ -142,11 +142,25 @@ class TextFileSource(FileSource):
         """Each file decoded as UTF-8 (bad bytes become U+FFFD); a NUL byte means binary -> DataError."""
         for p in self.paths:
             data = p.read_bytes()
-            if b"\0" in data[:BINARY_SNIFF_BYTES]:
-                raise DataError(
-                    f"'{p}' looks like a binary file (NUL bytes); give text files, .jsonl or .parquet"
-                )
+            check_not_binary(p, data[:BINARY_SNIFF_BYTES])
             yield data.decode("utf-8", errors="replace")
+
+
+def check_not_binary(path: Path, head: bytes) -> None:
+    """DataError when the first bytes of a file meant as text hold a NUL byte (a binary or compressed file)."""
+    if b"\0" in head:
+        hint = " (a gzip file must end in .jsonl.gz or .json.gz)" if head[:2] == b"\x1f\x8b" else ""
+        raise DataError(
+            f"'{path}' looks like a binary file (NUL bytes){hint}; give text files, .jsonl or .parquet"
+        )
+
+
+def check_text_files(source: FileSource) -> None:
+    """The binary check of :class:`TextFileSource` on every file, reading only each file's first bytes."""
+    if isinstance(source, TextFileSource):
+        for p in source.paths:
+            with open(p, "rb") as f:
+                check_not_binary(p, f.read(BINARY_SNIFF_BYTES))
 
 
 @dataclass

@@ -38,6 +38,7 @@ from scratchlm.corpus import (
     JsonlSource,
     ParquetSource,
     _field,
+    check_not_binary,
 )
 from scratchlm.errors import DataError
 
@@ -87,10 +88,8 @@ def _file_records(source: FileSource, start: Position | None) -> Iterator[tuple[
 
         def read(p: Path = p) -> str:
             data = p.read_bytes()
-            if check_binary and b"\0" in data[:BINARY_SNIFF_BYTES]:
-                raise DataError(
-                    f"'{p}' looks like a binary file (NUL bytes); give text files, .jsonl or .parquet"
-                )
+            if check_binary:
+                check_not_binary(p, data[:BINARY_SNIFF_BYTES])
             return data.decode("utf-8", errors="replace")
 
         yield {"file": i, "k": i}, i, read

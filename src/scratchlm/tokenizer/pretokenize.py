@@ -282,6 +282,10 @@ def parallel_count(
 
     ``start_method``: multiprocessing start method (None = the platform default; "spawn" works too).
     """
+    if num_workers is not None and (type(num_workers) is not int or num_workers < 0):
+        raise TokenizerError(
+            f"num_workers must be a whole number >= 1 (got {num_workers!r}); None (or 0) uses all cores"
+        )
     num_workers = num_workers or available_cores()
     job = partial(count_pretokens, pattern=pattern, special_tokens=list(special_tokens))
     total: Counter[str] = Counter()

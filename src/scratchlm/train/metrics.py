@@ -212,11 +212,16 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
-    """On resume from ``step``: drop records logged after it (the resumed run logs them again)."""
+    """On resume from ``step``: drop records logged after it (the resumed run logs them again), and the stop
+    record at ``step`` (the resumed run ends with its own: one per run, however often it is resumed)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return
-    kept = [r for r in read_metrics(run_dir) if r["step"] <= step]
+    kept = [
+        r
+        for r in read_metrics(run_dir)
+        if r["step"] < step or (r["step"] == step and r.get("kind") != "stop")
+    ]
     fileio.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
