@@ -71,7 +71,8 @@ def training_sources(cfg: Config) -> Sources:
 
 def get_tokenizer(cfg: Config, sources: Sources | None = None, progress: bool = True):
     """Load ``tokenizer.path``, or train one on the training source (cached by fingerprint + settings)."""
-    from scratchlm.tokenizer import CharTokenizer, load_tokenizer, train_bpe, train_bpe_from_iterator
+    from scratchlm.tokenizer import CharTokenizer, load_tokenizer
+    from scratchlm.tokenizer.bpe import train_bpe_on_source
 
     tc = cfg.tokenizer
     if tc.path:
@@ -92,18 +93,9 @@ def get_tokenizer(cfg: Config, sources: Sources | None = None, progress: bool = 
     print(f"tokenizer: training {tc.kind} (vocab {tc.vocab_size}) on {sources.description}")
     if tc.kind == "char":
         tok = CharTokenizer.train(sources.train.documents(), special_tokens=specials)
-    elif getattr(sources.train, "paths", None):
-        tok = train_bpe(
-            sources.train.paths,
-            tc.vocab_size,
-            special_tokens=specials,
-            pattern=tc.pattern,
-            num_workers=tc.num_workers,
-            progress=progress,
-        )
-    else:
-        tok = train_bpe_from_iterator(
-            sources.train.documents(),
+    else:  # the source's documents (jsonl records, parquet rows, text files), as prepare reads them
+        tok = train_bpe_on_source(
+            sources.train,
             tc.vocab_size,
             special_tokens=specials,
             pattern=tc.pattern,
@@ -121,7 +113,8 @@ def cached_tokenizer_path(cfg: Config, sources: Sources) -> Path:
     specials = list(tc.special_tokens)
     if cfg.model.arch == "seq2seq":
         specials += [s for s in SEQ2SEQ_SPECIALS if s not in specials]
-    settings = dict(kind=tc.kind, vocab_size=tc.vocab_size, specials=specials, pattern=tc.pattern, v=1)
+    # v=2: jsonl / parquet sources are read as records (v=1 trained on their raw bytes: never reuse those)
+    settings = dict(kind=tc.kind, vocab_size=tc.vocab_size, specials=specials, pattern=tc.pattern, v=2)
     return cache_dir() / "tokenizers" / _key(sources.train.fingerprint, settings) / "tokenizer.json"
 
 
