@@ -225,12 +225,13 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
         cfg = resolved(cfg, tokenizer)
         saved = _saved_run(cfg.run_dir) if world.is_main else None
         before = _entries(cfg.run_dir) if world.is_main and saved is None else None
-        run_dir = dist.on_main(lambda: start_run(cfg, tokenizer))
-        if source is not None:
-            from scratchlm.train.init_from import record_init_source
+        run_dir = cfg.run_dir
+        try:  # a failure from here on (a full disk in start_run included) leaves the run as it found it
+            run_dir = dist.on_main(lambda: start_run(cfg, tokenizer))
+            if source is not None:
+                from scratchlm.train.init_from import record_init_source
 
-            dist.on_main(lambda: record_init_source(run_dir, source))
-        try:
+                dist.on_main(lambda: record_init_source(run_dir, source))
             return train_model(cfg, run_dir, tokenizer, data_dir)
         except BaseException:
             if saved is not None:
