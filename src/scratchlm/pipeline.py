@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from scratchlm.config import Config, load_run_config, save_config, to_dict
-from scratchlm.errors import ConfigError
+from scratchlm.errors import ConfigError, ScratchLMError
 from scratchlm.tokenizer.chat_template import save_chat_template
 
 SEQ2SEQ_SPECIALS = ["<|endoftext|>", "<|bos|>", "<|pad|>"]
@@ -307,7 +307,15 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Co
 
     run_dir = Path(run_dir)
     if not has_checkpoint(run_dir):
-        raise ConfigError(f"nothing to resume in {run_dir}: no checkpoints/step_* directory")
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"nothing to resume in {run_dir}: not a run directory (no config.yaml)")
+        every = _saved_ckpt_interval(run_dir)
+        raise ConfigError(
+            f"nothing to resume in {run_dir}: the run stopped before its first checkpoint"
+            f"{f' (one every {every} steps: train.ckpt_interval)' if every else ''}; start it over by running "
+            f"the command that started it again (without --resume: its metrics restart from step 0), "
+            f"or delete {run_dir}"
+        )
     saved = to_dict(load_run_config(run_dir))
     values = copy.deepcopy(saved)
     for sec, kv in parse_overrides(overrides or []).items():
@@ -323,6 +331,14 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Co
             "model); drop the model override, or start a new run with another train.name"
         )
     return cfg
+
+
+def _saved_ckpt_interval(run_dir: Path) -> int | None:
+    """train.ckpt_interval of the run's config.yaml, or None when it cannot be read (the hint is optional)."""
+    try:
+        return load_run_config(run_dir).train.ckpt_interval
+    except ScratchLMError:
+        return None
 
 
 def _seq2seq_tokenizer(cfg: Config, progress: bool):

@@ -194,7 +194,10 @@ class SourceStream:
 
     def _item(self, j: int) -> Any:
         if not self.pending[j]:
-            chunk = self.producers[j].get()
+            try:
+                chunk = self.producers[j].get()
+            except DataError as e:  # the worker died: say which source it was reading
+                raise DataError(f"data source '{self.source.description}': {e}") from None
             if chunk and chunk[0][0] == "error":
                 raise DataError(chunk[0][1])
             self.pending[j].extend(chunk)

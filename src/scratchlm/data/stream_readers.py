@@ -39,6 +39,7 @@ from scratchlm.corpus import (
     ParquetSource,
     _field,
     check_not_binary,
+    reading,
 )
 from scratchlm.errors import DataError
 
@@ -87,7 +88,8 @@ def _file_records(source: FileSource, start: Position | None) -> Iterator[tuple[
         p = source.paths[i]
 
         def read(p: Path = p) -> str:
-            data = p.read_bytes()
+            with reading(p):
+                data = p.read_bytes()
             if check_binary:
                 check_not_binary(p, data[:BINARY_SNIFF_BYTES])
             return data.decode("utf-8", errors="replace")
@@ -102,7 +104,7 @@ def _jsonl_records(source: JsonlSource, start: Position | None) -> Iterator[tupl
     for i in range(start.get("file", 0), len(source.paths)):
         p = source.paths[i]
         offset = start.get("offset", 0) if i == start.get("file", 0) else 0
-        with gzip.open(p, "rb") if p.name.lower().endswith(".gz") else open(p, "rb") as f:
+        with reading(p), gzip.open(p, "rb") if p.name.lower().endswith(".gz") else open(p, "rb") as f:
             f.seek(offset)  # gzip: an offset in the decompressed data (it decompresses up to there)
             while line := f.readline():
                 here, offset = offset, offset + len(line)

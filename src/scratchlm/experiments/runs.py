@@ -73,8 +73,8 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     }
     out.update({k: last.get(k) for k in EVAL_KEYS})
     out["best_val_loss"] = min((r["val_loss"] for r in evals), default=None)
-    out["stop_reason"] = stops[-1]["reason"] if stops else None
-    out["stop_detail"] = stops[-1]["detail"] if stops else None
+    out["stop_reason"] = stops[-1].get("reason") if stops else None
+    out["stop_detail"] = stops[-1].get("detail") if stops else None
     return out
 
 

@@ -39,7 +39,11 @@ def plot_curves(
     for ax, x in zip(axes[0], xs):
         for i, s in enumerate(series):
             color = s.get("color") or colors[i % len(colors)]
-            train = [r for r in s["curves"]["train"] if r.get(x) is not None and math.isfinite(r["loss"])]
+            train = [
+                r
+                for r in s["curves"]["train"]
+                if r.get(x) is not None and r.get("loss") is not None and math.isfinite(r["loss"])
+            ]
             evals = [r for r in s["curves"]["eval"] if r.get(x) is not None]
             ax.plot([r[x] for r in train], [f(r["loss"]) for r in train], color=color, lw=0.8, alpha=0.45)
             ax.plot(
