@@ -16,6 +16,7 @@ Layout differences handled here:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -267,15 +268,35 @@ def hf_model_config(path: str | os.PathLike) -> ModelConfig:
     if not config_file.is_file():
         raise CheckpointError(f"'{path}' is not a Hugging Face model directory (no config.json)")
     try:
-        hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
+        hf = json.loads(config_file.read_bytes())
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5,000-digit number, deep nesting
         raise CheckpointError(f"{config_file} is not valid JSON ({e}); re-download or re-export it") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(
+            f"{config_file} holds a JSON {type(hf).__name__}, not an object of model settings; "
+            "re-download or re-export it"
+        )
     kind = hf.get("model_type")
-    if kind == "gpt2":
-        return _config_from_gpt2(hf)
-    if kind == "llama":
-        return _config_from_llama(hf, config_file)
-    raise CheckpointError(f"{config_file}: model_type {kind!r} is not supported (gpt2 or llama)")
+    if kind not in ("gpt2", "llama"):
+        raise CheckpointError(f"{config_file}: model_type {kind!r} is not supported (gpt2 or llama)")
+    try:
+        cfg = _config_from_gpt2(hf) if kind == "gpt2" else _config_from_llama(hf, config_file)
+    except KeyError as e:
+        raise CheckpointError(
+            f"{config_file}: the setting {e} is missing; re-download or re-export it"
+        ) from None
+    except (TypeError, ValueError, AttributeError) as e:  # a number where a dict is expected, and the like
+        raise CheckpointError(f"{config_file}: a setting has the wrong type ({e})") from None
+    from scratchlm.config import from_dict
+
+    try:  # the types and ranges every ScratchLM model config is held to (d_model % n_head, ...)
+        cfg = from_dict({"model": dataclasses.asdict(cfg)}, str(config_file)).model
+    except ConfigError as e:
+        raise CheckpointError(f"{config_file}: {e}") from None
+    from scratchlm.model.size import check_model_fits
+
+    check_model_fits(cfg, str(config_file))  # n_embd=1e9: one line, before any allocation
+    return cfg
 
 
 def _config_from_gpt2(hf: dict) -> ModelConfig:
