@@ -86,6 +86,15 @@ def test_checkpoint_on_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp
     assert ckpt.latest_checkpoint(tmp_path) == first
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["LATEST", "step_00000001"]
 
+    def torch_save_full(*args, **kwargs):  # what torch.save's zip writer raises on a full disk
+        raise RuntimeError("[enforce fail] PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.undo()
+    monkeypatch.setattr(ckpt.torch, "save", torch_save_full)
+    with pytest.raises(CheckpointError, match="step_00000002/optimizer.pt: RuntimeError"):
+        ckpt.save_checkpoint(tmp_path, 2, model, {}, {"step": 2}, keep_last=3)
+    assert ckpt.latest_checkpoint(tmp_path) == first
+
     monkeypatch.undo()  # now the disk fills while LATEST is replaced: the new step exists, LATEST is old
     monkeypatch.setattr(fileio.os, "fsync", _enospc)
     with pytest.raises(CheckpointError, match="LATEST: No space left on device"):
@@ -157,7 +166,9 @@ def test_every_project_write_goes_through_the_one_writer():
         "flash_tiles.py",  # a benchmark table written by a maintainer script
         "generate.py",  # --out: temp + os.replace, OSError reported in place
     }
-    pattern = re.compile(r"(?<!fileio)\.write_(text|bytes)\(|\.savefig\((?!tmp)|os\.replace\(|\.replace\(run_dir")
+    pattern = re.compile(
+        r"(?<!fileio)\.write_(text|bytes)\(|\.savefig\((?!tmp)|os\.replace\(|\.replace\(run_dir"
+    )
     offenders = []
     for path in Path(scratchlm.__file__).parent.rglob("*.py"):
         if path.name in allowed:

@@ -64,8 +64,11 @@ def _free_bytes(directory: Path) -> int | None:
 
 
 def is_write_failure(exc: BaseException) -> bool:
-    """OSError, or a writer library's error type for an I/O failure (safetensors wraps OSError in its own)."""
-    return isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError"
+    """OSError, or a writer library's own error for an I/O failure: safetensors' SafetensorError, and the
+    RuntimeError of torch.save's zip writer (``PytorchStreamWriter failed writing file ...``)."""
+    if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":
+        return True
+    return isinstance(exc, RuntimeError) and "PytorchStreamWriter failed" in str(exc)
 
 
 def fsync_file(path: str | os.PathLike) -> None:

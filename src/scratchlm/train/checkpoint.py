@@ -72,13 +72,17 @@ def save_checkpoint(
     name = f"step_{step:08d}"
     tmp = root / f".tmp-{name}-{os.getpid()}"
     final = root / name
+    writing = tmp  # the file being written, named in the error of a failed write
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
+        writing = final / "model.safetensors"
         save_weights(model if isinstance(model, dict) else model.state_dict(), tmp / "model.safetensors")
+        writing = final / "optimizer.pt"
         torch.save(optimizer_state, tmp / "optimizer.pt")
         files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in FILES}
+        writing = final / "state.json"
         _write_json(tmp / "state.json", {**state, "step": step, "files": files})
         for f in (*FILES, "state.json"):
             _fsync(tmp / f)
@@ -91,15 +95,15 @@ def save_checkpoint(
         else:
             tmp.rename(final)
         _fsync(root)
+        writing = root / LATEST
         fileio.write_text(root / LATEST, name + "\n")
     except Exception as e:  # OSError, or safetensors' SafetensorError around one (disk full)
         if not fileio.is_write_failure(e) and not isinstance(e, FileWriteError):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        failed = final / _failed_file(tmp) if not isinstance(e, FileWriteError) else root / LATEST
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
-            f"could not write checkpoint file {failed}: {fileio.failure_cause(e)}; the previous checkpoint "
+            f"could not write checkpoint file {writing}: {fileio.failure_cause(e)}; the previous checkpoint "
             f"named in {root / LATEST} is intact: free disk space and resume"
         ) from e
     _prune(root, keep_last, keep=name)
@@ -381,12 +385,6 @@ def _fsync(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _failed_file(tmp: Path) -> str:
-    """The file of a checkpoint being written when a write failed: the last one present in ``tmp``."""
-    present = [f for f in (*FILES, "state.json") if (tmp / f).exists()]
-    return present[-1] if present else FILES[0]
 
 
 def _write_json(path: Path, obj: Any) -> None:
