@@ -285,8 +285,8 @@ def hf_model_config(path: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(
             f"{config_file}: the setting {e} is missing; re-download or re-export it"
         ) from None
-    except (TypeError, ValueError, AttributeError) as e:  # a number where a dict is expected, and the like
-        raise CheckpointError(f"{config_file}: a setting has the wrong type ({e})") from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:  # a list for a number, 0 heads
+        raise CheckpointError(f"{config_file}: a setting has the wrong type or value ({e})") from None
     from scratchlm.config import from_dict
 
     try:  # the types and ranges every ScratchLM model config is held to (d_model % n_head, ...)
