@@ -98,6 +98,10 @@ GPT2 = {"model_type": "gpt2", "vocab_size": 64, "n_positions": 16, "n_embd": 32,
         ({**GPT2, "n_head": 3}, "n_head"),
         ({"model_type": "llama", "vocab_size": 64}, "the setting 'hidden_size' is missing"),
         ({**GPT2, "activation_function": ["gelu"]}, "wrong type"),
+        (
+            {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_attention_heads": 0},
+            "wrong type or value",  # (found by tests/fuzz/test_fuzz_inputs.py: a ZeroDivisionError)
+        ),
     ],
 )
 def test_bad_hf_configs_are_one_line(tmp_path, capsys, config, fragment):
