@@ -139,7 +139,12 @@ class ProcessProducer:
         self.proc = ctx.Process(
             target=_worker_main, args=(args, self.queue, self.stop, os.getpid()), daemon=True
         )
-        self.proc.start()
+        try:
+            self.proc.start()
+        except BaseException:  # (out of processes or memory): release the queue's semaphores now
+            self.queue.cancel_join_thread()
+            self.queue.close()
+            raise
 
     def get(self) -> list:
         while True:
