@@ -15,8 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from scratchlm.config import Config, load_run_config
 from scratchlm.errors import ConfigError
 from scratchlm.train.metrics import read_metrics
@@ -37,10 +35,9 @@ EVAL_KEYS = ("val_loss", "val_ppl", "val_bpb", "val_acc_top1", "val_acc_top5", "
 
 def model_size(cfg: Config) -> tuple[int, int, int]:
     """(parameters, non-embedding parameters, training FLOPs per token) of the config's model."""
-    from scratchlm.model import build_model
+    from scratchlm.model.size import meta_model
 
-    with torch.device("meta"):
-        model = build_model(cfg.model)
+    model = meta_model(cfg.model, "the run's model config")  # (shapes only; a huge config is one line)
     return model.num_params(), model.num_params(non_embedding=True), int(model.flops_per_token())
 
 
