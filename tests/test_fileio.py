@@ -176,7 +176,7 @@ def test_every_project_write_goes_through_the_one_writer():
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if pattern.search(line):
                 offenders.append(f"{path.name}:{n}: {line.strip()}")
-    assert not offenders, offenders
+    assert not offenders, f"write these through scratchlm.fileio (write_text / atomic_path): {offenders}"
 
 
 def test_save_config_keeps_the_old_file_on_a_full_disk(tmp_path, monkeypatch):
