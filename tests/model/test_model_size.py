@@ -94,6 +94,7 @@ GPT2 = {"model_type": "gpt2", "vocab_size": 64, "n_positions": 16, "n_embd": 32,
         ("gpt2", "holds a JSON str"),
         ({**GPT2, "n_embd": 10**9}, "far too large"),
         ({**GPT2, "n_embd": 1e9}, "far too large"),
+        ({**GPT2, "n_embd": 1e300}, "d_model=about 10"),  # (found by the fuzz test: an OverflowError)
         ({**GPT2, "n_embd": "wide"}, "model.d_model must be an integer"),
         ({**GPT2, "n_head": 3}, "n_head"),
         ({"model_type": "llama", "vocab_size": 64}, "the setting 'hidden_size' is missing"),

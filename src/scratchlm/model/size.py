@@ -35,6 +35,11 @@ def _widest_tensor(cfg: ModelConfig) -> int:
     return max(int(w) for w in widths) * int(d)
 
 
+def _count(n: int) -> str:
+    """``1,234,567``, or ``about 10^300`` for a number too long to read (or to convert to float)."""
+    return f"{n:,}" if abs(n) < 10**15 else f"about 10^{len(str(abs(n))) - 1}"
+
+
 def meta_model(cfg: ModelConfig, where: str) -> torch.nn.Module:
     """The model of ``cfg`` on the ``meta`` device (no memory); ConfigError naming ``where`` if it cannot be."""
     from scratchlm.model import build_model
@@ -42,8 +47,8 @@ def meta_model(cfg: ModelConfig, where: str) -> torch.nn.Module:
     widest = _widest_tensor(cfg)
     if widest > MAX_TENSOR_ELEMENTS or cfg.n_layer > MAX_LAYERS:
         raise ConfigError(
-            f"{where}: the model is far too large (a weight matrix of {widest:.3g} elements, "
-            f"{cfg.n_layer:,} layers: d_model={cfg.d_model:,}, vocab_size={cfg.vocab_size:,}); "
+            f"{where}: the model is far too large (a weight matrix of {_count(widest)} elements, "
+            f"{_count(cfg.n_layer)} layers: d_model={_count(cfg.d_model)}, vocab_size={_count(cfg.vocab_size)}); "
             "check model.d_model, model.vocab_size, model.n_layer"
         )
     try:
