@@ -113,6 +113,10 @@ def load(run_dir: str | Path, which: str = "best", device: str | torch.device | 
             f"{run_dir}/tokenizer.json has {tokenizer.vocab_size} tokens but the model knows "
             f"{cfg.model.vocab_size}: it is not the tokenizer this run was trained with; restore that one"
         )
+    from scratchlm.model.size import check_model_fits
+
+    dev = resolve_device(str(device) if device is not None else "auto", option="device")
+    check_model_fits(cfg.model, f"{run_dir}/config.yaml", dev)  # before any weight is allocated
     model = build_model(cfg.model)
     state = load_model_state(ckpt)
     if cfg.train.lora.rank:  # a LoRA checkpoint holds adapters: merged into their base (train/adapters.py)
@@ -134,6 +138,5 @@ def load(run_dir: str | Path, which: str = "best", device: str | torch.device | 
             f"{ckpt}/model.safetensors does not match config.yaml "
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
-    dev = resolve_device(str(device) if device is not None else "auto", option="device")
     model.to(dev).eval()
     return LoadedModel(model, tokenizer, cfg, ckpt, run_dir)

@@ -249,6 +249,9 @@ class Config:
 
 
 SECTIONS = ("model", "tokenizer", "data", "train", "eval")
+# data.stream_workers is per source, each a spawned process with its own queue: beyond this only the
+# start-up cost and the memory grow (one or two per source keep a GPU fed; docs/streaming.md)
+MAX_STREAM_WORKERS = 64
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -320,6 +323,19 @@ def _all_keys() -> list[str]:
     return [row[0] for row in field_docs()] + ["preset"]
 
 
+def _int_in_float_notation(text: str) -> Any:
+    """``"1e9"`` -> 1000000000 (exactly, through Decimal); anything else is returned unchanged."""
+    import decimal
+
+    try:
+        d = decimal.Decimal(text.strip().replace("_", ""))
+    except decimal.InvalidOperation:
+        return text
+    if not d.is_finite() or d != d.to_integral_value() or abs(d.adjusted()) > 30:
+        return text
+    return int(d)
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against annotation ``tp``; strings from the CLI are parsed as YAML scalars first."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -353,6 +369,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str):
             with contextlib.suppress(yaml.YAMLError):
                 value = yaml.safe_load(value)
+        if isinstance(value, str):  # "1e9": YAML 1.1 reads a float only with a dot (1.0e9), so parse it here
+            value = _int_in_float_notation(value)
         if isinstance(value, float) and value.is_integer():  # 1e3 -> 1000
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -632,7 +650,12 @@ def validate(cfg: Config) -> None:
         ("model.label_smoothing", m.label_smoothing, "in [0, 1)", 0.0 <= m.label_smoothing < 1.0),
         ("data.val_fraction", cfg.data.val_fraction, "in [0, 1)", 0.0 <= cfg.data.val_fraction < 1.0),
         ("data.max_pair_len", cfg.data.max_pair_len, "positive", cfg.data.max_pair_len > 0),
-        ("data.stream_workers", cfg.data.stream_workers, ">= 0", cfg.data.stream_workers >= 0),
+        (
+            "data.stream_workers",
+            cfg.data.stream_workers,
+            f"in [0, {MAX_STREAM_WORKERS}]",
+            0 <= cfg.data.stream_workers <= MAX_STREAM_WORKERS,
+        ),
         (
             "data.max_tokens",
             cfg.data.max_tokens,
@@ -754,10 +777,9 @@ def to_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically: temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
+    from scratchlm import fileio
+
+    fileio.write_text(path, to_yaml(cfg))
 
 
 def load_run_config(run_dir: str | Path) -> Config:

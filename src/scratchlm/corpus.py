@@ -13,11 +13,13 @@ of the relative path (stable when files are added or removed elsewhere).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import os
 import sysconfig
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,12 +143,27 @@ class TextFileSource(FileSource):
     def documents(self) -> Iterator[str]:
         """Each file decoded as UTF-8 (bad bytes become U+FFFD); a NUL byte means binary -> DataError."""
         for p in self.paths:
-            data = p.read_bytes()
-            if b"\0" in data[:BINARY_SNIFF_BYTES]:
-                raise DataError(
-                    f"'{p}' looks like a binary file (NUL bytes); give text files, .jsonl or .parquet"
-                )
+            with reading(p):
+                data = p.read_bytes()
+            check_not_binary(p, data[:BINARY_SNIFF_BYTES])
             yield data.decode("utf-8", errors="replace")
+
+
+def check_not_binary(path: Path, head: bytes) -> None:
+    """DataError when the first bytes of a file meant as text hold a NUL byte (a binary or compressed file)."""
+    if b"\0" in head:
+        hint = " (a gzip file must end in .jsonl.gz or .json.gz)" if head[:2] == b"\x1f\x8b" else ""
+        raise DataError(
+            f"'{path}' looks like a binary file (NUL bytes){hint}; give text files, .jsonl or .parquet"
+        )
+
+
+def check_text_files(source: FileSource) -> None:
+    """The binary check of :class:`TextFileSource` on every file, reading only each file's first bytes."""
+    if isinstance(source, TextFileSource):
+        for p in source.paths:
+            with open(p, "rb") as f:
+                check_not_binary(p, f.read(BINARY_SNIFF_BYTES))
 
 
 @dataclass
@@ -159,7 +176,7 @@ class JsonlSource:
 
     def documents(self) -> Iterator[str]:
         for p in self.paths:
-            with open_text(p) as f:
+            with reading(p), open_text(p) as f:
                 for lineno, line in enumerate(f, 1):
                     if not line.strip():
                         continue
@@ -284,6 +301,23 @@ class ConcatSource:
     @property
     def description(self) -> str:
         return " + ".join(p.description for p in self.parts)
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Errors while reading ``path`` as one DataError naming it: a truncated or corrupt .gz (EOFError,
+    BadGzipFile, zlib.error), a file that vanished or cannot be read (OSError). Used by every reader of
+    a source (tokenizer training, prepare, streaming), so they all say the same thing."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DataError(
+            f"'{path}' is truncated or corrupt ({type(e).__name__}: {e}); re-download or re-compress it"
+        ) from None
+    except OSError as e:
+        raise DataError(f"'{path}' could not be read ({e.strerror or e}); check the file") from None
 
 
 def open_text(path: Path):

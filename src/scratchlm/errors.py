@@ -39,3 +39,7 @@ class TrainingError(ScratchLMError):
 
 class ChatFormatError(ScratchLMError):
     """A chat conversation is malformed (unknown role, non-string content, not a list of messages)."""
+
+
+class FileWriteError(ScratchLMError):
+    """A file could not be written (disk full, quota, read-only): the message names the file and the cause."""

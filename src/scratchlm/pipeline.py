@@ -26,7 +26,7 @@ from typing import Any
 
 from scratchlm.config import Config, load_run_config, save_config, to_dict
 from scratchlm.console import is_terminal
-from scratchlm.errors import ConfigError
+from scratchlm.errors import ConfigError, ScratchLMError
 from scratchlm.tokenizer.chat_template import save_chat_template
 
 SEQ2SEQ_SPECIALS = ["<|endoftext|>", "<|bos|>", "<|pad|>"]
@@ -72,7 +72,8 @@ def training_sources(cfg: Config) -> Sources:
 
 def get_tokenizer(cfg: Config, sources: Sources | None = None, progress: bool = True):
     """Load ``tokenizer.path``, or train one on the training source (cached by fingerprint + settings)."""
-    from scratchlm.tokenizer import CharTokenizer, load_tokenizer, train_bpe, train_bpe_from_iterator
+    from scratchlm.tokenizer import CharTokenizer, load_tokenizer
+    from scratchlm.tokenizer.bpe import train_bpe_on_source
 
     tc = cfg.tokenizer
     if tc.path:
@@ -93,18 +94,9 @@ def get_tokenizer(cfg: Config, sources: Sources | None = None, progress: bool = 
     print(f"tokenizer: training {tc.kind} (vocab {tc.vocab_size}) on {sources.description}")
     if tc.kind == "char":
         tok = CharTokenizer.train(sources.train.documents(), special_tokens=specials)
-    elif getattr(sources.train, "paths", None):
-        tok = train_bpe(
-            sources.train.paths,
-            tc.vocab_size,
-            special_tokens=specials,
-            pattern=tc.pattern,
-            num_workers=tc.num_workers,
-            progress=progress,
-        )
-    else:
-        tok = train_bpe_from_iterator(
-            sources.train.documents(),
+    else:  # the source's documents (jsonl records, parquet rows, text files), as prepare reads them
+        tok = train_bpe_on_source(
+            sources.train,
             tc.vocab_size,
             special_tokens=specials,
             pattern=tc.pattern,
@@ -112,9 +104,7 @@ def get_tokenizer(cfg: Config, sources: Sources | None = None, progress: bool = 
             progress=progress,
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("tokenizer.json.tmp")
-    tok.save(tmp)
-    tmp.replace(path)
+    tok.save(path)  # (atomic: fileio)
     return tok
 
 
@@ -124,7 +114,8 @@ def cached_tokenizer_path(cfg: Config, sources: Sources) -> Path:
     specials = list(tc.special_tokens)
     if cfg.model.arch == "seq2seq":
         specials += [s for s in SEQ2SEQ_SPECIALS if s not in specials]
-    settings = dict(kind=tc.kind, vocab_size=tc.vocab_size, specials=specials, pattern=tc.pattern, v=1)
+    # v=2: jsonl / parquet sources are read as records (v=1 trained on their raw bytes: never reuse those)
+    settings = dict(kind=tc.kind, vocab_size=tc.vocab_size, specials=specials, pattern=tc.pattern, v=2)
     return cache_dir() / "tokenizers" / _key(sources.train.fingerprint, settings) / "tokenizer.json"
 
 
@@ -197,9 +188,7 @@ def start_run(cfg: Config, tokenizer) -> Path:
         print(f"resuming the run in {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    tmp = run_dir / "tokenizer.json.tmp"
-    tokenizer.save(tmp)
-    tmp.replace(run_dir / "tokenizer.json")
+    tokenizer.save(run_dir / "tokenizer.json")  # (atomic: fileio)
     save_chat_template(tokenizer, run_dir)  # tokenizer_config.json, when the tokenizer has a chat template
     return run_dir
 
@@ -239,12 +228,13 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
         cfg = resolved(cfg, tokenizer)
         saved = _saved_run(cfg.run_dir) if world.is_main else None
         before = _entries(cfg.run_dir) if world.is_main and saved is None else None
-        run_dir = dist.on_main(lambda: start_run(cfg, tokenizer))
-        if source is not None:
-            from scratchlm.train.init_from import record_init_source
+        run_dir = cfg.run_dir
+        try:  # a failure from here on (a full disk in start_run included) leaves the run as it found it
+            run_dir = dist.on_main(lambda: start_run(cfg, tokenizer))
+            if source is not None:
+                from scratchlm.train.init_from import record_init_source
 
-            dist.on_main(lambda: record_init_source(run_dir, source))
-        try:
+                dist.on_main(lambda: record_init_source(run_dir, source))
             return train_model(cfg, run_dir, tokenizer, data_dir)
         except BaseException:
             if saved is not None:
@@ -309,9 +299,9 @@ def _restore_if_unchanged(run_dir: Path, config_bytes: bytes, checkpoint: Path |
     from scratchlm.train.checkpoint import latest_checkpoint
 
     if latest_checkpoint(run_dir) == checkpoint:
-        tmp = run_dir / "config.yaml.tmp"
-        tmp.write_bytes(config_bytes)
-        tmp.replace(run_dir / "config.yaml")
+        from scratchlm import fileio
+
+        fileio.write_bytes(run_dir / "config.yaml", config_bytes)
 
 
 def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
@@ -320,7 +310,15 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Co
 
     run_dir = Path(run_dir)
     if not has_checkpoint(run_dir):
-        raise ConfigError(f"nothing to resume in {run_dir}: no checkpoints/step_* directory")
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"nothing to resume in {run_dir}: not a run directory (no config.yaml)")
+        every = _saved_ckpt_interval(run_dir)
+        raise ConfigError(
+            f"nothing to resume in {run_dir}: the run stopped before its first checkpoint"
+            f"{f' (one every {every} steps: train.ckpt_interval)' if every else ''}; start it over by running "
+            f"the command that started it again (without --resume: its metrics restart from step 0), "
+            f"or delete {run_dir}"
+        )
     saved = to_dict(load_run_config(run_dir))
     values = copy.deepcopy(saved)
     for sec, kv in parse_overrides(overrides or []).items():
@@ -340,6 +338,14 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Co
             "model); drop the model override, or start a new run with another train.name"
         )
     return cfg
+
+
+def _saved_ckpt_interval(run_dir: Path) -> int | None:
+    """train.ckpt_interval of the run's config.yaml, or None when it cannot be read (the hint is optional)."""
+    try:
+        return load_run_config(run_dir).train.ckpt_interval
+    except ScratchLMError:
+        return None
 
 
 def _seq2seq_tokenizer(cfg: Config, progress: bool):
@@ -383,6 +389,5 @@ def _seq2seq_tokenizer(cfg: Config, progress: bool):
         progress=progress,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(path.with_name("tokenizer.json.tmp"))
-    path.with_name("tokenizer.json.tmp").replace(path)
+    tok.save(path)  # (atomic: fileio)
     return tok

@@ -15,7 +15,7 @@ from fuzz_helpers import JSON_VALUES, two_speeds
 from hypothesis import strategies as st
 
 from scratchlm.cli.generate import _read_prompts
-from scratchlm.errors import GenerationError
+from scratchlm.errors import DataError, GenerationError
 from scratchlm.train.metrics import read_metrics, truncate_metrics
 
 _RECORD = st.one_of(
@@ -55,7 +55,8 @@ def check_prompts_file(lines):
         except GenerationError as e:
             assert "\n" not in str(e) and (expected is None or expected == [])
             return
-        except UnicodeDecodeError:  # a lone surrogate the file cannot hold: the CLI says it is not UTF-8
+        except DataError as e:  # a lone surrogate written as bytes that are not UTF-8: the file is named
+            assert str(path) in str(e) and "not UTF-8" in str(e) and "\n" not in str(e)
             return
         assert got == expected and all(isinstance(p, str) for p in got)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 
@@ -147,6 +148,16 @@ def _chosen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argpar
     return parser
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's flush at exit does not fail on the closed pipe
+    again (the recipe of Python's `signal` docs, "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout replaced by an object without a file descriptor (tests)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``scratchlm`` console script; returns the exit code."""
     parser = build_parser()
@@ -159,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     except ScratchLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `scratchlm tokenizer encode ... | head`: the reader is gone; stop quietly
+        _silence_stdout()
+        return 0
     except OSError as e:  # a path given that cannot be read or written (missing, a directory, no space...)
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}; check the path and try again", file=sys.stderr)

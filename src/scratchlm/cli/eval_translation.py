@@ -77,8 +77,10 @@ def run_translation_eval(args: argparse.Namespace, lm) -> int:
     out_dir = run_dir / "eval"
     out_dir.mkdir(exist_ok=True)
     tag = f"{name}_{Path(lm.checkpoint).name}_beam{args.beams}"
-    (out_dir / f"{tag}.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    (out_dir / f"{tag}.hyp").write_text("".join(h + "\n" for h in r["hypotheses"]), encoding="utf-8")
+    from scratchlm import fileio
+
+    fileio.write_text(out_dir / f"{tag}.json", json.dumps(record, indent=1) + "\n")
+    fileio.write_text(out_dir / f"{tag}.hyp", "".join(h + "\n" for h in r["hypotheses"]))
     if args.json:
         print(json.dumps(record))
         return 0

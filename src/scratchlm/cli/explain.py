@@ -47,9 +47,11 @@ def _load(args: argparse.Namespace):
 
     from scratchlm.config import load_run_config
     from scratchlm.model import build_model
+    from scratchlm.model.size import check_model_fits
     from scratchlm.tokenizer import load_tokenizer
 
     cfg = load_run_config(Path(args.run_dir))
+    check_model_fits(cfg.model, f"{args.run_dir}/config.yaml")
     torch.manual_seed(cfg.train.seed)
     return build_model(cfg.model).eval(), load_tokenizer(Path(args.run_dir) / "tokenizer.json"), cfg
 

@@ -186,7 +186,9 @@ def _read_prompts(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise GenerationError(f"--prompts-file {path} does not exist")
-    lines = p.read_text(encoding="utf-8").splitlines()
+    from scratchlm.fileio import read_utf8
+
+    lines = read_utf8(p, "--prompts-file").splitlines()
     if p.suffix == ".jsonl":
         prompts = []
         for i, line in enumerate(lines, 1):

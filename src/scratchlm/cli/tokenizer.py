@@ -25,7 +25,12 @@ def add_parser(subparsers) -> None:
         action="extend",
         required=True,
         metavar="PATH",
-        help="text files, directories (all files inside), or the word `builtin` (built-in corpus, train split)",
+        help="text files, directories, globs, .jsonl/.jsonl.gz/.parquet (one document per record, see "
+        "--text-field), hf:NAME, or the word `builtin` (built-in corpus, train split); read as "
+        "`train data.source=` reads them",
+    )
+    t.add_argument(
+        "--text-field", default="text", help="the field of jsonl records / parquet column holding the text"
     )
     t.add_argument("--vocab-size", type=int, default=4096, help="256 bytes + merges + special tokens (bpe)")
     t.add_argument(
@@ -70,16 +75,17 @@ def add_parser(subparsers) -> None:
     s.set_defaults(func=run_stats)
 
 
-def _input_files(specs: list[str]) -> list[Path]:
-    files: list[Path] = []
-    for spec in specs:
-        if spec == "builtin":
-            from scratchlm.corpus import builtin_corpus
+def _input_source(specs: list[str], text_field: str):
+    """The ``--input`` specs as one text source, read as ``train data.source=`` and ``data prepare`` read
+    them (``corpus.resolve_source``): text files are documents, jsonl / jsonl.gz records and parquet rows
+    give their ``--text-field``, ``builtin`` is the built-in corpus' train split, ``hf:NAME`` a dataset."""
+    from scratchlm.corpus import resolve_source
 
-            files.extend(builtin_corpus().train.paths)
-        else:
-            files.append(Path(spec))
-    return files
+    for spec in specs:
+        plain = spec != "builtin" and not spec.startswith("hf:") and not any(c in spec for c in "*?[")
+        if plain and not Path(spec).expanduser().exists():
+            raise DataError(f"training input {spec} does not exist; check the path")
+    return resolve_source(specs, text_field=text_field)
 
 
 def _read_text(path: str) -> str:
@@ -90,25 +96,29 @@ def _read_text(path: str) -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from scratchlm.tokenizer import CharTokenizer, train_bpe
-    from scratchlm.tokenizer.bpe import _collect_files
+    from scratchlm.corpus import FileSource
+    from scratchlm.tokenizer import CharTokenizer
+    from scratchlm.tokenizer.bpe import _collect_files, train_bpe_on_source
 
     specials = DEFAULT_SPECIALS if args.special is None else args.special
-    files = _input_files(args.input)
+    if args.workers is not None and args.workers < 1:
+        raise DataError(f"--workers must be 1 or more (got {args.workers}); leave it out to use all cores")
+    source = _input_source(args.input, args.text_field)
     start = time.perf_counter()
     if args.kind == "char":
-        paths = _collect_files(files)
-        tok = CharTokenizer.train((_read_text(str(p)) for p in paths), special_tokens=specials)
+        if isinstance(source, FileSource):
+            _collect_files(source.paths)  # (an empty input is an error, as for bpe)
+        tok = CharTokenizer.train(source.documents(), special_tokens=specials)
     else:
-        tok = train_bpe(
-            files,
+        tok = train_bpe_on_source(
+            source,
             args.vocab_size,
             special_tokens=specials,
             pattern=args.pattern,
             num_workers=args.workers,
             progress=not args.no_progress,
         )
-        replaced = tok.train_info.get("replaced_bytes", 0)
+        replaced = getattr(tok, "train_info", {}).get("replaced_bytes", 0)
         if replaced:
             print(f"note: {replaced} undecodable byte(s) in the input were read as U+FFFD", file=sys.stderr)
     tok.save(args.out)

@@ -95,8 +95,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def read_lines(path: str) -> list[str]:
-    """The lines of a UTF-8 file (trailing newline stripped); DataError-free OSError for the CLI."""
-    return Path(path).read_text(encoding="utf-8").splitlines()
+    """The lines of a UTF-8 file (trailing newline stripped); DataError naming a file that is not UTF-8."""
+    from scratchlm.fileio import read_utf8
+
+    return read_utf8(path, "--src-file").splitlines()
 
 
 def run_translate(args: argparse.Namespace) -> int:
@@ -108,6 +110,8 @@ def run_translate(args: argparse.Namespace) -> int:
     if args.out and args.src is not None:
         raise ConfigError("--out goes with --src-file; a --src sentence is printed")
     sources = [args.src] if args.src is not None else read_lines(args.src_file)
+    if not sources:
+        raise GenerationError(f"--src-file {args.src_file} is empty; give one sentence per line")
     empty = [i + 1 for i, s in enumerate(sources) if not s.strip()]
     if empty:
         where = f"line {empty[0]} of {args.src_file}" if args.src_file else "--src"
@@ -139,9 +143,9 @@ def run_translate(args: argparse.Namespace) -> int:
             strict_option="--strict",
         )
     if args.out:
-        tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
-        tmp.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
-        tmp.replace(args.out)
+        from scratchlm import fileio
+
+        fileio.write_text(args.out, "".join(h + "\n" for h in hyps))
         print(f"wrote {len(hyps)} translations to {args.out}", file=sys.stderr)
     else:
         for h in hyps:

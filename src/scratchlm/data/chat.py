@@ -38,6 +38,7 @@ import torch
 
 from scratchlm.config import Config
 from scratchlm.errors import ChatFormatError, ConfigError, DataError
+from scratchlm.fileio import read_utf8
 from scratchlm.tokenizer.chat_template import ChatTemplate, chat_template_of, get_template
 
 IGNORE = -100
@@ -72,7 +73,7 @@ def read_conversations(paths: list[str]) -> list[tuple[str, list[dict]]]:
         files += [Path(m) for m in matches]
     out = []
     for f in files:
-        for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_utf8(f, "chat data").splitlines(), 1):
             if not line.strip():
                 continue
             try:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from scratchlm.errors import DataError
+from scratchlm.fileio import read_utf8
 
 EOS, BOS, PAD = "<|endoftext|>", "<|bos|>", "<|pad|>"
 STATE_VERSION = 1
@@ -52,7 +53,7 @@ def load_pairs(
         if not path.is_file():
             raise DataError(f"parallel corpus '{path}' not found")
         pairs = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, line in enumerate(read_utf8(path, "parallel corpus").splitlines(), 1):
             if not line.strip():
                 continue
             cols = line.split("\t")
@@ -67,8 +68,8 @@ def load_pairs(
                 f"parallel corpus file '{p}' not found; give a prefix with .{src_lang}/.{tgt_lang} "
                 f"files (e.g. ../shared/data/multi30k/train) or a .tsv file"
             )
-    src_lines = src_path.read_text(encoding="utf-8").splitlines()
-    tgt_lines = tgt_path.read_text(encoding="utf-8").splitlines()
+    src_lines = read_utf8(src_path, "parallel corpus file").splitlines()
+    tgt_lines = read_utf8(tgt_path, "parallel corpus file").splitlines()
     if len(src_lines) != len(tgt_lines):
         raise DataError(
             f"'{src_path}' has {len(src_lines)} lines but '{tgt_path}' has {len(tgt_lines)}; "

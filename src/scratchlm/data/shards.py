@@ -115,9 +115,9 @@ def commit(out_dir: Path, files: list[str], meta: dict[str, Any]) -> None:
 
 
 def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(partial_name(path.name))
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    from scratchlm import fileio
+
+    fileio.write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_meta(data_dir: str | os.PathLike) -> dict[str, Any]:

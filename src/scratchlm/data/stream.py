@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from scratchlm.config import MAX_STREAM_WORKERS
 from scratchlm.data.stream_worker import (
     InlineProducer,
     Item,
@@ -187,14 +188,16 @@ class SourceStream:
             ]
         else:
             ctx = mp.get_context("spawn")
-            self.producers = [
-                ProcessProducer(ctx, (self.source, self.tok_spec, start, self.rank, self.world_size, j, n))
-                for j in range(n)
-            ]
+            for j in range(n):  # appended one by one: a failed start closes those already running
+                args = (self.source, self.tok_spec, start, self.rank, self.world_size, j, n)
+                self.producers.append(ProcessProducer(ctx, args))
 
     def _item(self, j: int) -> Any:
         if not self.pending[j]:
-            chunk = self.producers[j].get()
+            try:
+                chunk = self.producers[j].get()
+            except DataError as e:  # the worker died: say which source it was reading
+                raise DataError(f"data source '{self.source.description}': {e}") from None
             if chunk and chunk[0][0] == "error":
                 raise DataError(chunk[0][1])
             self.pending[j].extend(chunk)
@@ -280,8 +283,11 @@ class StreamLoader:
             raise DataError(
                 f"batch_size and context_length must be positive, got {batch_size}, {context_length}"
             )
-        if workers < 0:
-            raise ConfigError(f"data.stream_workers must be >= 0, got {workers}")
+        if not 0 <= workers <= MAX_STREAM_WORKERS:
+            raise ConfigError(
+                f"data.stream_workers must be in [0, {MAX_STREAM_WORKERS}], got {workers}; one or two per "
+                "source keep a GPU fed (each is a process with its own queue)"
+            )
         if vocab_size is not None and tokenizer.vocab_size > vocab_size:
             raise DataError(
                 f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only "

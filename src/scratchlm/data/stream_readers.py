@@ -38,6 +38,8 @@ from scratchlm.corpus import (
     JsonlSource,
     ParquetSource,
     _field,
+    check_not_binary,
+    reading,
 )
 from scratchlm.errors import DataError
 
@@ -86,11 +88,10 @@ def _file_records(source: FileSource, start: Position | None) -> Iterator[tuple[
         p = source.paths[i]
 
         def read(p: Path = p) -> str:
-            data = p.read_bytes()
-            if check_binary and b"\0" in data[:BINARY_SNIFF_BYTES]:
-                raise DataError(
-                    f"'{p}' looks like a binary file (NUL bytes); give text files, .jsonl or .parquet"
-                )
+            with reading(p):
+                data = p.read_bytes()
+            if check_binary:
+                check_not_binary(p, data[:BINARY_SNIFF_BYTES])
             return data.decode("utf-8", errors="replace")
 
         yield {"file": i, "k": i}, i, read
@@ -103,7 +104,7 @@ def _jsonl_records(source: JsonlSource, start: Position | None) -> Iterator[tupl
     for i in range(start.get("file", 0), len(source.paths)):
         p = source.paths[i]
         offset = start.get("offset", 0) if i == start.get("file", 0) else 0
-        with gzip.open(p, "rb") if p.name.lower().endswith(".gz") else open(p, "rb") as f:
+        with reading(p), gzip.open(p, "rb") if p.name.lower().endswith(".gz") else open(p, "rb") as f:
             f.seek(offset)  # gzip: an offset in the decompressed data (it decompresses up to there)
             while line := f.readline():
                 here, offset = offset, offset + len(line)

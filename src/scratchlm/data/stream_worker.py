@@ -102,7 +102,8 @@ def _worker_main(args: tuple, out: Any, stop: Any, parent: int) -> None:
         _send(out, [("error", str(e))], stop, parent)
     except Exception as e:  # a bug or an unexpected library error: still one line for the user
         first = str(e).splitlines()[0] if str(e) else ""
-        _send(out, [("error", f"{type(e).__name__}: {first}")], stop, parent)
+        where = getattr(source, "description", type(source).__name__)
+        _send(out, [("error", f"data source '{where}': {type(e).__name__}: {first}")], stop, parent)
 
 
 def _send(out: Any, chunk: list, stop: Any, parent: int) -> bool:
@@ -138,7 +139,12 @@ class ProcessProducer:
         self.proc = ctx.Process(
             target=_worker_main, args=(args, self.queue, self.stop, os.getpid()), daemon=True
         )
-        self.proc.start()
+        try:
+            self.proc.start()
+        except BaseException:  # (out of processes or memory): release the queue's semaphores now
+            self.queue.cancel_join_thread()
+            self.queue.close()
+            raise
 
     def get(self) -> list:
         while True:

@@ -66,5 +66,7 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path) -> dict[str, Any]:
         "",
         "Runs: " + ", ".join(f"`{d}`" for d in dirs),
     ]
-    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    from scratchlm import fileio
+
+    fileio.write_text(out / "compare.md", "\n".join(lines) + "\n")
     return {"table": table, "figures": figures}

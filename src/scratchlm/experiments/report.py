@@ -295,5 +295,7 @@ def write_report(
         f"- written {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} by `scratchlm report {run_dir}`"
     )
     path = out / "report.md"
-    path.write_text("\n".join(L) + "\n", encoding="utf-8")
+    from scratchlm import fileio
+
+    fileio.write_text(path, "\n".join(L) + "\n")
     return path

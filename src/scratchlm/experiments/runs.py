@@ -17,8 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from scratchlm.config import Config, load_run_config
 from scratchlm.errors import ConfigError
 from scratchlm.train.metrics import read_metrics
@@ -47,10 +45,10 @@ def model_size(cfg: Config) -> tuple[int, int, int]:
 
     Non-embedding excludes every embedding table, tied to the output head or not (``param_counts``).
     """
-    from scratchlm.model import build_model, param_counts
+    from scratchlm.model import param_counts
+    from scratchlm.model.size import meta_model
 
-    with torch.device("meta"):
-        model = build_model(cfg.model)
+    model = meta_model(cfg.model, "the run's model config")  # (shapes only; a huge config is one line)
     counts = param_counts(model)
     return counts["total"], counts["non_embedding"], int(model.flops_per_token())
 
@@ -96,8 +94,8 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     out.update(test_bleu=test.get("bleu"), test_chrf=test.get("chrf"), test_ppl=test.get("ppl"))
     out["val_pairs_ppl"] = test.get("val_pairs_ppl")
     out["test_file"] = Path(test["src"]).name if test.get("src") else None
-    out["stop_reason"] = stops[-1]["reason"] if stops else None
-    out["stop_detail"] = stops[-1]["detail"] if stops else None
+    out["stop_reason"] = stops[-1].get("reason") if stops else None
+    out["stop_detail"] = stops[-1].get("detail") if stops else None
     return out
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scratchlm import fileio
 from scratchlm.config import ModelConfig
 from scratchlm.errors import ConfigError
 from scratchlm.model.hf import _gpt2_compatible, _llama_compatible
@@ -146,8 +147,7 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, dtyp
     tensors = gguf_tensors(model)  # checks the model before anything is written
     tokens, types, merges, pre = _tokenizer_tables(tokenizer, cfg.vocab_size)
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), arch)
+    writer = gguf.GGUFWriter(None, arch)  # the file is opened below, under a temporary name
     writer.add_name(path.stem)
     writer.add_context_length(cfg.context_length)
     writer.add_embedding_length(cfg.d_model)
@@ -188,13 +188,13 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, dtyp
             writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
             writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float16))
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    os.replace(tmp, path)
+    with fileio.atomic_path(path) as tmp:  # disk full: one line naming the file, no temporary left
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return path
 
 

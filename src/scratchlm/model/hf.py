@@ -16,14 +16,17 @@ Layout differences handled here:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from scratchlm import fileio
 from scratchlm.config import ModelConfig
 from scratchlm.errors import CheckpointError, ConfigError
 from scratchlm.model.gpt import GPT
@@ -88,21 +91,25 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, tokenizer=None) -> Path:
         )
     config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     out = Path(out_dir)
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "model.safetensors.tmp"
-    save_file({k: v.clone().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
-    tmp = out / "config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, out / "config.json")
-    if tokenizer is not None:
-        from scratchlm.tokenizer.chat_template import save_chat_template
+    try:
+        with fileio.atomic_path(out / "model.safetensors") as tmp:
+            tensors = {k: v.clone().contiguous() for k, v in tensors.items()}
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        fileio.write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            from scratchlm.tokenizer.chat_template import save_chat_template
 
-        tokenizer.save(out / "tokenizer.json")
-        save_chat_template(tokenizer, out)
-    tmp = out / "generation_config.json.tmp"
-    tmp.write_text(json.dumps(generation_config(tokenizer), indent=2) + "\n")
-    os.replace(tmp, out / "generation_config.json")
+            tokenizer.save(out / "tokenizer.json")
+            save_chat_template(tokenizer, out)
+        fileio.write_text(
+            out / "generation_config.json", json.dumps(generation_config(tokenizer), indent=2) + "\n"
+        )
+    except BaseException:
+        if made:  # a failed export (disk full) leaves no directory that looks like a model behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return out
 
 
@@ -283,15 +290,35 @@ def hf_model_config(path: str | os.PathLike) -> ModelConfig:
     if not config_file.is_file():
         raise CheckpointError(f"'{path}' is not a Hugging Face model directory (no config.json)")
     try:
-        hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
+        hf = json.loads(config_file.read_bytes())
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5,000-digit number, deep nesting
         raise CheckpointError(f"{config_file} is not valid JSON ({e}); re-download or re-export it") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(
+            f"{config_file} holds a JSON {type(hf).__name__}, not an object of model settings; "
+            "re-download or re-export it"
+        )
     kind = hf.get("model_type")
-    if kind == "gpt2":
-        return _config_from_gpt2(hf)
-    if kind == "llama":
-        return _config_from_llama(hf, config_file)
-    raise CheckpointError(f"{config_file}: model_type {kind!r} is not supported (gpt2 or llama)")
+    if kind not in ("gpt2", "llama"):
+        raise CheckpointError(f"{config_file}: model_type {kind!r} is not supported (gpt2 or llama)")
+    try:
+        cfg = _config_from_gpt2(hf) if kind == "gpt2" else _config_from_llama(hf, config_file)
+    except KeyError as e:
+        raise CheckpointError(
+            f"{config_file}: the setting {e} is missing; re-download or re-export it"
+        ) from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:  # a list for a number, 0 heads
+        raise CheckpointError(f"{config_file}: a setting has the wrong type or value ({e})") from None
+    from scratchlm.config import from_dict
+
+    try:  # the types and ranges every ScratchLM model config is held to (d_model % n_head, ...)
+        cfg = from_dict({"model": dataclasses.asdict(cfg)}, str(config_file)).model
+    except ConfigError as e:
+        raise CheckpointError(f"{config_file}: {e}") from None
+    from scratchlm.model.size import check_model_fits
+
+    check_model_fits(cfg, str(config_file))  # n_embd=1e9: one line, before any allocation
+    return cfg
 
 
 def _config_from_gpt2(hf: dict) -> ModelConfig:

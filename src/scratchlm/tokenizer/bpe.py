@@ -289,3 +289,27 @@ def train_bpe_from_iterator(
     if not counts:
         raise DataError("training texts are empty (or only special tokens); give the tokenizer some text")
     return _build(counts, vocab_size, special_tokens, pat, progress)
+
+
+def train_bpe_on_source(
+    source,
+    vocab_size: int,
+    special_tokens: Sequence[str] = ("<|endoftext|>",),
+    pattern: str = "gpt2",
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> Tokenizer:
+    """Train on a text source of ``corpus.resolve_source``: the documents that ``prepare`` and streaming read.
+
+    The source decides what a document is (one per text file, the ``text_field`` of each jsonl / jsonl.gz
+    record, each parquet row), so a tokenizer never learns merges of JSON syntax or compressed bytes. Plain
+    text files take the faster path of :func:`train_bpe` (read in chunks, undecodable bytes counted).
+    """
+    from scratchlm.corpus import FileSource, check_text_files
+
+    if isinstance(source, FileSource):  # whole text files (TextFileSource refuses binary ones)
+        check_text_files(source)
+        return train_bpe(source.paths, vocab_size, special_tokens, pattern, num_workers, progress)
+    return train_bpe_from_iterator(
+        source.documents(), vocab_size, special_tokens, pattern, num_workers, progress
+    )

@@ -186,7 +186,7 @@ def save_chat_template(tokenizer: Any, directory: str | os.PathLike) -> Path | N
             data = {}
     data.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
     data.update({"chat_template": template.jinja, NAME_KEY: template.name})
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from scratchlm import fileio
+
+    fileio.write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     return path

@@ -64,12 +64,87 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+# bounds on a custom pre-tokenizer regex, checked before it is compiled: the regex engines expand a counted
+# repetition into code, so `a{99999999}` takes gigabytes (and `(a{1000}){1000}` a million copies). The
+# gpt2 / gpt4 patterns cost 40 units; 10,000 compile in milliseconds.
+MAX_PATTERN_CHARS = 10_000
+MAX_PATTERN_COST = 10_000
+_COUNTED = regex.compile(r"\{(\d*)(?:,(\d*))?\}")
+
+
+def pattern_cost(pattern: str) -> int:
+    """Upper bound of the atoms a regex compiles to: every counted repetition ``{m,n}`` multiplies the cost
+    of what it repeats (an atom, a class, a group) by ``max(m, n)``; alternatives add up. ``*``, ``+`` and
+    ``?`` do not expand. A scan of the text, no compile: safe on any input (Python ints do not overflow)."""
+    stack: list[list[int]] = [[]]  # per open group: the costs of its atoms so far
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "\\":  # an escape is one atom; \p{..}, \N{..}, \x{..} carry braces that are no repetition
+            j = i + 2
+            if j < n and pattern[j] == "{" and pattern[i + 1] in "pPNxugk":
+                end = pattern.find("}", j)
+                j = n if end < 0 else end + 1
+            stack[-1].append(1)
+            i = j
+        elif c == "[":  # a character class is one atom (nested sets and escapes inside skipped)
+            j, depth = i + 1, 1
+            if j < n and pattern[j] == "^":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and depth:
+                if pattern[j] == "\\":
+                    j += 1
+                elif pattern[j] == "[":
+                    depth += 1
+                elif pattern[j] == "]":
+                    depth -= 1
+                j += 1
+            stack[-1].append(1)
+            i = j
+        elif c == "(":
+            stack.append([])
+            i += 1
+        elif c == ")":
+            inner = stack.pop() if len(stack) > 1 else []
+            stack[-1].append(max(sum(inner), 1))
+            i += 1
+        elif c == "{" and (m := _COUNTED.match(pattern, i)) and (m.group(1) or m.group(2)):
+            bound = max(int(m.group(1) or 0), int(m.group(2) or 0))
+            if stack[-1]:
+                stack[-1][-1] *= max(bound, 1)
+            i = m.end()
+        else:
+            stack[-1].append(1)
+            i += 1
+    return sum(sum(level) for level in stack)
+
+
+def check_pattern_size(pattern: str) -> None:
+    """ConfigError, before any compile, for a regex too long or expanding to too much code (see above)."""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ConfigError(
+            f"tokenizer pattern is {len(pattern):,} characters long (at most {MAX_PATTERN_CHARS:,}); a "
+            "pre-tokenizer regex splits text into words, numbers and punctuation: keep it short"
+        )
+    cost = pattern_cost(pattern)
+    if cost > MAX_PATTERN_COST:
+        raise ConfigError(
+            f"tokenizer pattern {pattern[:80]!r} repeats too much ({cost:,} compiled atoms, at most "
+            f"{MAX_PATTERN_COST:,}): a counted repetition such as {{99999999}} makes the regex engine build "
+            "gigabytes of code; use + or * or a small bound such as {1,3}"
+        )
+
+
 def resolve_pattern(pattern: str) -> str:
-    """``"gpt2"`` / ``"gpt4"`` -> the regex; any other string is taken as a regex itself (and compiled)."""
+    """``"gpt2"`` / ``"gpt4"`` -> the regex; any other string is taken as a regex itself (size-checked with
+    :func:`check_pattern_size`, then compiled)."""
     if pattern in PATTERNS:
         return PATTERNS[pattern]
     if not isinstance(pattern, str):
         raise ConfigError(f"tokenizer pattern {pattern!r} is not a string (gpt2, gpt4 or a regex)")
+    check_pattern_size(pattern)
     try:
         compiled = regex.compile(pattern)
     except (regex.error, OverflowError, RecursionError) as e:
@@ -282,6 +357,10 @@ def parallel_count(
 
     ``start_method``: multiprocessing start method (None = the platform default; "spawn" works too).
     """
+    if num_workers is not None and (type(num_workers) is not int or num_workers < 0):
+        raise TokenizerError(
+            f"num_workers must be a whole number >= 1 (got {num_workers!r}); None (or 0) uses all cores"
+        )
     num_workers = num_workers or available_cores()
     job = partial(count_pretokens, pattern=pattern, special_tokens=list(special_tokens))
     total: Counter[str] = Counter()

@@ -454,11 +454,7 @@ def write_json_atomic(path: Path, obj: dict) -> None:
         raise TokenizerError(
             f"{path} is a directory; give a file path for the tokenizer, e.g. {path}/tokenizer.json"
         )
+    from scratchlm import fileio
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=1)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # after a failed write or rename: no temporary file left behind
+    fileio.write_text(path, json.dumps(obj, ensure_ascii=False, indent=1))

@@ -39,7 +39,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from scratchlm.errors import CheckpointError
+from scratchlm import fileio
+from scratchlm.errors import CheckpointError, FileWriteError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
@@ -71,13 +72,17 @@ def save_checkpoint(
     name = f"step_{step:08d}"
     tmp = root / f".tmp-{name}-{os.getpid()}"
     final = root / name
+    writing = tmp  # the file being written, named in the error of a failed write
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
+        writing = final / "model.safetensors"
         save_weights(model if isinstance(model, dict) else model.state_dict(), tmp / "model.safetensors")
+        writing = final / "optimizer.pt"
         torch.save(optimizer_state, tmp / "optimizer.pt")
         files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in FILES}
+        writing = final / "state.json"
         _write_json(tmp / "state.json", {**state, "step": step, "files": files})
         for f in (*FILES, "state.json"):
             _fsync(tmp / f)
@@ -90,12 +95,16 @@ def save_checkpoint(
         else:
             tmp.rename(final)
         _fsync(root)
-        _atomic_write_text(root / LATEST, name + "\n")
-    except OSError as e:
+        writing = root / LATEST
+        fileio.write_text(root / LATEST, name + "\n")
+    except Exception as e:  # OSError, or safetensors' SafetensorError around one (disk full)
+        if not fileio.is_write_failure(e) and not isinstance(e, FileWriteError):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
-            f"could not write checkpoint {final} ({e}); the previous checkpoint named in "
-            f"{root / LATEST} is intact: free disk space and resume"
+            f"could not write checkpoint file {writing}: {fileio.failure_cause(e)}; the previous checkpoint "
+            f"named in {root / LATEST} is intact: free disk space and resume"
         ) from e
     _prune(root, keep_last, keep=name)
     return final
@@ -382,12 +391,3 @@ def _write_json(path: Path, obj: Any) -> None:
     with open(path, "w") as f:
         json.dump(obj, f)
         f.write("\n")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -112,11 +112,13 @@ def check_memory(cfg: Config, device: torch.device, dtype: torch.dtype, world_si
     in milliseconds instead of failing deep in the allocator. Activations are left out: the check refuses
     only what cannot fit at any batch size. Sharded strategies (FSDP, ZeRO) divide by ``world_size``.
     """
+    from scratchlm.model.size import meta_model
+
+    model = meta_model(cfg.model, "the model config")  # far too large / overflowing shapes: one line
     total = device_memory(device)
     if total is None:
         return
-    with torch.device("meta"):
-        mem = estimate_memory(cfg, build_model(cfg.model), dtype)
+    mem = estimate_memory(cfg, model, dtype)
     need = (mem["weights"] + mem["gradients"] + mem["optimizer"]) / world_size
     if need > total:
         raise ConfigError(

@@ -16,7 +16,6 @@ Samples use a small temperature/top-k sampler with its *own* ``torch.Generator``
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -198,6 +197,6 @@ def truncate_samples(run_dir: Path, step: int) -> None:
     text = path.read_text(encoding="utf-8")
     cut = next((m.start() for m in _SAMPLE_HEADER.finditer(text) if int(m.group(1)) > step), None)
     if cut is not None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text[:cut], encoding="utf-8")
-        os.replace(tmp, path)
+        from scratchlm import fileio
+
+        fileio.write_text(path, text[:cut])

@@ -99,6 +99,22 @@ def resolve_source(path: str | os.PathLike) -> InitSource:
     return InitSource(p, "scratchlm", cfg.model, run_dir / "tokenizer.json", ckpt)
 
 
+def check_not_own_source(cfg: Config, source: InitSource) -> None:
+    """ConfigError when the run being written is the source itself (``finetune runs/A DATA train.name=A``):
+    the fine-tune would resume A at its step and rewrite A's config.yaml and tokenizer.json. Checked
+    before anything is written."""
+    run_dir = cfg.run_dir.resolve()
+    dirs = {Path(source.path).resolve()}
+    if source.kind == "scratchlm":  # (a checkpoint's run: the directory holding its tokenizer.json)
+        dirs.add(Path(source.tokenizer_path).resolve().parent)
+    if any(d == run_dir or run_dir in d.parents for d in dirs):
+        raise ConfigError(
+            f"train.init_from={cfg.train.init_from} is inside the run directory being written "
+            f"({cfg.run_dir}): fine-tuning would overwrite its own source; pick another train.name "
+            f"(e.g. train.name={cfg.run_dir.name}-ft)"
+        )
+
+
 def explicit_keys(config_path: str | os.PathLike | None, overrides: list[str]) -> set[str]:
     """The dotted keys a user wrote (in the YAML file or as overrides), so that an override equal to the
     default (``model.n_layer=4``) is still checked against the source; the CLI passes them."""
@@ -118,6 +134,7 @@ def apply_init_from(
     from scratchlm.tokenizer import CharTokenizer, load_tokenizer
 
     source = resolve_source(cfg.train.init_from)
+    check_not_own_source(cfg, source)
     tok = load_tokenizer(source.tokenizer_path)
     if tok.vocab_size > source.model.vocab_size:
         raise CheckpointError(
@@ -232,7 +249,7 @@ def record_init_source(run_dir: Path, source: InitSource) -> Path:
         "tokenizer": str(Path(source.tokenizer_path).resolve()),
     }
     path = Path(run_dir) / "init_from.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    from scratchlm import fileio
+
+    fileio.write_text(path, json.dumps(record, indent=2) + "\n")
     return path

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from scratchlm import fileio
+
 # dense (no sparsity) peak FLOP/s by device-name substring: (bf16/fp16, fp32 via TF32)
 PEAK_FLOPS: dict[str, tuple[float, float]] = {
     "H200": (989e12, 494e12),
@@ -232,9 +234,36 @@ def _tensorboard_writer(log_dir: Path):
     return SummaryWriter(log_dir=str(log_dir))
 
 
+# fields a reader may do arithmetic on, and the text fields: a record holding another type there (an edited
+# or damaged file, a record of another tool) has that field dropped, so every reader (plot, report,
+# compare, sweep) sees it as missing, never as a KeyError or a TypeError
+NUMBER_FIELDS = (
+    "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "time", "epoch", "train_loss", "train_ppl",
+    "val_loss", "val_ppl", "val_bpb", "val_acc_top1", "val_acc_top5", "val_bleu", "val_chrf",
+)  # fmt: skip
+TEXT_FIELDS = ("kind", "reason", "detail")
+
+
+def _clean(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` without the known fields whose value has the wrong type (None stays: "not measured")."""
+    bad = [k for k in NUMBER_FIELDS if k in record and record[k] is not None and not _is_number(record[k])]
+    bad += [k for k in TEXT_FIELDS if k in record and not isinstance(record[k], str)]
+    return {k: v for k, v in record.items() if k not in bad} if bad else record
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def series(records: list[dict[str, Any]], key: str, x: str = "step") -> tuple[list, list]:
+    """(xs, ys) of the records that have both ``x`` and ``key`` (a record logged without one is skipped)."""
+    pairs = [(r[x], r[key]) for r in records if r.get(x) is not None and r.get(key) is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """All records of ``run_dir/metrics.jsonl`` with an integer ``step`` (a torn last line from a crash, or
-    a damaged one, is skipped)."""
+    a damaged one, is skipped; a known field of the wrong type is dropped from its record, see _clean)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
@@ -245,19 +274,22 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
         except (ValueError, RecursionError):  # JSONDecodeError is a ValueError, as is a 5,000-digit number
             continue
         if isinstance(record, dict) and type(record.get("step")) is int:
-            records.append(record)
+            records.append(_clean(record))
     return records
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
-    """On resume from ``step``: drop records logged after it (the resumed run logs them again)."""
+    """On resume from ``step``: drop records logged after it (the resumed run logs them again), and the stop
+    record at ``step`` (the resumed run ends with its own: one per run, however often it is resumed)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return
-    kept = [r for r in read_metrics(run_dir) if r["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    kept = [
+        r
+        for r in read_metrics(run_dir)
+        if r["step"] < step or (r["step"] == step and r.get("kind") != "stop")
+    ]
+    fileio.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
@@ -294,34 +326,31 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out_dir / name
-        fig.savefig(path, dpi=110)
+        with fileio.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         paths.append(path)
 
     def loss(ax):
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=1)
+        ax.plot(*series(train, "loss"), label="train", lw=1)
         if evals:
-            ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
-        finite = [r["loss"] for r in train if math.isfinite(r["loss"])]
+            ax.plot(*series(evals, "val_loss"), "o-", label="val")
+        finite = [v for v in series(train, "loss")[1] if math.isfinite(v)]
         if finite:
             ax.set_ylim(top=min(max(finite), 2 * sorted(finite)[len(finite) // 2] + 1))
         ax.set_ylabel("loss (nats/token)")
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # (nothing to label when the records lack the values)
+            ax.legend()
 
     def perplexity(ax):
-        ax.plot(
-            [r["step"] for r in train], [math.exp(min(r["loss"], 50.0)) for r in train], label="train", lw=1
-        )
-        if evals:
-            ax.plot(
-                [r["step"] for r in evals],
-                [math.exp(min(r["val_loss"], 50.0)) for r in evals],
-                "o-",
-                label="val",
-            )
+        for records, key, style, label in ((train, "loss", "-", "train"), (evals, "val_loss", "o-", "val")):
+            steps, values = series(records, key)
+            if steps:
+                ax.plot(steps, [math.exp(min(v, 50.0)) for v in values], style, label=label, lw=1)
         ax.set_yscale("log")
         ax.set_ylabel("perplexity exp(loss) (log scale)")
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # (nothing to label when the records lack the values)
+            ax.legend()
 
     figure("loss.png", loss)
     figure("perplexity.png", perplexity)
@@ -329,8 +358,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     if bleu:
 
         def bleu_curve(ax):
-            ax.plot([r["step"] for r in bleu], [r["val_bleu"] for r in bleu], "o-", label="sacreBLEU")
-            ax.plot([r["step"] for r in bleu], [r["val_chrf"] for r in bleu], "s--", label="chrF")
+            ax.plot(*series(bleu, "val_bleu"), "o-", label="sacreBLEU")
+            ax.plot(*series(bleu, "val_chrf"), "s--", label="chrF")
             ax.set_ylabel("score (0-100), greedy, validation subset")
             ax.set_title("validation BLEU and chrF")
             ax.legend()
@@ -339,14 +368,14 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     figure(
         "lr.png",
         lambda ax: (
-            ax.plot([r["step"] for r in train], [r["lr"] for r in train]),
+            ax.plot(*series(train, "lr")),
             ax.set_ylabel("learning rate"),
         ),
     )
     figure(
         "throughput.png",
         lambda ax: (
-            ax.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train]),
+            ax.plot(*series(train, "tokens_per_s")),
             ax.set_ylabel("tokens / s"),
         ),
     )

@@ -77,6 +77,9 @@ class TrainState:
     bad_evals: int = 0  # evaluations since the last improvement (early stopping)
     nan_skips: int = 0  # steps skipped for a non-finite loss
     elapsed: float = 0.0  # training wall seconds, summed over resumed runs
+    # train losses of the steps since the last evaluation (its train_loss is their mean): saved, so that
+    # a resumed run reports the same train_loss as one never stopped
+    eval_losses: list[float] = dataclasses.field(default_factory=list)
 
 
 def micro_steps(cfg: Config, world_size: int = 1) -> int:
@@ -194,7 +197,8 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
         start_time=state.elapsed,
     )
     run_start, elapsed_before = time.perf_counter(), state.elapsed
-    interval_tokens, interval_time, stopped, losses = 0, 0.0, None, []  # losses: train, since the last eval
+    interval_tokens, interval_time, stopped = 0, 0.0, None
+    losses = state.eval_losses  # train losses since the last evaluation (restored on resume)
 
     def save(improved: bool) -> Path:
         """Every rank gathers (FSDP / ZeRO-1 shards, RNG states); rank 0 writes; all get its path or error."""

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from scratchlm import fileio
 from scratchlm.viz.plots import _pyplot
 
 X_LABELS = {"step": "optimizer step", "tokens": "tokens seen", "time": "training wall time (s)"}
@@ -38,7 +39,11 @@ def plot_curves(
     for ax, x in zip(axes[0], xs):
         for i, s in enumerate(series):
             color = s.get("color") or colors[i % len(colors)]
-            train = [r for r in s["curves"]["train"] if r.get(x) is not None and math.isfinite(r["loss"])]
+            train = [
+                r
+                for r in s["curves"]["train"]
+                if r.get(x) is not None and r.get("loss") is not None and math.isfinite(r["loss"])
+            ]
             evals = [r for r in s["curves"]["eval"] if r.get(x) is not None]
             ax.plot([r[x] for r in train], [f(r["loss"]) for r in train], color=color, lw=0.8, alpha=0.45)
             ax.plot(
@@ -59,6 +64,7 @@ def plot_curves(
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    with fileio.atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format=out.suffix[1:] or "png")
     plt.close(fig)
     return out

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from scratchlm import fileio
 from scratchlm.errors import ScratchLMError
 
 
@@ -45,7 +46,8 @@ def plot_positions(d_model: int, n_pos: int, out: str | Path, theta: float = 100
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    with fileio.atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format=out.suffix[1:] or "png")
     plt.close(fig)
     return out
 
@@ -174,6 +176,7 @@ def _save(fig, out: str | Path) -> Path:
     plt = _pyplot()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    with fileio.atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format=out.suffix[1:] or "png")
     plt.close(fig)
     return out
