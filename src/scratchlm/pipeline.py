@@ -101,7 +101,7 @@ def get_tokenizer(cfg: Config, sources: Sources | None = None, progress: bool = 
             special_tokens=specials,
             pattern=tc.pattern,
             num_workers=tc.num_workers,
-            progress=progress,
+            progress=progress and is_terminal(),  # a bar
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(path)  # (atomic: fileio)
@@ -209,7 +209,7 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
         cfg, source = apply_init_from(cfg)
     preflight(cfg)  # cheap checks (device, seed, sizes, tokens_per_step) before any expensive work
     with dist.process_group(cfg.train.device) as world:
-        progress = progress and world.is_main and is_terminal()  # bars for a person at a terminal only
+        progress = progress and world.is_main  # the stages' one-line reports; their bars need a terminal too
         if cfg.model.arch == "seq2seq":
             tokenizer = dist.main_first(lambda: _seq2seq_tokenizer(cfg, progress))
             data_dir = None
@@ -386,7 +386,7 @@ def _seq2seq_tokenizer(cfg: Config, progress: bool):
         special_tokens=specials,
         pattern=cfg.tokenizer.pattern,
         num_workers=cfg.tokenizer.num_workers,
-        progress=progress,
+        progress=progress and is_terminal(),  # a bar
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(path)  # (atomic: fileio)

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from scratchlm.console import is_terminal
 from scratchlm.corpus import hash_fraction
 from scratchlm.data import shards
 from scratchlm.errors import DataError
@@ -92,7 +93,7 @@ def prepare(
             unit="B",
             unit_scale=True,
             desc=f"prepare {out.name}",
-            disable=not progress,
+            disable=not (progress and is_terminal()),  # a bar for a person at a terminal only
             file=sys.stderr,
             smoothing=0.1,
         )

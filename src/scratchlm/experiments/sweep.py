@@ -525,7 +525,8 @@ def _train_in_processes(
             first = running[0] if started == 1 and running else None
             warming = first is not None and first[2].poll() is None
             if not (warming and not (out / first[1].name / "tokenizer.json").is_file()):
-                while queue and len(running) < (1 if started == 0 else jobs):
+                limit = 1 if started == 0 else jobs  # fixed before the loop: the first starts alone
+                while queue and len(running) < limit:
                     i, p = queue.pop(0)
                     on_start(i, p)
                     args = [*point_overrides(overrides, p), f"train.run_dir={out / p.name}"]
