@@ -103,7 +103,7 @@ class TransformerLM(nn.Module):
     """Decoder-only language model (GPT-2 or Llama flavour by ``cfg``), the fast GPT's parameter names.
 
     forward(ids (B, T), targets (B, T) | None) -> (logits (B, T, V), loss | None):
-        x = wte[ids] (+ wpe[0..T-1] | + PE[0..T-1]) -> dropout -> blocks (causal; RoPE inside when
+        x = wte[ids] (+ wpe[0..T-1] | * sqrt(C) + PE[0..T-1]) -> dropout -> blocks (causal; RoPE inside when
         pos=rope) -> ln_f (pre-norm only) -> logits = x W_head^T;  loss = CE(logits, targets).
     tie_embeddings: W_head is wte's table (Press & Wolf 2017).
     """
@@ -131,8 +131,8 @@ class TransformerLM(nn.Module):
         x = self.wte(ids)  # (B, T, C)
         if self.wpe is not None:
             x = x + self.wpe(positions)
-        elif cfg.pos == "sinusoidal":
-            x = x + sinusoidal_positions(T, cfg.d_model).to(x)
+        elif cfg.pos == "sinusoidal":  # the paper's scale (section 3.4): the table would drown the tokens
+            x = x * math.sqrt(cfg.d_model) + sinusoidal_positions(T, cfg.d_model).to(x)
         x = ops.dropout(x, cfg.dropout if self.training else 0.0)
         for block in self.blocks:
             x = block(x, positions, causal=True)
