@@ -139,8 +139,8 @@ def test_cli_warnings_are_one_line(capsys, monkeypatch):
         return 0
 
     class Parser:
-        def parse_args(self, argv):
-            return argparse.Namespace(func=fallback)
+        def parse_known_args(self, argv):
+            return argparse.Namespace(func=fallback), []
 
     monkeypatch.setattr(cli, "build_parser", Parser)
     assert cli.main([]) == 0

@@ -224,8 +224,26 @@ def test_bad_out_path_is_refused_before_generating(run_dir, tmp_path, capsys):
 
 
 def test_prompt_too_long_is_one_line_error(run_dir, capsys):
-    assert main(["generate", str(run_dir), "--prompt", "x" * 60, "--max-new-tokens", "10"]) == 2
-    assert "context_length 48" in capsys.readouterr().err
+    args = ["generate", str(run_dir), "--prompt", "x" * 60, "--max-new-tokens", "10", "--context", "error"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "context_length 48" in err and err.count("\n") == 1
+    # the hint names the flags a user types, never the Python keywords (it said context='slide')
+    assert "--max-new-tokens 10" in err and "--context slide" in err and "context=" not in err
+
+
+def test_generation_past_the_context_slides_by_default(run_dir, capsys):
+    """The README's `scratchlm sample RUN --prompt "def "` on a context-128 run asks for 2 + 128 tokens: HF and
+    nanoGPT users expect it to generate, not to fail; the default slides the window and says so once."""
+    args = ["generate", str(run_dir), "--prompt", "def ", "--max-new-tokens", "60", "--temperature", "0"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert err.count("warning:") == 1 and err.count("\n") == 1
+    assert "exceeds the model's context_length 48: the window slides" in err
+    assert "--context stop" in err and "--context error" in err and "context=" not in err
+    assert main([*args, "--context", "slide"]) == 0
+    explicit = capsys.readouterr()
+    assert explicit.out == out and explicit.err == ""  # the same text; no warning when asked for by name
 
 
 def test_tiny_temperature_is_greedy(run_dir, lm, capsys):
@@ -443,3 +461,17 @@ def test_repl_unencodable_message_is_one_line_error_and_not_a_turn():
     assert lines[0].startswith("error: char tokenizer") and "\u00e9" in lines[0]
     assert len(lines) == 2 and not lines[1].startswith("error")
     assert [u for u, _ in session.history] == ["hello"]
+
+
+def test_interactive_chat_labels_the_turns():
+    """At a terminal each reply is labelled (it followed the `> ` prompt unmarked); piped output stays bare."""
+    from scratchlm.inference.chat import MODEL_LABEL, USER_LABEL
+
+    out = io.StringIO()
+    assert run_repl(ChatSession(FakeEngine()), io.StringIO("hi\nagain\n"), out, interactive=True) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[1:] == [f"{USER_LABEL}{MODEL_LABEL}reply 1", f"{USER_LABEL}{MODEL_LABEL}reply 2", USER_LABEL]
+    assert USER_LABEL.strip() == "you>" and MODEL_LABEL.strip() == "model>"
+    piped = io.StringIO()
+    run_repl(ChatSession(FakeEngine()), io.StringIO("hi\n"), piped)
+    assert piped.getvalue() == "reply 1\n"

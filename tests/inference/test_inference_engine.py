@@ -173,7 +173,12 @@ def test_context_policies(tok):
     ids = tok.encode(prompt)
     n = len(ids)
     with pytest.raises(GenerationError, match=rf"{n} tokens \+ max_new_tokens 20 = {n + 20} exceeds .* 16"):
-        engine.generate(prompt, max_new_tokens=20)
+        engine.generate(prompt, max_new_tokens=20, context="error")
+    # no policy given: the window slides (as in HF and nanoGPT), said once as a warning naming the options
+    with pytest.warns(UserWarning, match=r"exceeds the model's context_length 16: the window slides.*'stop'"):
+        default = engine.generate(prompt, max_new_tokens=20, temperature=0, stop_token_ids=[])[0]
+    slid = engine.generate(prompt, max_new_tokens=20, temperature=0, context="slide", stop_token_ids=[])[0]
+    assert default.new_tokens == 20 and default.token_ids == slid.token_ids
     res = engine.generate(prompt, max_new_tokens=20, temperature=0, context="stop", stop_token_ids=[])[0]
     assert res.finish_reason == "context" and res.prompt_tokens + res.new_tokens == 16 + 1
     assert res.token_ids == recompute_greedy(model, ids, 16 + 1 - n)

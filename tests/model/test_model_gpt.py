@@ -143,6 +143,30 @@ def test_gpt2_preset_has_gpt2_parameter_count():
     assert medium.num_params() == 354_823_168  # GPT-2 medium
 
 
+def test_parameter_labels_with_tied_embeddings():
+    """GPT-2 small: 124.4M parameters, 85.1M non-embedding (Kaplan et al. 2020's N, and what HF's
+    ``num_parameters(exclude_embeddings=True)`` gives): the tied wte is an embedding, not "non-embedding"
+    (the dry run said "123,653,376 non-embedding", counting the tied table as the head's matmul)."""
+    from scratchlm.model import describe_params, param_counts
+
+    with torch.device("meta"):
+        model = build_model(load_config(overrides=["preset=gpt2"]).model)
+    counts = param_counts(model)
+    assert counts == {
+        "total": 124_439_808,
+        "embedding": 50257 * 768 + 1024 * 768,
+        "non_embedding": 85_056_000,
+        "tied": True,
+    }
+    assert describe_params(model) == (
+        "124,439,808 (39,383,808 embedding, tied to the output head; 85,056,000 non-embedding)"
+    )
+    untied = tiny(tie_embeddings=False)
+    c = param_counts(untied)
+    assert not c["tied"] and c["embedding"] == 100 * 32 + 32 * 32
+    assert c["non_embedding"] == c["total"] - c["embedding"] and "tied" not in describe_params(untied)
+
+
 def test_flops_per_token_and_mfu():
     model = tiny()
     n = model.num_params(non_embedding=True)

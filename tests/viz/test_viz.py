@@ -35,6 +35,18 @@ def test_walkthrough_records_shapes_in_order():
     assert "lm_head" in format_walkthrough(steps)
 
 
+def test_walkthrough_labels_the_tied_head():
+    """A tied lm_head showed 0 parameters with no word why; it now says whose weight it uses."""
+    steps = walkthrough(_tiny(), torch.randint(0, 50, (1, 7)))
+    by_name = {s.name: s for s in steps}
+    assert by_name["lm_head"].params == 0 and by_name["lm_head"].tied_to == "wte"
+    (line,) = [x for x in format_walkthrough(steps).splitlines() if x.startswith("lm_head")]
+    assert line.endswith("0  (tied to wte)")
+    untied = walkthrough(_tiny(tie_embeddings=False), torch.randint(0, 50, (1, 7)))
+    head = next(s for s in untied if s.name == "lm_head")
+    assert head.params == 50 * 16 and head.tied_to == "" and "tied" not in format_walkthrough(untied)
+
+
 @pytest.mark.parametrize("pos", ["learned", "rope"])
 def test_attention_maps_are_causal_distributions(pos):
     from scratchlm.viz.plots import attention_maps

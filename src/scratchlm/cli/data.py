@@ -61,7 +61,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="field holding the text in jsonl/parquet/HF records (data.text_field)",
     )
     prep.add_argument("--no-progress", action="store_true", help="no progress bar")
-    prep.set_defaults(func=run_prepare)
+    prep.set_defaults(func=run_prepare, intermixed="source")
 
     info = sub.add_parser(
         "info", help="tokens, documents, dtype, tokenizer and a decoded peek of a shard dir"

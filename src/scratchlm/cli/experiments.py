@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seeds", type=int, help="runs per point with seeds train.seed, +1, ... (default 1)")
     s.add_argument("--name", help="the sweep's name (default: the config file's name)")
     s.add_argument("--out", metavar="DIR", help="the sweep's folder (default runs/sweeps/NAME)")
-    s.set_defaults(func=run_sweep_cmd)
+    s.set_defaults(func=run_sweep_cmd, intermixed="args")
 
     c = sub.add_parser(
         "compare",

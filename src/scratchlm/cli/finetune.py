@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dry-run", action="store_true", help="print the resolved config and estimates; write nothing"
     )
-    p.set_defaults(func=run_finetune)
+    p.set_defaults(func=run_finetune, intermixed="args")
 
 
 def is_chat_jsonl(path: str) -> bool:

@@ -125,9 +125,10 @@ def _add_common(p: argparse.ArgumentParser, chat_defaults: bool = False) -> None
     )
     s.add_argument(
         "--context",
-        choices=("error", "slide", "stop"),
-        default="error",
-        help="when prompt + new tokens exceed the context: error | slide (sliding window) | stop",
+        choices=("slide", "stop", "error"),
+        default=None,
+        help="when prompt + new tokens exceed the model's context: slide (a sliding window; the default, "
+        "said once on stderr) | stop (end at the context) | error (refuse)",
     )
     r = p.add_argument_group("run")
     r.add_argument("--which", choices=("best", "latest"), default="best", help="checkpoint to load")
@@ -173,9 +174,10 @@ def _load(args: argparse.Namespace):
 
 
 def _engine(args: argparse.Namespace, lm):
-    from scratchlm.inference.engine import Engine
+    from scratchlm.inference.engine import CLI_NAMES, Engine
 
     engine = Engine(lm.model, lm.tokenizer, compile=args.compile)
+    engine.option_names = CLI_NAMES  # hints name --context / --max-new-tokens, not Python keywords
     _check_stop_token_ids(args, engine.vocab_size)
     return engine
 
@@ -330,7 +332,7 @@ def _translate(args: argparse.Namespace, lm, prompts: list[str]) -> tuple[list[d
             )
     for flag, unused in [
         ("--num-samples", args.num_samples != 1),
-        ("--context", args.context != "error"),
+        ("--context", args.context is not None),
         ("--compile", args.compile),
     ]:
         if unused:
@@ -388,6 +390,6 @@ def run_chat(args: argparse.Namespace) -> int:
     engine = _engine(args, lm)
     sampling = _sampling(args)
     session = ChatSession(engine, system=args.system, **sampling)
-    if args.context != "error":
+    if args.context not in (None, "slide"):
         print("note: chat always uses a sliding window when a message does not fit", file=sys.stderr)
     return run_repl(session, sys.stdin, sys.stdout, interactive=sys.stdin.isatty(), show_stats=args.stats)

@@ -7,13 +7,17 @@ import math
 import sys
 import time
 
-from scratchlm.config import PRESETS, field_docs, load_config, to_yaml
 from scratchlm.errors import ConfigError
 
 MAIN_JOB_PRESET = "cpu-small"
 
 
 def _options_help() -> str:
+    """The epilog of ``scratchlm train --help``: every config option with its type, default and doc (built
+    only when that help is shown: it imports the config module, which ``scratchlm --help`` does not need)."""
+    from scratchlm.config import field_docs
+    from scratchlm.presets import PRESETS
+
     lines = [
         "options (section.key=value; defaults < preset < YAML < command line):",
         "  list values: data.source=a.txt,b.txt or, quoted for the shell, "
@@ -39,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="train a model (no arguments: the main job on the built-in corpus)",
         description="Train a tokenizer (or reuse a cached one), prepare shards, train and evaluate a model, "
         "and print a sample. Arguments are an optional YAML config followed by dotted overrides.",
-        epilog=_options_help(),
+        epilog_factory=_options_help,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -58,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR exactly where it stopped (overrides may extend it)",
     )
-    p.set_defaults(func=run_train)
+    p.set_defaults(func=run_train, intermixed="args")
 
     c = sub.add_parser("corpus", help="the built-in corpus (Python standard library source)")
     csub = c.add_subparsers(dest="corpus_command", metavar="COMMAND", required=True)
@@ -89,6 +93,7 @@ def split_args(args: list[str]) -> tuple[str | None, list[str]]:
 def run_train(args: argparse.Namespace) -> int:
     """``scratchlm train``; under torchrun (``torchrun --nproc_per_node N -m scratchlm train ...``) every
     rank runs it and only rank 0 prints (the config, the summary and the sample)."""
+    from scratchlm.config import load_config, to_yaml
     from scratchlm.pipeline import resume_config, run
     from scratchlm.train.distributed import is_main_process
 
@@ -177,6 +182,8 @@ def run_corpus_info(args: argparse.Namespace) -> int:
 
 
 def run_presets(args: argparse.Namespace) -> int:
+    from scratchlm.presets import PRESETS
+
     for name, values in PRESETS.items():
         flat = ", ".join(f"{sec}.{k}={v}" for sec, kv in values.items() for k, v in kv.items())
         print(f"{name}:\n  {flat}")

@@ -36,12 +36,16 @@ EVAL_KEYS = ("val_loss", "val_ppl", "val_bpb", "val_acc_top1", "val_acc_top5", "
 
 
 def model_size(cfg: Config) -> tuple[int, int, int]:
-    """(parameters, non-embedding parameters, training FLOPs per token) of the config's model."""
-    from scratchlm.model import build_model
+    """(parameters, non-embedding parameters, training FLOPs per token) of the config's model.
+
+    Non-embedding excludes every embedding table, tied to the output head or not (``param_counts``).
+    """
+    from scratchlm.model import build_model, param_counts
 
     with torch.device("meta"):
         model = build_model(cfg.model)
-    return model.num_params(), model.num_params(non_embedding=True), int(model.flops_per_token())
+    counts = param_counts(model)
+    return counts["total"], counts["non_embedding"], int(model.flops_per_token())
 
 
 def summarize_run(run_dir: str | Path) -> dict[str, Any]:

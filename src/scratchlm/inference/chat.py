@@ -159,19 +159,24 @@ def _unescape(text: str) -> str:
         raise GenerationError(f"/set stop: {text!r} has a malformed backslash escape") from None
 
 
+USER_LABEL = "you> "  # the interactive prompt
+MODEL_LABEL = "model> "  # before each reply, so the transcript reads as a conversation
+
+
 def run_repl(
     session: ChatSession, stdin: TextIO, stdout: TextIO, interactive: bool = False, show_stats: bool = False
 ) -> int:
     """Read messages from ``stdin`` until EOF or ``/quit``; stream replies to ``stdout``. Returns 0.
 
-    ``interactive`` prints the ``> `` prompt and the banner (off for piped input); ``show_stats`` prints
-    the tokens/s of each reply after it.
+    ``interactive`` prints the banner, the ``you> `` prompt and labels each reply ``model> `` (off for piped
+    input, whose output is the bare replies, one per line, for scripts); ``show_stats`` prints the tokens/s
+    of each reply after it.
     """
     if interactive:
         stdout.write("chat with the model; /help for commands, Ctrl-D to quit\n")
     while True:
         if interactive:
-            stdout.write("> ")
+            stdout.write(USER_LABEL)
             stdout.flush()
         try:
             line = stdin.readline()
@@ -190,6 +195,8 @@ def run_repl(
                 return 0
             continue
         reply = session.reply(message)
+        if interactive:
+            stdout.write(MODEL_LABEL)
         try:
             for delta in reply:
                 stdout.write(delta)

@@ -23,7 +23,11 @@ does). Streaming additionally holds back any tail that could be the start of a s
 
 Context-window policy (``context=``), when prompt + max_new_tokens exceeds the model's ``context_length``:
 
-- ``"error"`` (default): raise :class:`GenerationError` before generating, naming the numbers.
+- not given (default): ``"slide"``, said once as a warning (HF ``generate`` and nanoGPT's ``generate`` keep
+  going past the window too: nanoGPT crops the context to the last ``block_size`` tokens every step).
+  Sliding rather than stopping gives the tokens that were asked for (docs/generation.md, "When the context
+  window fills", has the measurement behind the choice).
+- ``"error"``: raise :class:`GenerationError` before generating, naming the numbers.
 - ``"slide"``: a sliding window. A prompt longer than the window keeps its last ``context_length`` tokens;
   whenever a row's window is full, its oldest tokens are dropped: its last ``context_length // 2`` tokens
   are re-prefilled (positions restart at 0) and decoding goes on. The model thus always sees between
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import codecs
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -57,7 +62,12 @@ from scratchlm.inference.sampling import (
     stop_prefix_len,
 )
 
-CONTEXT_POLICIES = ("error", "slide", "stop")
+CONTEXT_POLICIES = ("slide", "stop", "error")
+DEFAULT_CONTEXT = "slide"  # the policy when none is given (said once when the window overflows)
+
+# How messages name the options: Python keywords (the API) or the CLI's flags (`scratchlm generate`).
+PYTHON_NAMES = {"context": "context='{}'", "max_new_tokens": "max_new_tokens"}
+CLI_NAMES = {"context": "--context {}", "max_new_tokens": "--max-new-tokens"}
 
 
 @dataclass
@@ -156,12 +166,13 @@ class Engine:
         self._decode_forward = torch.compile(model, dynamic=True) if compile else model
         self._token_bytes: list[bytes] | None = None
         self.last_stats = GenerationStats()
+        self.option_names = PYTHON_NAMES  # the CLI sets CLI_NAMES, so hints name the flags a user types
 
     # ------------------------------------------------------------------------------------------------------
     # public API
 
     def generate(
-        self, prompts: str | Sequence[str], *, context: str = "error", num_samples: int = 1, **sampling
+        self, prompts: str | Sequence[str], *, context: str | None = None, num_samples: int = 1, **sampling
     ) -> list[GenerationResult]:
         """Complete each prompt (a str is one prompt); ``num_samples`` completions per prompt, in order.
 
@@ -180,7 +191,7 @@ class Engine:
         return results
 
     def generate_ids(
-        self, prompt_ids: Sequence[Sequence[int]], *, context: str = "error", **sampling
+        self, prompt_ids: Sequence[Sequence[int]], *, context: str | None = None, **sampling
     ) -> list[GenerationResult]:
         """Like :meth:`generate` on token ids (each prompt non-empty); ``prompt`` is decoded from the ids."""
         if not prompt_ids:
@@ -206,7 +217,7 @@ class Engine:
             for ids, r in zip(prompt_ids, rows)
         ]
 
-    def stream(self, prompt: str, *, context: str = "error", **sampling) -> Iterator[str]:
+    def stream(self, prompt: str, *, context: str | None = None, **sampling) -> Iterator[str]:
         """Yield the completion of one prompt as text deltas while it is generated.
 
         Concatenated, the deltas equal ``generate(prompt, ...)[0].text`` (same seed). A delta never ends
@@ -245,9 +256,13 @@ class Engine:
             self._token_bytes = [self.tokenizer.decode_bytes([i]) for i in range(n)]
         return self._token_bytes[token] if token < len(self._token_bytes) else b""
 
-    def _check_context(self, rows: list[_Row], params: SamplingParams, context: str) -> None:
+    def _check_context(self, rows: list[_Row], params: SamplingParams, context: str | None) -> str:
+        """Validate the request against the window; return the policy to run (None -> the default)."""
+        name, max_new = self.option_names["context"].format, self.option_names["max_new_tokens"]
+        given = context
+        context = DEFAULT_CONTEXT if context is None else context
         if context not in CONTEXT_POLICIES:
-            raise GenerationError(f"context={context!r} is not one of {', '.join(CONTEXT_POLICIES)}")
+            raise GenerationError(f"{name(context)} is not one of {', '.join(CONTEXT_POLICIES)}")
         outside = [t for t in params.stop_token_ids or [] if t >= self.vocab_size]
         if outside:
             raise GenerationError(
@@ -255,20 +270,30 @@ class Engine:
             )
         ctx = self.context_length
         longest = max(len(r.prompt_ids) for r in rows)
+        over = (
+            f"prompt of {longest} tokens + {max_new} {params.max_new_tokens} = "
+            f"{longest + params.max_new_tokens} exceeds the model's context_length {ctx}"
+        )
         if context == "error" and longest + params.max_new_tokens > ctx:
             raise GenerationError(
-                f"prompt of {longest} tokens + max_new_tokens {params.max_new_tokens} = "
-                f"{longest + params.max_new_tokens} exceeds the model's context_length {ctx}; shorten the prompt, "
-                "lower max_new_tokens, or use context='slide' (sliding window) or 'stop'"
+                f"{over}; shorten the prompt, lower {max_new}, or use {name('slide')} (sliding window) or "
+                f"{name('stop')}"
             )
         if context == "stop" and longest >= ctx:
             raise GenerationError(
                 f"prompt of {longest} tokens leaves no room in the context_length {ctx}; "
-                "shorten it or use context='slide'"
+                f"shorten it or use {name('slide')}"
+            )
+        if given is None and longest + params.max_new_tokens > ctx:
+            warnings.warn(
+                f"{over}: the window slides (when full, generation goes on from its last {max(1, ctx // 2)} "
+                f"tokens); {name('stop')} stops at the context, {name('error')} refuses",
+                stacklevel=2,
             )
         if context == "slide":
             for r in rows:
                 r.prompt_ids = r.prompt_ids[-ctx:]
+        return context
 
     @torch.inference_mode()
     def _prefill(
@@ -327,9 +352,9 @@ class Engine:
         return seqs
 
     @torch.inference_mode()
-    def _run(self, rows: list[_Row], params: SamplingParams, context: str) -> Iterator[None]:
+    def _run(self, rows: list[_Row], params: SamplingParams, context: str | None) -> Iterator[None]:
         """Generate into ``rows`` in place; yields after every step (streaming reads the rows then)."""
-        self._check_context(rows, params, context)
+        context = self._check_context(rows, params, context)
         B, ctx, dev = len(rows), self.context_length, self.device
         stats = self.last_stats = GenerationStats(
             batch_size=B, prompt_tokens=sum(len(r.prompt_ids) for r in rows)

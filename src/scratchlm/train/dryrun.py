@@ -27,7 +27,7 @@ import torch
 from scratchlm.config import Config
 from scratchlm.device import resolve_device, resolve_dtype
 from scratchlm.errors import ConfigError
-from scratchlm.model import build_model
+from scratchlm.model import build_model, describe_params
 from scratchlm.train.memory import apply_memory_options
 from scratchlm.train.metrics import peak_flops
 from scratchlm.train.optim import build_optimizers, param_groups, set_lr
@@ -154,8 +154,6 @@ def dry_run(cfg: Config) -> str:
         model = build_model(m).to(device)
         apply_memory_options(model, tc)  # the step timed is the step trained
         model.train()
-        n = model.num_params()
-        n_body = model.num_params(non_embedding=True)
         accum = micro_steps(cfg)
         tokens_per_step = accum * tc.batch_size * m.context_length
         flops_per_token = model.flops_per_token()
@@ -217,7 +215,7 @@ def dry_run(cfg: Config) -> str:
     lines = [
         "# dry run (nothing written)",
         f"model:           {type(model).__name__}, {m.n_layer} layers, d_model {m.d_model}, vocab {vocab:,}{vocab_note}",
-        f"parameters:      {n:,} ({n_body:,} non-embedding)",
+        f"parameters:      {describe_params(model)}",
         f"device / dtype:  {device} / {str(dtype).removeprefix('torch.')} {kind}".rstrip(),
         f"tokens per step: {tokens_per_step:,} (batch {tc.batch_size} x context {m.context_length} x "
         f"{accum} micro-batch{'es' if accum > 1 else ''})",

@@ -25,6 +25,7 @@ class Step:
     inputs: list[tuple[int, ...]]
     output: tuple[int, ...]
     params: int
+    tied_to: str = ""  # the module that owns this one's weight when it is shared (lm_head tied to wte)
 
 
 def _shape(x) -> tuple[int, ...] | None:
@@ -44,15 +45,21 @@ def walkthrough(model: nn.Module, idx: torch.Tensor) -> list[Step]:
     """Run ``model(idx)`` once and return the module calls in order, with shapes (B, T, ...)."""
     steps: list[Step] = []
     handles = []
-    seen: set[int] = set()  # a tied parameter (wte = lm_head) is counted at its first use only
+    owner: dict[int, str] = {}  # parameter id -> the module that used it first: a tied parameter (wte =
+    # lm_head) is counted at its first use only, and the later module says "(tied to wte)"
 
     def hook(name: str):
         def record(module, args, output):
             shapes = [s for s in (_shape(a) for a in args) if s is not None]
             out = _shape(output)
-            own = sum(p.numel() for p in module.parameters(recurse=False) if id(p) not in seen)
-            seen.update(id(p) for p in module.parameters(recurse=False))
-            steps.append(Step(name or "model", type(module).__name__, shapes, out or (), own))
+            params = list(module.parameters(recurse=False))
+            own = sum(p.numel() for p in params if id(p) not in owner)
+            tied = sorted({owner[id(p)] for p in params if id(p) in owner})
+            for p in params:
+                owner.setdefault(id(p), name or "model")
+            steps.append(
+                Step(name or "model", type(module).__name__, shapes, out or (), own, ", ".join(tied))
+            )
 
         return record
 
@@ -76,7 +83,8 @@ def format_walkthrough(steps: list[Step], vocab: dict[str, int] | None = None) -
     for s in steps:
         shape_in = "x".join(map(str, s.inputs[0])) if s.inputs else "-"
         shape_out = "x".join(map(str, s.output)) if s.output else "-"
-        lines.append(f"{s.name:<28} {s.kind:<20} {shape_in:<18} {shape_out:<18} {s.params:>10,}")
+        tied = f"  (tied to {s.tied_to})" if s.tied_to else ""
+        lines.append(f"{s.name:<28} {s.kind:<20} {shape_in:<18} {shape_out:<18} {s.params:>10,}{tied}")
     total = sum(s.params for s in steps)
     lines.append(f"{'':<28} {'':<20} {'':<18} {'total':<18} {total:>10,}")
     return "\n".join(lines)
