@@ -472,3 +472,9 @@ def test_commands_live_in_tested_blocks():
         "commands outside ```bash blocks (tag the block bash, or prefix transcripts with '$ '):\n"
         + "\n".join(bad)
     )
+
+
+def test_readme_spells_out_tiny():
+    """The README says what `@tiny` appends; it must say what the test does."""
+    text = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    assert "`@tiny` stands for `" + " ".join(TINY) + "`" in text
