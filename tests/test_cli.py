@@ -98,3 +98,45 @@ def test_help_does_not_import_torch(argv):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: scratchlm") and "LOADED []" in proc.stderr
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        body = "\n".join(f"    x{j} = {i} * {j} + len('{'ab' * j}')" for j in range(40))
+        (src / f"m{i}.py").write_text(f"def f{i}():\n{body}\n    return x1\n", encoding="utf-8")
+    return [
+        "preset=cpu-tiny",
+        f"data.source={src}",
+        "train.max_steps=4",
+        "train.log_interval=2",
+        "eval.interval=4",
+        "eval.sample_tokens=4",
+    ]
+
+
+def test_train_console_summary_verbose_and_quiet(tmp_path, tiny_corpus, capsys):
+    """Output to a file (capsys): one summary line instead of the resolved config, plain log lines (no
+    carriage returns), the config with --verbose, and with --quiet only the result."""
+    assert main(["train", *tiny_corpus, f"train.run_dir={tmp_path / 'a'}"]) == 0
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err and "# resolved config" not in out
+    (summary,) = [line for line in out.splitlines() if line.startswith("training: ")]
+    assert (
+        summary.startswith("training: preset cpu-tiny | parameters ") and "tied to the output head" in summary
+    )
+    assert "128 tokens/step x 4 steps = 512 tokens" in summary and f"run dir {tmp_path / 'a'}" in summary
+    assert "step 2/4: loss " in out and "step 4: " in out and "--- sample ---" in out
+
+    assert main(["train", *tiny_corpus, f"train.run_dir={tmp_path / 'b'}", "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# resolved config (preset cpu-tiny)") and "training: preset" in out
+
+    assert main(["train", *tiny_corpus, f"train.run_dir={tmp_path / 'c'}", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.splitlines()[0] == f"run directory: {tmp_path / 'c'}"
+    assert "step 2/4" not in out and "training: " not in out and "--- sample ---" not in out
+    assert "final validation loss" in out and (tmp_path / "c" / "checkpoints" / "LATEST").is_file()

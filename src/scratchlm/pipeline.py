@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from scratchlm.config import Config, load_run_config, save_config, to_dict
+from scratchlm.console import is_terminal
 from scratchlm.errors import ConfigError
 from scratchlm.tokenizer.chat_template import save_chat_template
 
@@ -217,7 +218,7 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
         cfg, source = apply_init_from(cfg)
     preflight(cfg)  # cheap checks (device, seed, sizes, tokens_per_step) before any expensive work
     with dist.process_group(cfg.train.device) as world:
-        progress = progress and world.is_main
+        progress = progress and world.is_main and is_terminal()  # bars for a person at a terminal only
         if cfg.model.arch == "seq2seq":
             tokenizer = dist.main_first(lambda: _seq2seq_tokenizer(cfg, progress))
             data_dir = None

@@ -29,7 +29,8 @@ def test_loss_lines_are_printed_when_the_bar_is_off(tmp_path, capsys):
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["step"] == 5
 
 
-def test_a_wall_clock_run_counts_seconds(tmp_path, capsys):
+def test_a_wall_clock_run_counts_seconds(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("scratchlm.console.is_terminal", lambda: True)  # a bar is drawn at a terminal only
     logger = MetricsLogger(
         tmp_path,
         max_steps=100_000,
@@ -52,3 +53,23 @@ def test_a_wall_clock_run_counts_seconds(tmp_path, capsys):
     quiet.close()
     out = capsys.readouterr()
     assert "step 5 (3/120 s): loss 2.5000" in out.out + out.err
+
+
+def test_no_bar_when_the_console_is_not_a_terminal(tmp_path, capsys):
+    """Output redirected to a file (capsys: not a terminal): plain lines, one per log interval, and the
+    evaluation on its own line; a bar's carriage-return redraws used to fill the log, the evaluation line
+    landing inside the bar."""
+    logger = MetricsLogger(tmp_path, max_steps=20, start_step=0, progress=True, tensorboard=False)
+    for step in (10, 20):
+        for _ in range(10):
+            logger.advance(0.0)
+        logger.log(_record(step, step / 10))
+    logger.log({"kind": "eval", "step": 20, "val_loss": 2.0, "val_ppl": 7.389})
+    logger.close()
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err and err == ""
+    assert out.splitlines() == [
+        "step 10/20: loss 2.5000 lr 1.00e-03 gnorm 0.50 tok/s 1,000 mfu n/a",
+        "step 20/20: loss 2.5000 lr 1.00e-03 gnorm 0.50 tok/s 1,000 mfu n/a",
+        "step 20: val loss 2.0000, ppl 7.39",
+    ]

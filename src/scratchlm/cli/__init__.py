@@ -111,7 +111,11 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     if str(message) in _said:
         return
     _said.add(str(message))
-    print(f"warning: {message}", file=file or sys.stderr)
+    tqdm = sys.modules.get("tqdm")
+    if file is None and tqdm is not None:  # a progress bar may be drawn: write above it, never inside it
+        tqdm.tqdm.write(f"warning: {message}", file=sys.stderr)
+    else:
+        print(f"warning: {message}", file=file or sys.stderr)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:

@@ -4,8 +4,8 @@ seq2seq run, loss, perplexity, sacreBLEU and chrF of its translations (``--src F
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
+import warnings
 from pathlib import Path
 
 from scratchlm.errors import ConfigError, DataError
@@ -27,7 +27,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--split", choices=["val", "train"], default="val", help="shard split to evaluate on")
     p.add_argument("--data-dir", help="shard directory (default: the one recorded in the run's config)")
-    p.add_argument("--batches", type=int, default=50, help="batches to evaluate (sequential, from the start)")
+    p.add_argument(
+        "--batches",
+        type=int,
+        default=None,
+        help="score only the first N batches (default: the whole split, once; more than the split holds is "
+        "capped at one pass)",
+    )
     p.add_argument("--batch-size", type=int, help="rows per batch (default: the run's train.batch_size)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
@@ -54,7 +60,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from scratchlm.device import resolve_dtype
     from scratchlm.eval import evaluate_lm, token_byte_lengths
 
-    if args.batches <= 0:
+    if args.batches is not None and args.batches <= 0:
         raise ConfigError(f"--batches must be positive, got {args.batches}")
     if (args.src is None) != (args.ref is None):
         raise ConfigError("--src and --ref go together (line-aligned source and reference files)")
@@ -87,21 +93,60 @@ def run_eval(args: argparse.Namespace) -> int:
         mode="sequential",
         device=lm.device,
     )
-    batches = (loader.next_batch() for _ in itertools.count())
+    whole = loader.batches_per_epoch  # one pass over the split (the last < T tokens of a shard are left out)
+    n = whole if args.batches is None else min(args.batches, whole)
+    if args.batches is not None and args.batches > whole:
+        warnings.warn(
+            f"--batches {args.batches} is more than the {args.split} split holds ({whole} batches of "
+            f"{loader.B} x {loader.T} tokens); scoring the whole split once",
+            stacklevel=2,
+        )
+    documents = _documents_scored(loader, n)
     dtype = resolve_dtype(cfg.train.dtype, lm.device)
-    result = evaluate_lm(
-        lm.model, itertools.islice(batches, args.batches), token_byte_lengths(lm.tokenizer), dtype=dtype
+    batches = (loader.next_batch() for _ in range(n))
+    result = evaluate_lm(lm.model, batches, token_byte_lengths(lm.tokenizer), dtype=dtype)
+    result.update(
+        checkpoint=str(lm.checkpoint),
+        split=args.split,
+        batches=n,
+        whole_split=n == whole,
+        documents=documents,
+        split_tokens=loader.num_tokens,
     )
-    result["checkpoint"] = str(lm.checkpoint)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"checkpoint: {lm.checkpoint}")
-        print(f"{args.split} tokens: {int(result['tokens']):,}")
+        scope = "the whole split" if n == whole else f"the first {n} of {whole} batches"
+        print(
+            f"scored {int(result['tokens']):,} of the {args.split} split's {loader.num_tokens:,} tokens, "
+            f"{documents:,} documents ({scope}: {n} batches of {loader.B} x {loader.T})"
+        )
         print(f"loss: {result['loss']:.4f} nats/token   perplexity: {result['perplexity']:.2f}")
         if "bits_per_byte" in result:
             print(f"bits per byte: {result['bits_per_byte']:.4f}")
     return 0
+
+
+def _documents_scored(loader, batches: int) -> int:
+    """How many documents have at least one target token among the first ``batches`` sequential batches.
+
+    Sequential windows tile each shard from offset 0, so the targets scored in a shard are positions
+    ``1 .. end`` (``end`` = its last window's start + T), and document d (starting at ``s_d``) has one
+    of them exactly when ``s_d <= end``: a count of document starts, read from the shard's ``.idx``.
+    """
+    import numpy as np
+
+    from scratchlm.data.shards import read_doc_starts
+
+    end: dict[int, int] = {}
+    for step in range(batches):
+        for shard, offset in loader.batch_starts(step):
+            end[shard] = max(end.get(shard, 0), offset + loader.T)
+    return sum(
+        int(np.searchsorted(read_doc_starts(loader.data_dir, loader.shards[i]), e, side="right"))
+        for i, e in end.items()
+    )
 
 
 def _run_task(args: argparse.Namespace, lm) -> int:

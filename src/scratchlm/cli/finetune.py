@@ -43,6 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dry-run", action="store_true", help="print the resolved config and estimates; write nothing"
     )
+    from scratchlm.cli.train import add_console_options
+
+    add_console_options(p)
     p.set_defaults(func=run_finetune, intermixed="args")
 
 
@@ -75,4 +78,12 @@ def run_finetune(args: argparse.Namespace) -> int:
     if is_chat_jsonl(args.data):
         implied.append("data.format=chat")
     config = [a for a in args.args if "=" not in a]
-    return run_train(argparse.Namespace(args=[*config, *implied, *given], dry_run=args.dry_run, resume=None))
+    return run_train(
+        argparse.Namespace(
+            args=[*config, *implied, *given],
+            dry_run=args.dry_run,
+            resume=None,
+            verbose=args.verbose,
+            quiet=args.quiet,
+        )
+    )

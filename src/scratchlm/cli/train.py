@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import sys
 import time
 
@@ -62,6 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR exactly where it stopped (overrides may extend it)",
     )
+    add_console_options(p)
     p.set_defaults(func=run_train, intermixed="args")
 
     c = sub.add_parser("corpus", help="the built-in corpus (Python standard library source)")
@@ -73,6 +76,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     pr = sub.add_parser("presets", help="list the named presets and what each sets")
     pr.set_defaults(func=run_presets)
+
+
+def add_console_options(p: argparse.ArgumentParser) -> None:
+    """--verbose / --quiet of ``train`` and ``finetune`` (see scratchlm/console.py)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print the resolved config before training (--dry-run always does); by default one summary line",
+    )
+    g.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress, no log lines, no sample: only warnings, errors and the final result",
+    )
 
 
 def split_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -118,7 +136,8 @@ def run_train(args: argparse.Namespace) -> int:
 
             cfg, _ = apply_init_from(cfg, explicit_keys(config_path, overrides))
     main = is_main_process()
-    if main:
+    quiet = getattr(args, "quiet", False)
+    if main and (args.dry_run or getattr(args, "verbose", False)):
         print("# resolved config" + (f" (preset {cfg.preset})" if cfg.preset else ""))
         print(to_yaml(cfg), end="")
     if args.dry_run:
@@ -129,16 +148,21 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
 
     start = time.time()
-    result = run(cfg)
+    if quiet:  # the run's own output goes nowhere (stdout is then no terminal: no bars either)
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            result = run(cfg, progress=False)
+    else:
+        result = run(cfg)
     if not main:
         return 0
-    print(f"\nrun directory: {result['run_dir']}")
+    print(("" if quiet else "\n") + f"run directory: {result['run_dir']}")
     print(f"steps: {result['step']}, tokens: {result['tokens']:,}, wall time: {time.time() - start:.0f} s")
     if result.get("val_loss") is not None:
         ppl = math.exp(min(result["val_loss"], 50.0))
         print(f"final validation loss: {result['val_loss']:.4f} (perplexity {ppl:.2f})")
     print(f"stopped: {result['stop_detail']}")
-    _print_sample(result["run_dir"], cfg)
+    if not quiet:
+        _print_sample(result["run_dir"], cfg)
     return 0
 
 

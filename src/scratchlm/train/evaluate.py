@@ -62,8 +62,13 @@ def evaluate_metrics(
     batches (eval/accuracy.py). ``make_val_loader`` gives this rank's share (batch j = batch
     ``j * world_size + rank``). Every rank runs ``ceil(batches / world_size)`` forwards (FSDP needs all
     ranks in each); a last-round batch past ``batches`` is not counted. The same values on every rank.
+    ``batches`` beyond one pass over sequential shards is capped at one pass (it wrapped around and
+    scored tokens twice), so an ``eval.batches`` that covers the split gives ``scratchlm eval``'s number.
     """
     loader = make_val_loader()
+    per_pass = getattr(loader, "batches_per_epoch", None)  # sequential shards: never score a token twice
+    if per_pass is not None and getattr(loader, "mode", None) == "sequential":
+        batches = min(batches, per_pass * world_size)
     model.eval()
     total, correct, counted = 0.0, [0] * len(ACCURACY_KS), 0
     for j in range(-(-batches // world_size)):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +78,10 @@ class MetricsLogger:
         self.enabled = enabled
         if not enabled:
             return
+        from scratchlm.console import is_terminal
+
+        # a bar only for a person at a terminal; in a log file one plain line per log interval instead
+        progress = progress and is_terminal()
         self.progress, self.max_steps, self.max_time = progress, max_steps, max_time
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +101,7 @@ class MetricsLogger:
             else None,
             dynamic_ncols=True,
             leave=True,
-            mininterval=0.1 if sys.stderr.isatty() else 10.0,  # a log file gets a line every 10 s
+            mininterval=0.1,
         )
 
     def log(self, record: dict[str, Any]) -> None:
@@ -153,6 +156,43 @@ class MetricsLogger:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def start_line(
+    cfg: Any,
+    model: torch.nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    run_dir: Path,
+    tokens_per_step: int,
+) -> str:
+    """The one line training starts with (the resolved config is for ``--dry-run`` and ``--verbose``):
+    ``training: preset cpu-small | 1,382,528 parameters (...) | 2,048 tokens/step x 100,000 steps = 204.8M
+    tokens, or 300 s | cpu, bfloat16 autocast | run dir runs/default``."""
+    from scratchlm.model import describe_params
+
+    tc = cfg.train
+    budget = f"{tokens_per_step:,} tokens/step x {tc.max_steps:,} steps = {_si(tokens_per_step * tc.max_steps)} tokens"
+    if tc.max_time:
+        budget += f", or {tc.max_time:g} s"
+    precision = "float32" if dtype == torch.float32 else f"{str(dtype).removeprefix('torch.')} autocast"
+    return " | ".join(
+        [
+            f"training: preset {cfg.preset or '(none)'}",
+            f"parameters {describe_params(model)}",
+            budget,
+            f"{device}, {precision}",
+            f"run dir {run_dir}",
+        ]
+    )
+
+
+def _si(n: float) -> str:
+    """1234567 -> '1.23M' (tokens)."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:,.0f}"
 
 
 def format_eval(record: dict[str, Any]) -> str:

@@ -53,7 +53,7 @@ from scratchlm.train.batches import apply_token_budget, batch_tokens, make_loade
 from scratchlm.train.evaluate import truncate_samples
 from scratchlm.train.init_from import init_model
 from scratchlm.train.memory import apply_memory_options, fit_micro_batch
-from scratchlm.train.metrics import MetricsLogger, peak_flops, plot_run, truncate_metrics
+from scratchlm.train.metrics import MetricsLogger, peak_flops, plot_run, start_line, truncate_metrics
 from scratchlm.train.optim import set_lr
 from scratchlm.train.signals import StopRequest
 from scratchlm.train.step import CUDA_GRAPH_MODES, Prefetcher, train_step
@@ -169,6 +169,9 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
     model.train()
 
     data_meta = None if cfg.data.stream else shard_meta(data_dir)  # (bits per byte needs shard meta)
+    if world.is_main:  # one line; the resolved config is for --dry-run and --verbose
+        tokens_per_step = accum * tc.batch_size * cfg.model.context_length * world.size
+        print(start_line(cfg, model, device, dtype, run_dir, tokens_per_step), flush=True)
     flops_per_token = model.flops_per_token()
     peak = peak_flops(device, dtype)
     logger = MetricsLogger(
