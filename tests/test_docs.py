@@ -22,8 +22,9 @@ Markers, written in the block as a shell/Python comment so a reader sees them:
 ``scratchlm ...`` commands without shell syntax run in this process (``scratchlm.cli.main``, the console
 script's entry point) to save the 2-4 s of imports per command; everything else runs in ``bash`` with
 ``.venv/bin`` first on PATH and ``python`` snippets run with ``exec`` in the page's directory.
-``make demo`` runs its Makefile recipe (the set-up prerequisites are what this suite runs in) and
-``make test`` is checked with ``make -n`` (running the suite inside itself would never end).
+``make demo`` runs its Makefile recipe (the set-up prerequisites are what this suite runs in); ``make test``
+is checked with ``make -n`` and a documented ``pytest PATH`` command is checked to name existing test paths and
+declared markers (running the suite inside itself would never end; the suite runs those tests anyway).
 """
 
 from __future__ import annotations
@@ -208,6 +209,9 @@ class Page:
         self.env = dict(
             os.environ,
             SCRATCHLM_CACHE=str(cache),
+            # one thread per command: the tiny models here gain nothing from more, and on a loaded 2-core
+            # machine two threads per process ran a training step ~10x slower than one (spinning workers)
+            OMP_NUM_THREADS="1",
             PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]),
             PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         )
@@ -238,6 +242,8 @@ class Page:
         argv = self._argv(text)
         if argv is not None and argv[0] == "make":
             self._make(argv, cmd)
+        elif argv is not None and argv[0] in ("pytest", ".venv/bin/pytest"):
+            self._pytest(argv[1:] + cmd.extra, cmd)
         elif argv is not None and argv[0] in ("scratchlm", ".venv/bin/scratchlm"):
             self._cli(argv[1:] + cmd.extra, cmd)
         else:
@@ -347,6 +353,19 @@ class Page:
             assert argv2 is not None and argv2[0].endswith("scratchlm"), f"make {argv[1]} runs {line!r}"
             self._cli(argv2[1:] + cmd.extra, cmd)
 
+    def _pytest(self, args: list[str], cmd: Command) -> None:
+        """A documented test command would run part of this suite inside it: check that it names existing
+        test paths and declared markers (the suite itself runs those tests)."""
+        pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")  # markers = ["slow: ...", ...]
+        markers = set(re.findall(r'^\s*"(\w+):', pyproject.split("markers = [", 1)[1].split("]", 1)[0], re.M))
+        for i, a in enumerate(args):
+            if i and args[i - 1] == "-m":
+                names = set(re.findall(r"\w+", a)) - {"not", "and", "or"}
+                assert names <= markers, f"{cmd.where()}: unknown marker in -m {a!r} (declared: {markers})"
+            elif not a.startswith("-"):
+                assert (REPO / a.split("::")[0]).exists(), f"{cmd.where()}: no test path {a}"
+        self.log.append(f"   0.0 s  {cmd.where()}  pytest {shlex.join(args)}  (paths and markers checked)")
+
     def _background(self, text: str, cmd: Command) -> None:
         port = _free_port()
         if self.port is None:  # the page's snippets talk to its first server
@@ -374,8 +393,12 @@ class Page:
 
 def run_page(page: str, root: Path, cache: Path, commands: list[Command]) -> list[str]:
     """Run ``commands`` of ``page`` in order in a fresh directory under ``root``; returns the timing log."""
+    import torch
+
     p = Page(root, cache)
     skipped = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see Page: tiny models gain nothing from more threads
     try:
         for cmd in commands:
             if cmd.needs and (why := _missing(cmd.needs)):
@@ -383,6 +406,7 @@ def run_page(page: str, root: Path, cache: Path, commands: list[Command]) -> lis
                 continue
             p.run(cmd)
     finally:
+        torch.set_num_threads(threads)
         p.close()
         print("\n".join(p.log + [f"skipped {s}" for s in skipped]))
     return skipped
