@@ -48,6 +48,28 @@ def test_output_length_is_bounded_relative_to_the_source(tok):
         translate_batched(model, tok, ["rad", "x" * 60])
 
 
+def test_over_long_source_is_truncated_to_the_context_when_asked(tok):
+    """truncate=True: the source becomes its first context_length - 1 tokens + EOS (fairseq's
+    --truncate-source), one warning names it, and the others are translated as before."""
+    model = tiny_seq2seq(5, vocab_size=tok.vocab_size)
+    ctx, eos = model.config.context_length, tok.eot_id
+    long_text = " ".join(["ein hund läuft"] * 20)
+    ids = tok.encode(long_text)
+    assert len(ids) + 1 > ctx
+    kw = dict(beam_size=2, max_len_a=0.0, max_len_b=6)
+    with pytest.warns(
+        UserWarning, match=rf"1 of 2 sources .* context_length {ctx} .* source 2 \({len(ids) + 1} "
+    ):
+        hyps = translate_batched(
+            model, tok, ["rad", long_text], truncate=True, strict_option="--strict", **kw
+        )
+    src = torch.tensor([ids[: ctx - 1] + [eos]])  # what the model must have been given
+    bos = tok.special_tokens["<|bos|>"]
+    (expected,) = beam_search(model, src, torch.ones_like(src, dtype=torch.bool), bos, eos, 6, 2, 1.0)
+    assert hyps[1].tokens == expected.tokens
+    assert hyps[0].tokens == translate_batched(model, tok, ["rad"], **kw)[0].tokens
+
+
 def test_beam_hypothesis_log_probability_is_non_increasing_and_scored_by_the_formula(tok):
     model = tiny_seq2seq(6, vocab_size=tok.vocab_size)
     specials = tok.special_tokens

@@ -91,7 +91,7 @@ def test_translate_cli(copy_run, tmp_path, capsys):
         (["--src", "cat", "--beams", "0"], "--beams must be >= 1"),
         (["--src", "cat", "--out", str(out)], "--out goes with --src-file"),
         (["--src", " "], "--src is empty"),
-        (["--src", "cat " * 30], "context_length 16"),
+        (["--src", "cat " * 30, "--strict"], "source 1 has 32 tokens (EOS included) > context_length 16"),
     ]:
         assert main(["translate", run_dir, *argv]) == 2
         assert message in capsys.readouterr().err
@@ -125,6 +125,34 @@ def test_eval_cli_scores_with_sacrebleu_and_stores_the_result(copy_run, tmp_path
     assert "has 2 lines but" in capsys.readouterr().err
     assert main(["eval", str(run_dir), "--src", str(tmp_path / "s.txt")]) == 2
     assert "--src and --ref go together" in capsys.readouterr().err
+
+
+def test_over_long_sources_are_truncated_with_one_warning(copy_run, tmp_path, capsys):
+    """A test file with a sentence longer than the context: it refused the whole file; now (fairseq-like) the
+    sentence is cut to the context, one warning names it, and --strict keeps the refusal."""
+    root, _, _ = copy_run
+    run_dir = str(root / "run")
+    (tmp_path / "in.txt").write_text("cat dog\n" + " ".join(["sun"] * 20) + "\nred sky\n", encoding="utf-8")
+    assert main(["translate", run_dir, "--src-file", str(tmp_path / "in.txt")]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith("warning: 1 of 3 sources are longer than the model's")
+    assert "context_length 16" in err and "source 2 (21 tokens)" in err and "--strict refuses" in err
+    lines = out.splitlines()
+    assert lines[0] == "cat dog" and lines[2] == "red sky"  # the others as before
+    # the translation of its first 15 tokens (one per word here; + EOS = the context), which fits as is
+    assert main(["translate", run_dir, "--src", " ".join(["sun"] * 15)]) == 0
+    alone = capsys.readouterr()
+    assert alone.err == "" and alone.out == lines[1] + "\n" and lines[1].split()[0] == "sun"
+    assert main(["translate", run_dir, "--src-file", str(tmp_path / "in.txt"), "--strict"]) == 2
+    assert "error: source 2 has 21 tokens (EOS included) > context_length 16" in capsys.readouterr().err
+
+    (tmp_path / "ref.txt").write_text("cat dog\n" + " ".join(["sun"] * 20) + "\nred sky\n", encoding="utf-8")
+    args = ["eval", run_dir, "--src", str(tmp_path / "in.txt"), "--ref", str(tmp_path / "ref.txt"), "--json"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["sentences"] == 3 and "source 2 (21 tokens)" in err and err.count("\n") == 1
+    assert main([*args, "--strict"]) == 2
+    assert "source 2 has 21 tokens" in capsys.readouterr().err
 
 
 def test_average_cli(copy_run, tmp_path, capsys):

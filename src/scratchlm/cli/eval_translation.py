@@ -49,6 +49,8 @@ def run_translation_eval(args: argparse.Namespace, lm) -> int:
         batch_size=args.batch_size or 64,
         dtype=dtype,
         progress=not args.json,
+        truncate=not args.strict,
+        strict_option="--strict",
     )
     seconds = time.perf_counter() - start
     step = _checkpoint_step(lm.checkpoint)

@@ -35,6 +35,12 @@ def add_search_options(p: argparse.ArgumentParser, batch_size: bool = True) -> N
         help="at most A * source tokens + B output tokens (default 1.5)",
     )
     s.add_argument("--max-len-b", type=int, default=10, metavar="B", help="see --max-len-a (default 10)")
+    s.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a source longer than the model's context (default: truncate it to the context, with one "
+        "warning naming the sources, as fairseq)",
+    )
     if batch_size:
         s.add_argument(
             "--batch-size", type=int, default=64, help="sentences translated together (default 64)"
@@ -129,6 +135,8 @@ def run_translate(args: argparse.Namespace) -> int:
             max_len_b=args.max_len_b,
             batch_size=args.batch_size,
             progress=args.src_file is not None,
+            truncate=not args.strict,
+            strict_option="--strict",
         )
     if args.out:
         tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")

@@ -70,8 +70,12 @@ def evaluate_translation(
     batch_size: int = 64,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    truncate: bool = False,
+    strict_option: str = "truncate=False",
 ) -> dict[str, Any]:
-    """Loss, perplexity, BLEU and chrF on ``pairs`` (module docstring), with the translations."""
+    """Loss, perplexity, BLEU and chrF on ``pairs`` (module docstring), with the translations.
+
+    ``truncate``/``strict_option``: sources longer than the context (inference/translate.py)."""
     loss, tokens, scored = reference_loss(model, tokenizer, pairs, dtype)
     device = next(model.parameters()).device
     with autocast(device, dtype):
@@ -85,6 +89,8 @@ def evaluate_translation(
             max_len_b=max_len_b,
             batch_size=batch_size,
             progress=progress,
+            truncate=truncate,
+            strict_option=strict_option,
         )
     scores = corpus_scores(hyps, [t for _, t in pairs])
     return {

@@ -8,16 +8,49 @@ order. Each batch may emit at most ``max_len_a * S + max_len_b`` tokens (EOS inc
 source in the batch (with its EOS), capped by the model's context (fairseq's ``--max-len-a/b``): a
 translation is rarely much longer than its source, and a bound relative to it stops a model that repeats
 itself early. Search itself is :mod:`scratchlm.inference.beam` (KV cache; beam 1 = greedy).
+
+A source longer than the model's context (``context_length`` tokens, its EOS included) is refused by
+default; ``truncate=True`` cuts it to its first ``context_length - 1`` tokens + EOS, as fairseq's
+``--truncate-source`` does, and says so in one warning naming the sources (1-based: the lines of a
+file). ``scratchlm translate`` and ``scratchlm eval`` truncate unless ``--strict``: a test set is input a
+user cannot edit, and one long sentence should not cost the whole file.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 
+from scratchlm.console import is_terminal
 from scratchlm.errors import GenerationError
 from scratchlm.inference.beam import Hypothesis, beam_search, greedy_search
+
+
+def fit_sources(
+    ids: list[list[int]], ctx: int, eos: int, truncate: bool, strict_option: str = "truncate=False"
+) -> list[list[int]]:
+    """Sources (token ids, EOS last) that fit ``ctx``: unchanged when they do; otherwise a
+    GenerationError naming the first too long one, or with ``truncate`` each cut to ``ids[:ctx - 1] + [EOS]``
+    and one warning naming them (``source 48 (66 tokens)``, the first ten, then how many more)."""
+    long = [i for i, s in enumerate(ids) if len(s) > ctx]
+    if not long:
+        return ids
+    if not truncate:
+        i = long[0]
+        raise GenerationError(
+            f"source {i + 1} has {len(ids[i])} tokens (EOS included) > context_length {ctx}; "
+            "split it into shorter sentences"
+        )
+    named = ", ".join(f"source {i + 1} ({len(ids[i])} tokens)" for i in long[:10])
+    more = f" and {len(long) - 10} more" if len(long) > 10 else ""
+    warnings.warn(
+        f"{len(long)} of {len(ids)} sources are longer than the model's context_length {ctx} (EOS included) "
+        f"and were truncated to it: {named}{more}; {strict_option} refuses them instead",
+        stacklevel=3,
+    )
+    return [s[: ctx - 1] + [eos] if len(s) > ctx else s for s in ids]
 
 
 def translate_texts(model: Any, tokenizer: Any, sources: list[str], **options: Any) -> list[str]:
@@ -40,8 +73,14 @@ def translate_batched(
     max_len_b: int = 10,
     batch_size: int = 64,
     progress: bool = False,
+    truncate: bool = False,
+    strict_option: str = "truncate=False",
 ) -> list[Hypothesis]:
-    """The best hypothesis per source (tokens after BOS, EOS last when it ended), in input order."""
+    """The best hypothesis per source (tokens after BOS, EOS last when it ended), in input order.
+
+    ``truncate``: cut over-long sources to the context (module docstring) instead of refusing them;
+    ``strict_option`` is how the warning names the way back to the refusal (the CLI's ``--strict``).
+    """
     if beam_size < 1:
         raise GenerationError(f"beam size must be >= 1 (1 = greedy), got {beam_size}")
     if batch_size < 1:
@@ -59,19 +98,14 @@ def translate_batched(
     bos, pad, eos = specials["<|bos|>"], specials["<|pad|>"], tokenizer.eot_id
     ctx = model.config.context_length
     ids = [ids + [eos] for ids in tokenizer.encode_batch(list(sources))]
-    longest = max(range(len(ids)), key=lambda i: len(ids[i]))
-    if len(ids[longest]) > ctx:
-        raise GenerationError(
-            f"source {longest + 1} has {len(ids[longest])} tokens (EOS included) > context_length {ctx}; "
-            "split it into shorter sentences"
-        )
+    ids = fit_sources(ids, ctx, eos, truncate, strict_option)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     dev = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out: list[Hypothesis | None] = [None] * len(ids)
     bar = None
-    if progress:
+    if progress and is_terminal():  # (in a log file a bar is carriage-return spam: scratchlm/console.py)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(ids), unit="sent", desc="translate", leave=False)

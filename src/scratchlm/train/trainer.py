@@ -35,6 +35,7 @@ import dataclasses
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ from scratchlm.train.metrics import MetricsLogger, peak_flops, plot_run, start_l
 from scratchlm.train.optim import set_lr
 from scratchlm.train.signals import StopRequest
 from scratchlm.train.step import CUDA_GRAPH_MODES, Prefetcher, train_step
-from scratchlm.train.stopping import describe_stop, on_non_finite, stop_record
+from scratchlm.train.stopping import describe_stop, on_non_finite, stop_record, warmup_warning
 from scratchlm.train.validation import run_evaluation
 
 __all__ = ["TrainState", "micro_steps", "train_model", "train_step"]
@@ -172,6 +173,9 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
     if world.is_main:  # one line; the resolved config is for --dry-run and --verbose
         tokens_per_step = accum * tc.batch_size * cfg.model.context_length * world.size
         print(start_line(cfg, model, device, dtype, run_dir, tokens_per_step), flush=True)
+    # warmup longer than the budget: said at once for max_steps, after 5 timed steps for max_time
+    warmup_said = world.is_main and bool(warn_once(warmup_warning(tc, state.step)))
+    first_step = state.step
     flops_per_token = model.flops_per_token()
     peak = peak_flops(device, dtype)
     logger = MetricsLogger(
@@ -250,6 +254,14 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                 state.elapsed = clock / world.size
                 interval_tokens, interval_time = interval_tokens + int(n_tokens), interval_time + dt
                 logger.advance(state.elapsed)
+                if state.step == first_step + 1:
+                    first_clock = state.elapsed  # (the first step pays for warm-up: not timed)
+                elif state.step == first_step + 6 and tc.max_time and world.is_main and not warmup_said:
+                    warmup_said = bool(
+                        warn_once(
+                            warmup_warning(tc, state.step, state.elapsed, (state.elapsed - first_clock) / 5)
+                        )
+                    )
                 if state.step % tc.log_interval == 0 or state.step == 1:
                     tokens_per_s = interval_tokens / max(interval_time, 1e-9)
                     logger.log(
@@ -324,6 +336,13 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
         "stopped_reason": reason,
         "stop_detail": detail,
     }
+
+
+def warn_once(message: str | None) -> str | None:
+    """``warnings.warn(message)`` when there is one (the CLI prints it as one ``warning:`` line)."""
+    if message:
+        warnings.warn(message, stacklevel=2)
+    return message
 
 
 def _restore(ckpt_dir: Path, model, optimizers, scaler, loader, state: TrainState, world: dist.World) -> None:
