@@ -498,3 +498,22 @@ def test_readme_spells_out_tiny():
     """The README says what `@tiny` appends; it must say what the test does."""
     text = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
     assert "`@tiny` stands for `" + " ".join(TINY) + "`" in text
+
+
+def test_a_broken_documented_command_fails_its_page(tmp_path, doc_cache, monkeypatch):
+    """The runner reports a documented command that exits non-zero (a renamed key, a typo in a flag), with
+    its page and line; a snippet that raises too."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "page.md").write_text(
+        "```bash\nscratchlm presets\nscratchlm train model.n_layerr=2\n```\n\n```python\nraise ValueError('x')\n```\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    cmds = extract("docs/page.md")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", Path(__file__).resolve().parents[1])
+    with pytest.raises(
+        pytest.fail.Exception, match=r"docs/page.md:3: exit code 2[\s\S]*did you mean 'model.n_layer'"
+    ):
+        run_page("docs/page.md", tmp_path / "a", doc_cache, cmds)
+    with pytest.raises(pytest.fail.Exception, match=r"docs/page.md:7: ValueError: x"):
+        run_page("docs/page.md", tmp_path / "b", doc_cache, cmds[2:])
