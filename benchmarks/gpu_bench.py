@@ -380,7 +380,8 @@ def part_profile(workdir: Path, deadline: float, cpu: bool) -> None:
     attn_flops = 12 * cfg.model.n_layer * T * cfg.model.d_model * tokens
     peak = peak_flops(device, dtype) if device.type == "cuda" else None
     per_step = lambda kind: by_kind.get(kind, 0.0) / steps / 1e6  # seconds
-    tflops = lambda flops, s: round(flops / s / 1e12, 1) if s > 0 else None
+    # 3 significant figures: a CPU reaches well under 0.05 TFLOP/s
+    tflops = lambda flops, s: float(f"{flops / s / 1e12:.3g}") if s > 0 else None
     matmul_s, attn_s = per_step("matmul"), per_step("attention")
     row = {
         "batch": batch,

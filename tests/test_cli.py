@@ -41,6 +41,16 @@ def test_overrides_after_flags_finetune(monkeypatch):
     assert "train.init_from=SRC" in ns.args and "data.source=DATA.txt" in ns.args
 
 
+def test_free_arguments_after_flags_for_sweep_and_data_prepare():
+    from scratchlm.cli import parse_args
+
+    parser = build_parser()
+    args = parse_args(parser, ["sweep", "base.yaml", "--seeds", "2", "train.max_steps=3", "--zip"])
+    assert args.args == ["base.yaml", "train.max_steps=3"] and args.seeds == 2 and args.zip
+    args = parse_args(parser, ["data", "prepare", "--tokenizer", "t.json", "a.txt", "--out", "d", "b.txt"])
+    assert args.source == ["a.txt", "b.txt"] and args.out == "d"
+
+
 def test_an_unknown_flag_is_still_an_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "preset=cpu-tiny", "--dry-rub", "model.n_layer=3"])

@@ -115,6 +115,10 @@ def load(run_dir: str | Path, which: str = "best", device: str | torch.device | 
         )
     model = build_model(cfg.model)
     state = load_model_state(ckpt)
+    if cfg.train.lora.rank:  # a LoRA checkpoint holds adapters: merged into their base (train/adapters.py)
+        from scratchlm.train.adapters import merged_state
+
+        state = merged_state(cfg, run_dir, state, ckpt / "model.safetensors")
     expected = model.state_dict()
     for name, tensor in state.items():
         if name in expected and expected[name].shape != tensor.shape:

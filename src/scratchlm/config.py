@@ -127,6 +127,19 @@ class DataConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """``train.lora.*``: low-rank adapters (Hu et al. 2021) instead of full fine-tuning (train/adapters.py)."""
+
+    rank: int = doc(0, "LoRA rank r (0 = off: full training); only the adapters are trained and saved")
+    alpha: float = doc(16.0, "LoRA alpha: the update is scaled by alpha / rank")
+    dropout: float = doc(0.0, "dropout on the adapters' input")
+    targets: list[str] = doc(
+        ["*.attn.c_q", "*.attn.c_v"],
+        "module-name patterns (fnmatch) of the linear layers to adapt, e.g. *.attn.*,*.mlp.*",
+    )
+
+
+@dataclass
 class TrainConfig:
     """The optimisation loop, checkpoints and logging."""
 
@@ -190,6 +203,9 @@ class TrainConfig:
         None, "start from these weights: a HF GPT-2/Llama dir or a ScratchLM run/checkpoint"
     )
     freeze: list[str] = doc([], "parameter-name patterns kept frozen (fnmatch, e.g. wte.*,blocks.0.*)")
+    lora: LoRAConfig = field(
+        default_factory=LoRAConfig, metadata={"doc": "LoRA adapters (train.lora.rank > 0 turns them on)"}
+    )
     early_stopping_patience: int | None = doc(None, "stop after N evals without val improvement")
     average_last: int = doc(0, "seq2seq: at the end, average the last K checkpoints into averaged/ (0 = off)")
     max_nan_skips: int = doc(0, "skip up to N steps with a NaN/Inf loss before stopping (0 = stop)")
@@ -242,16 +258,19 @@ def field_docs(section: str | None = None) -> list[tuple[str, str, Any, str]]:
     """(dotted key, type, default, doc) for every option, in declaration order (for --help)."""
     rows = []
     for sec in SECTIONS if section is None else (section,):
-        for f in dataclasses.fields(_section_class(sec)):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append(
-                (
-                    f"{sec}.{f.name}",
-                    _type_name(_hints(_section_class(sec))[f.name]),
-                    default,
-                    f.metadata.get("doc", ""),
-                )
-            )
+        rows += _field_rows(sec, _section_class(sec))
+    return rows
+
+
+def _field_rows(prefix: str, cls: type) -> list[tuple[str, str, Any, str]]:
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):  # a nested group (train.lora): one row per field
+            rows += _field_rows(f"{prefix}.{f.name}", tp)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((f"{prefix}.{f.name}", _type_name(tp), default, f.metadata.get("doc", "")))
     return rows
 
 
@@ -370,7 +389,25 @@ def _merge(cfg: dict[str, dict[str, Any]], updates: dict[str, Any], where: str) 
             key = f"{sec}.{k}"
             if k not in hints:
                 raise ConfigError(f"{where}: unknown key '{key}'{_closest(key, _all_keys())}")
-            cfg[sec][k] = _coerce(key, v, hints[k])
+            if dataclasses.is_dataclass(hints[k]):  # a nested group: merged field by field
+                cfg[sec][k] = _merge_group(key, cfg[sec].get(k) or hints[k](), v, where)
+            else:
+                cfg[sec][k] = _coerce(key, v, hints[k])
+
+
+def _merge_group(key: str, current: Any, values: Any, where: str) -> Any:
+    """``current`` (a nested dataclass, e.g. LoRAConfig) with ``values`` (a mapping) merged in, checked."""
+    if dataclasses.is_dataclass(values):
+        values = dataclasses.asdict(values)
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: '{key}' must be a mapping of options, got {values!r}")
+    hints = _hints(type(current))
+    updates = {}
+    for k, v in values.items():
+        if k not in hints:
+            raise ConfigError(f"{where}: unknown key '{key}.{k}'{_closest(f'{key}.{k}', _all_keys())}")
+        updates[k] = _coerce(f"{key}.{k}", v, hints[k])
+    return dataclasses.replace(current, **updates)
 
 
 def _apply_preset(cfg: dict[str, dict[str, Any]], name: str, where: str) -> None:
@@ -454,6 +491,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if key == "preset":
             out["preset"] = value
             continue
+        if key.count(".") == 2 and key in _all_keys():  # a nested group's field: train.lora.rank=8
+            sec, group, name = key.split(".")
+            out.setdefault(sec, {}).setdefault(group, {})[name] = value
+            continue
+        if key.count(".") == 2 and any(k.startswith(key.rsplit(".", 1)[0] + ".") for k in _all_keys()):
+            raise ConfigError(f"unknown key '{key}'{_closest(key, _all_keys())}")
         if key.count(".") != 1:
             raise ConfigError(f"override key '{key}' must be section.key{_closest(key, _all_keys())}")
         sec, name = key.split(".")
@@ -620,6 +663,9 @@ def validate(cfg: Config) -> None:
         ("eval.top_k", e.top_k, ">= 1 or None (off)", _at_least(e.top_k, 1)),
         ("eval.bleu_sentences", e.bleu_sentences, ">= 0 (0 = off)", e.bleu_sentences >= 0),
         ("train.average_last", t.average_last, ">= 0 (0 = off)", t.average_last >= 0),
+        ("train.lora.rank", t.lora.rank, ">= 0 (0 = off)", t.lora.rank >= 0),
+        ("train.lora.alpha", t.lora.alpha, "> 0", t.lora.alpha > 0 and math.isfinite(t.lora.alpha)),
+        ("train.lora.dropout", t.lora.dropout, "in [0, 1)", 0.0 <= t.lora.dropout < 1.0),
         (
             "data.batch_tokens",
             cfg.data.batch_tokens,
@@ -642,6 +688,10 @@ def validate(cfg: Config) -> None:
                 f"train.tokens_per_step={t.tokens_per_step} must be a positive multiple of "
                 f"batch_size*context_length={micro}"
             )
+    if t.lora.rank and not t.lora.targets:
+        raise ConfigError("train.lora.targets is empty; name the layers to adapt, e.g. *.attn.c_q,*.attn.c_v")
+    if t.lora.rank and t.average_last:  # an average of adapters B A is not the adapter of the average
+        raise ConfigError("train.average_last does not apply to LoRA runs (train.lora.rank > 0); set it to 0")
     if (cfg.data.mixture or cfg.data.fallback) and not cfg.data.stream:
         key = "data.mixture" if cfg.data.mixture else "data.fallback"
         raise ConfigError(f"{key} needs data.stream=true (mixtures and fallbacks are streamed)")
@@ -650,6 +700,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{key} is for decoder LMs (model.arch=gpt); seq2seq reads parallel files")
     if not 0.0 < t.decay_fraction <= 1.0:
         raise ConfigError(f"train.decay_fraction must be in (0, 1], got {t.decay_fraction}")
+    if m.impl == "reference" and t.loss_chunk_rows:
+        raise ConfigError(
+            "train.loss_chunk_rows (the fused chunked loss) has no hand-written twin for model.impl=reference; "
+            "set train.loss_chunk_rows=0"
+        )
     if t.compile_mode != "default" and not t.compile:
         raise ConfigError(f"train.compile_mode={t.compile_mode} needs train.compile=true")
     if t.max_time is not None and t.max_time <= 0:

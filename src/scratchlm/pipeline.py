@@ -324,7 +324,11 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Co
     for sec, kv in parse_overrides(overrides or []).items():
         if sec == "preset":
             raise ConfigError("preset= cannot change a run being resumed; override single keys instead")
-        values[sec].update(kv)
+        for key, value in kv.items():  # a nested group (train.lora) is updated field by field
+            if isinstance(value, dict) and isinstance(values[sec].get(key), dict):
+                values[sec][key] = {**values[sec][key], **value}
+            else:
+                values[sec][key] = value
     values["train"].update(run_dir=str(run_dir), resume="auto")
     cfg = from_dict(values, f"{run_dir}/config.yaml + overrides")
     changed = [k for k, v in to_dict(cfg)["model"].items() if v != saved["model"].get(k)]

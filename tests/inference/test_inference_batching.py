@@ -12,7 +12,15 @@ import torch
 
 from scratchlm.config import ModelConfig
 from scratchlm.errors import GenerationError
-from scratchlm.inference.batching import Batcher, ErrorEvent, FinishEvent, QueueFullError, TokenEvent
+from scratchlm.inference import batching
+from scratchlm.inference.batching import (
+    Batcher,
+    ErrorEvent,
+    FinishEvent,
+    QueueFullError,
+    ShuttingDownError,
+    TokenEvent,
+)
 from scratchlm.inference.engine import Engine
 from scratchlm.inference.sampling import SamplingParams
 from scratchlm.model import build_model
@@ -252,3 +260,35 @@ def test_requests_admitted_together_share_one_padded_prefill(tok, monkeypatch):
     finally:
         gate.set()
         batcher.close()
+
+
+def test_close_ends_every_request_and_joins_the_thread(tok):
+    """Requests decoding and waiting when the batcher closes get a 'shutting down' event (no client waits
+    forever), the scheduler thread has ended when close returns, and a later submit is refused."""
+    batcher = Batcher(make(tok, "rope"), tok, max_batch=1)
+    gate = StepGate(batcher)
+    long = SamplingParams(max_new_tokens=40, temperature=0, stop_token_ids=[])
+    active = batcher.submit([tok.encode("hello")], long)
+    waiting = batcher.submit([tok.encode("the")], long)
+    gate.run(2)  # "hello" decodes; "the" waits for the one row
+    assert batcher.active_rows == 1 and batcher.queued == 1
+    closer = threading.Thread(target=batcher.close)
+    closer.start()
+    gate.open()
+    closer.join(TIMEOUT)
+    assert not batcher._thread.is_alive()
+    for ticket in (active, waiting):
+        last = list(ticket.events(timeout=TIMEOUT))[-1]
+        assert isinstance(last, ErrorEvent) and last.shutting_down and not last.client_error
+        with pytest.raises(ShuttingDownError, match="shutting down"):
+            raise last.as_exception()
+    with pytest.raises(ShuttingDownError):
+        batcher.submit([tok.encode("a")], long)
+
+
+def test_batchers_left_open_are_closed_at_exit(tok):
+    """The atexit hook closes a batcher its owner forgot, before daemon threads are stopped."""
+    batcher = Batcher(make(tok, "rope"), tok)
+    assert batcher in batching._LIVE
+    batching._close_live_batchers()
+    assert not batcher._thread.is_alive() and batcher not in batching._LIVE

@@ -466,3 +466,28 @@ def test_disconnecting_clients_free_their_rows_without_tracebacks(lm, capfd):
         stop(srv)
     err = capfd.readouterr().err
     assert "Traceback" not in err and "BrokenPipe" not in err.replace("(BrokenPipeError)", "")
+
+
+def test_models_retrieve_with_the_client(client, server):
+    model = client.models.retrieve("tiny")
+    assert (model.id, model.object, model.owned_by) == ("tiny", "model", "scratchlm")
+    assert model.created == server.created
+    assert model == client.models.list().data[0]  # the same object as in the list
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gpt-4")
+    error = info.value.response.json()["error"]
+    assert error["code"] == "model_not_found" and error["param"] == "model" and "'gpt-4'" in error["message"]
+    assert info.value.code == "model_not_found"  # the client read OpenAI's shape
+
+
+def test_lowercase_bearer_scheme_is_accepted(lm):
+    srv = start(lm, api_key="s3cret")
+    try:
+        conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=TIMEOUT)
+        for scheme in ("bearer", "BEARER", "Bearer"):
+            conn.request("GET", "/v1/models", headers={"Authorization": f"{scheme} s3cret"})
+            response = conn.getresponse()
+            assert response.status == 200 and json.loads(response.read())["data"][0]["id"] == "tiny"
+        conn.close()
+    finally:
+        stop(srv)

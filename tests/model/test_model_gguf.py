@@ -5,6 +5,8 @@ express is a one-line error. The slow test runs llama.cpp itself (llama-cpp-pyth
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from scratchlm.errors import ConfigError
 from scratchlm.model import build_model
 from scratchlm.model.gguf import export_gguf
 from scratchlm.tokenizer import train_bpe_from_iterator
+from scratchlm.tokenizer.chat_template import CHATML, PLAIN
 from scratchlm.tokenizer.hf_format import bytes_to_str
 
 gguf = pytest.importorskip("gguf")
@@ -117,19 +120,25 @@ def numpy_forward(fields, w: dict[str, np.ndarray], ids: list[int]) -> np.ndarra
         else:
             g = h @ w[p + "ffn_gate.weight"].T
             x = x + ((g / (1 + np.exp(-g))) * (h @ w[p + "ffn_up.weight"].T)) @ w[p + "ffn_down.weight"].T
-    return norm(x, "output_norm") @ w["output.weight"].T
+    return norm(x, "output_norm") @ w.get("output.weight", w["token_embd.weight"]).T  # llama.cpp's fallback
 
 
 IDS_TEXT = "def main():\n    return hello 123"
 
 
-@pytest.mark.parametrize("style", ["llama", "llama-interleaved", "gpt2"])
+@pytest.mark.parametrize("style", ["llama", "llama-interleaved", "llama-tied", "gpt2", "gpt2-no-bias"])
 def test_numpy_forward_over_the_gguf_tensors_equals_scratchlm(tmp_path, tok, style):
     kw = {"rope_style": "interleaved"} if style == "llama-interleaved" else {}
-    model = make(tok, GPT2 if style == "gpt2" else LLAMA, **kw)
+    kw |= {"tie_embeddings": True} if style == "llama-tied" else {}
+    kw |= {"bias": False} if style == "gpt2-no-bias" else {}
+    model = make(tok, GPT2 if style.startswith("gpt2") else LLAMA, **kw)
     path = export_gguf(model, tok, tmp_path / "m.gguf", dtype="f32")
     fields, w = read(path)
-    assert field(fields, "general.architecture") == ("gpt2" if style == "gpt2" else "llama")
+    assert field(fields, "general.architecture") == ("gpt2" if style.startswith("gpt2") else "llama")
+    # a tied head is written once (token_embd); llama.cpp falls back to it for the output
+    assert ("output.weight" in w) == (not model.config.tie_embeddings)
+    if style == "gpt2-no-bias":  # llama.cpp's gpt2 graph needs biases: zeros, which change nothing
+        assert not w["blk.0.attn_qkv.bias"].any() and not w["output_norm.bias"].any()
     ids = tok.encode(IDS_TEXT)
     with torch.no_grad():
         ref = model(torch.tensor([ids]))[0][0].double().numpy()
@@ -137,13 +146,15 @@ def test_numpy_forward_over_the_gguf_tensors_equals_scratchlm(tmp_path, tok, sty
     assert np.abs(got - ref).max() < 1e-4
 
 
-@pytest.mark.parametrize("style", ["llama", "gpt2"])
+@pytest.mark.parametrize("style", ["llama", "llama-tied", "gpt2"])
 def test_transformers_reads_the_gguf_file_as_scratchlm_computes(tmp_path, tok, style):
     """An independent reader of GGUF: transformers' loader (it undoes llama.cpp's RoPE row order and splits
     GPT-2's fused qkv itself) gives the same logits, and its GGUF tokenizer the same token ids."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")  # transformers needs it to load GGUF
-    model = make(tok, GPT2 if style == "gpt2" else LLAMA)
+    model = make(
+        tok, GPT2 if style == "gpt2" else LLAMA, **({"tie_embeddings": True} if "tied" in style else {})
+    )
     export_gguf(model, tok, tmp_path / "m.gguf", dtype="f32")
     # transformers maps gguf's context_length to n_ctx only; GPT-2's position table needs n_positions
     extra = {"n_positions": model.config.context_length} if style == "gpt2" else {}
@@ -187,6 +198,16 @@ def test_tokenizer_tables(tmp_path, tok):
     a, b = tok.merges[0]
     assert merges[0] == f"{bytes_to_str(tok.decode_bytes([a]))} {bytes_to_str(tok.decode_bytes([b]))}"
     assert int(field(fields, "tokenizer.ggml.eos_token_id")) == tok.eot_id
+    assert int(field(fields, "tokenizer.ggml.eot_token_id")) == tok.eot_id
+    assert field(fields, "tokenizer.chat_template") == PLAIN.jinja  # what `scratchlm chat` uses for it
+
+
+def test_a_chat_tuned_tokenizer_carries_its_template(tmp_path, tok):
+    chat_tok = copy.deepcopy(tok)
+    chat_tok.chat_template = "chatml"
+    fields, _ = read(export_gguf(make(tok, LLAMA), chat_tok, tmp_path / "m.gguf", dtype="f32"))
+    assert field(fields, "tokenizer.chat_template") == CHATML.jinja
+    assert "<|im_start|>" in CHATML.jinja  # how llama.cpp recognises ChatML among its built-in templates
 
 
 def test_what_gguf_cannot_express_is_one_error(tmp_path, tok):

@@ -138,9 +138,12 @@ def test_export_writes_the_tokenizer_and_its_eot(tmp_path):
     assert config["eos_token_id"] == 7 and (tmp_path / "tokenizer.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "config.json",
+        "generation_config.json",
         "model.safetensors",
         "tokenizer.json",
     ]
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == 7 and "stop_strings" not in generation  # not chat-tuned
 
 
 def test_unsupported_models_and_directories_raise_clear_errors(tmp_path):

@@ -233,7 +233,7 @@ def test_torchrun_cli_fsdp_run_loads_and_generates_in_one_process(tmp_path):
         "eval.batches=2",
         env={"SCRATCHLM_CACHE": str(tmp_path / "cache")},
     )
-    assert proc.stdout.count("# resolved config") == 1 and proc.stdout.count("--- sample ---") == 1
+    assert proc.stdout.count("training: preset cpu-tiny") == 1 and proc.stdout.count("--- sample ---") == 1
     assert "tokens: 1,024" in proc.stdout  # one micro-batch of 4 x 32 per rank and step, 2 ranks, 4 steps
     records = read_metrics(run_dir)
     assert [(r["kind"], r["step"]) for r in records] == [

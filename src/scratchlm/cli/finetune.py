@@ -10,6 +10,8 @@ The same pipeline and training loop as ``scratchlm train``, with three things se
   evaluations every 25 steps and early stopping after 3 without improvement (``scratchlm presets``).
 
 A YAML file and overrides go on top (``train.freeze=wte.*,blocks.0.*``, ``train.max_steps=1000``).
+``--lora`` trains LoRA adapters instead of every weight (``train.lora.rank=8``, ``train.lr=2e-4``;
+``train/adapters.py``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--dry-run", action="store_true", help="print the resolved config and estimates; write nothing"
+    )
+    p.add_argument(
+        "--lora",
+        action="store_true",
+        help="LoRA instead of full fine-tuning: train.lora.rank=8 and train.lr=2e-4 (litgpt's LoRA default); "
+        "only the adapters train and are saved; train.lora.* overrides go on top",
     )
     from scratchlm.cli.train import add_console_options
 
@@ -77,6 +85,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     ]
     if is_chat_jsonl(args.data):
         implied.append("data.format=chat")
+    if getattr(args, "lora", False):  # the short form; the user's own train.lora.* / train.lr come later
+        implied += ["train.lora.rank=8", "train.lr=2e-4"]
     config = [a for a in args.args if "=" not in a]
     return run_train(
         argparse.Namespace(

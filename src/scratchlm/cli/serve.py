@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import signal
 import sys
+import threading
 
 # = scratchlm.inference.server's defaults (tested), repeated so that building the parser imports no torch
 MAX_NEW_TOKENS_LIMIT = 1024
@@ -127,13 +129,26 @@ def run_serve(args: argparse.Namespace) -> int:
         )
     print(f"serving {lm.checkpoint} on {server.url} (Ctrl-C to stop)", flush=True)
     print(f"OpenAI API: base_url={server.url}/v1, model={server.model_name!r}", flush=True)
+    # SIGTERM (kill, systemd, docker stop) stops the server as Ctrl-C does: requests in flight get 503,
+    # every thread is joined (a thread left inside torch at exit aborts the process), exit code 0
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        print("stopped", file=sys.stderr)
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the shutdown short
+        print("stopping: requests in flight are answered 503", file=sys.stderr, flush=True)
     finally:
         server.server_close()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    print("stopped", file=sys.stderr)
     return 0
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _is_loopback(host: str) -> bool:

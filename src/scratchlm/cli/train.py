@@ -173,6 +173,9 @@ def _print_sample(run_dir, cfg) -> None:
     if cfg.model.arch != "gpt":
         return
     lm = load(run_dir)
+    if cfg.data.format == "chat":  # an instruction-tuned run answers one turn, as `scratchlm chat` would
+        _print_chat_sample(lm, cfg)
+        return
     prompt = cfg.eval.sample_prompt
     text = lm.generate(
         prompt,
@@ -184,6 +187,30 @@ def _print_sample(run_dir, cfg) -> None:
     )
     print("\n--- sample ---")
     print(prompt + text)
+    print("--- end of sample ---")
+    sys.stdout.flush()
+
+
+def _print_chat_sample(lm, cfg) -> None:
+    """One chat turn through the run's template: the user message is eval.sample_prompt, else the first
+    user message of the training conversations; the reply stops at the end of the turn."""
+    from scratchlm.data.chat import read_conversations
+    from scratchlm.inference.chat import ChatSession
+
+    message = cfg.eval.sample_prompt
+    if not message:
+        first = read_conversations(list(cfg.data.source))[0][1]
+        message = next((m["content"] for m in first if m["role"] == "user"), "Hello")
+    session = ChatSession(
+        lm.engine,
+        temperature=0.8,
+        top_k=50,
+        seed=cfg.train.seed,
+        max_new_tokens=min(200, cfg.model.context_length // 2),
+    )
+    reply = "".join(session.reply(message))
+    print("\n--- sample ---")
+    print(f"user: {message}\nassistant: {reply}")
     print("--- end of sample ---")
     sys.stdout.flush()
 

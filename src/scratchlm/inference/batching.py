@@ -38,12 +38,14 @@ token and the ``top_logprobs`` most likely ones are reported when a request asks
 
 from __future__ import annotations
 
+import atexit
 import codecs
 import dataclasses
 import queue
 import threading
 import time
 import traceback
+import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -63,10 +65,15 @@ from scratchlm.inference.sampling import (
 
 MAX_BATCH = 16  # rows decoded together (scratchlm serve --max-batch)
 MAX_QUEUE = 64  # requests waiting for a slot before 503 (scratchlm serve --max-queue)
+SHUTTING_DOWN = "the server is shutting down; retry later"
 
 
 class QueueFullError(Exception):
     """The waiting queue is full: the server answers 503 (retry later)."""
+
+
+class ShuttingDownError(Exception):
+    """The batcher is closing (the server is stopping): the server answers 503 (retry elsewhere or later)."""
 
 
 @dataclass
@@ -97,6 +104,13 @@ class ErrorEvent:
 
     message: str
     client_error: bool  # True: the request's fault (a GenerationError), else the server's
+    shutting_down: bool = False  # the batcher closed before the request finished (a 503, not a bug)
+
+    def as_exception(self) -> Exception:
+        """What to raise for it: ShuttingDownError (503), GenerationError (the client's: 400) or RuntimeError."""
+        if self.shutting_down:
+            return ShuttingDownError(self.message)
+        return (GenerationError if self.client_error else RuntimeError)(self.message)
 
 
 class Ticket:
@@ -206,6 +220,7 @@ class Batcher:
         self._logits: torch.Tensor | None = None  # (B, V) float32: each row's next-token logits
         self._thread = threading.Thread(target=self._loop, name="scratchlm-batcher", daemon=True)
         self._thread.start()
+        _LIVE.add(self)
 
     # ------------------------------------------------------------------------------------------------------
     # public API
@@ -255,7 +270,7 @@ class Batcher:
         ticket = Ticket(rows, [len(p) for p in prompts])
         with self._cond:
             if self._closed:
-                raise GenerationError("the server is shutting down")
+                raise ShuttingDownError(SHUTTING_DOWN)
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests are already waiting; retry later")
             self._waiting.append(
@@ -274,12 +289,22 @@ class Batcher:
         """Rows being decoded now."""
         return len(self._rows)
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop the scheduler thread (waiting requests get an error event)."""
+    def close(self, timeout: float = 30.0) -> bool:
+        """Stop the scheduler thread and wait for it (at most ``timeout`` seconds); True once it has ended.
+
+        The step in progress completes (a forward cannot be interrupted), then every request still waiting
+        or decoding gets an :class:`ErrorEvent` with ``shutting_down`` set, so no client waits forever. The
+        thread must end before the interpreter does: a daemon thread still inside a torch operator at exit
+        aborts the process ("terminate called without an active exception"), so batchers not closed by
+        their owner are closed by an ``atexit`` hook.
+        """
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join(timeout)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        _LIVE.discard(self)
+        return not self._thread.is_alive()
 
     # ------------------------------------------------------------------------------------------------------
     # the scheduler loop
@@ -290,9 +315,11 @@ class Batcher:
                 while not self._closed and not self._waiting and not self._rows:
                     self._cond.wait(timeout=1.0)
                 if self._closed:
-                    for pending in self._waiting:
-                        pending.ticket._put(ErrorEvent("the server is shutting down", client_error=False))
+                    tickets = [p.ticket for p in self._waiting] + [r.ticket for r in self._rows]
+                    for ticket in {id(t): t for t in tickets}.values():
+                        ticket._put(ErrorEvent(SHUTTING_DOWN, client_error=False, shutting_down=True))
                     self._waiting.clear()
+                    self._rows, self._cache, self._mask, self._logits = [], None, None, None
                     return
             try:
                 self._step()
@@ -527,3 +554,13 @@ class Batcher:
         cache.length -= drop
         self.stats.compactions += 1
         self._mask = torch.nn.functional.pad(self._mask[:, drop:], (0, drop), value=False)
+
+
+_LIVE: weakref.WeakSet[Batcher] = weakref.WeakSet()  # batchers not closed yet
+
+
+@atexit.register
+def _close_live_batchers() -> None:
+    """At interpreter exit (before daemon threads are stopped): close every batcher still running."""
+    for batcher in list(_LIVE):
+        batcher.close(timeout=10.0)

@@ -45,6 +45,7 @@ An empty prompt starts after one end-of-text token (documents are separated by i
 from __future__ import annotations
 
 import codecs
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -68,6 +69,15 @@ DEFAULT_CONTEXT = "slide"  # the policy when none is given (said once when the w
 # How messages name the options: Python keywords (the API) or the CLI's flags (`scratchlm generate`).
 PYTHON_NAMES = {"context": "context='{}'", "max_new_tokens": "max_new_tokens"}
 CLI_NAMES = {"context": "--context {}", "max_new_tokens": "--max-new-tokens"}
+
+
+class GenerationCancelled(GenerationError):
+    """The ``cancel`` event of :meth:`Engine.generate` / :meth:`Engine.stream` was set while generating."""
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise GenerationCancelled("generation cancelled")
 
 
 @dataclass
@@ -172,26 +182,40 @@ class Engine:
     # public API
 
     def generate(
-        self, prompts: str | Sequence[str], *, context: str | None = None, num_samples: int = 1, **sampling
+        self,
+        prompts: str | Sequence[str],
+        *,
+        context: str | None = None,
+        num_samples: int = 1,
+        cancel: threading.Event | None = None,
+        **sampling,
     ) -> list[GenerationResult]:
         """Complete each prompt (a str is one prompt); ``num_samples`` completions per prompt, in order.
 
         Keyword options are the fields of :class:`SamplingParams` (``max_new_tokens``, ``temperature``,
         ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, ``frequency_penalty``, ``presence_penalty``,
         ``stop``, ``stop_token_ids``, ``seed``); ``context`` is the window policy (module docstring).
-        All rows run as one left-padded batch.
+        All rows run as one left-padded batch. ``cancel`` (an event set from another thread, e.g. a server
+        shutting down) stops after the current step with :class:`GenerationCancelled`.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if num_samples < 1:
             raise GenerationError(f"num_samples must be >= 1, got {num_samples}")
         prompts = [p for p in prompts for _ in range(num_samples)]
-        results = self.generate_ids([self._encode(p) for p in prompts], context=context, **sampling)
+        results = self.generate_ids(
+            [self._encode(p) for p in prompts], context=context, cancel=cancel, **sampling
+        )
         for p, r in zip(prompts, results):
             r.prompt = p
         return results
 
     def generate_ids(
-        self, prompt_ids: Sequence[Sequence[int]], *, context: str | None = None, **sampling
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        context: str | None = None,
+        cancel: threading.Event | None = None,
+        **sampling,
     ) -> list[GenerationResult]:
         """Like :meth:`generate` on token ids (each prompt non-empty); ``prompt`` is decoded from the ids."""
         if not prompt_ids:
@@ -202,7 +226,7 @@ class Engine:
         rows = [_Row(list(ids)) for ids in prompt_ids]
         start = time.perf_counter()
         for _ in self._run(rows, params, context):
-            pass
+            _check_cancel(cancel)
         seconds = time.perf_counter() - start
         return [
             GenerationResult(
@@ -217,7 +241,9 @@ class Engine:
             for ids, r in zip(prompt_ids, rows)
         ]
 
-    def stream(self, prompt: str, *, context: str | None = None, **sampling) -> Iterator[str]:
+    def stream(
+        self, prompt: str, *, context: str | None = None, cancel: threading.Event | None = None, **sampling
+    ) -> Iterator[str]:
         """Yield the completion of one prompt as text deltas while it is generated.
 
         Concatenated, the deltas equal ``generate(prompt, ...)[0].text`` (same seed). A delta never ends
@@ -228,6 +254,7 @@ class Engine:
         row = _Row(self._encode(prompt))
         shown = 0
         for _ in self._run([row], params, context):
+            _check_cancel(cancel)
             safe = (
                 len(row.text) if row.finish_reason else len(row.text) - stop_prefix_len(row.text, params.stop)
             )

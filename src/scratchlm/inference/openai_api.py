@@ -3,6 +3,8 @@
 Endpoints (served by :mod:`scratchlm.inference.server`; docs/serving.md has examples):
 
 - ``GET /v1/models`` -> ``{"object": "list", "data": [{"id": NAME, "object": "model", ...}]}``
+- ``GET /v1/models/NAME`` -> ``{"id": NAME, "object": "model", "created": ..., "owned_by": "scratchlm"}``
+  (404 ``model_not_found`` for another name)
 - ``POST /v1/completions``: ``prompt`` (a string, a list of strings, a list of token ids, or a list of
   such lists), ``max_tokens`` (default 16, as OpenAI), ``temperature``, ``top_p``, ``n``, ``stream``,
   ``stream_options.include_usage``, ``stop``, ``seed``, ``logprobs`` (0..20 most likely tokens),
@@ -34,6 +36,7 @@ from typing import Any
 from scratchlm.errors import GenerationError, TokenizerError
 from scratchlm.inference.batching import Batcher, ErrorEvent, FinishEvent, TokenEvent
 from scratchlm.inference.chat import ASSISTANT, STOP, USER
+from scratchlm.inference.http_errors import error_body
 from scratchlm.inference.sampling import SamplingParams
 
 MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's top_logprobs limit)
@@ -63,10 +66,8 @@ class OpenAIError(Exception):
         self.status, self.param, self.code = status, param, code
 
     def body(self) -> dict[str, Any]:
-        kind = {401: "authentication_error", 404: "invalid_request_error", 503: "server_error"}.get(
-            self.status, "invalid_request_error" if self.status < 500 else "server_error"
-        )
-        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
+        """OpenAI's error object (:func:`scratchlm.inference.http_errors.error_body`)."""
+        return error_body(self.status, str(self), openai=True, param=self.param, code=self.code)
 
 
 def render_chat(messages: list[dict[str, str]], tokenizer=None) -> tuple[str, list[str]]:
@@ -378,7 +379,7 @@ def _answer(req: OpenAIRequest, ticket, ids, tokenizer, model_name: str, emit, g
         if isinstance(event, ErrorEvent):
             if event.client_error:
                 raise OpenAIError(400, event.message)
-            raise RuntimeError(event.message)  # the scheduler logged the traceback
+            raise event.as_exception()  # shutting down (503) or a bug (the scheduler logged its traceback)
         i = event.row
         delta = event.delta
         if req.chat and not started[i]:
@@ -476,9 +477,11 @@ def _by_text(top: list[tuple[int, float]], piece) -> dict[str, float]:
     return out
 
 
+def model_object(model_name: str, created: int) -> dict[str, Any]:
+    """The ``GET /v1/models/{model}`` answer: OpenAI's model object (``created``: Unix seconds)."""
+    return {"id": model_name, "object": "model", "created": created, "owned_by": "scratchlm"}
+
+
 def models_list(model_name: str, created: int) -> dict[str, Any]:
-    """The ``GET /v1/models`` answer."""
-    return {
-        "object": "list",
-        "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "scratchlm"}],
-    }
+    """The ``GET /v1/models`` answer: a list of the one model served."""
+    return {"object": "list", "data": [model_object(model_name, created)]}

@@ -15,8 +15,10 @@ Endpoints (docs/serving.md has curl and OpenAI-client examples):
   "prompt_tokens", "new_tokens"}], "seconds"}``, one completion per prompt, in order. With
   ``"stream": true`` (one prompt) it is Server-Sent Events: ``data: {"delta": "..."}`` per text delta,
   then ``data: [DONE]``.
-- The OpenAI API: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
-  (:mod:`scratchlm.inference.openai_api`), errors in OpenAI's shape.
+- The OpenAI API: ``GET /v1/models``, ``GET /v1/models/NAME``, ``POST /v1/completions``,
+  ``POST /v1/chat/completions`` (:mod:`scratchlm.inference.openai_api`), errors in OpenAI's shape.
+- ``HEAD`` on every ``GET`` path: the GET answer's status and headers, no body. ``OPTIONS`` on a path (or
+  ``*``): 204 with ``Allow`` naming its methods.
 
 Generation is continuous batching (:mod:`scratchlm.inference.batching`): requests that arrive together
 share decoder steps, at most ``max_batch`` rows at once; ``max_queue`` requests may wait, more get 503.
@@ -25,19 +27,26 @@ share decoder steps, at most ``max_batch`` rows at once; ``max_queue`` requests 
 Limits, so that no client can hold the server: ``max_new_tokens`` at most ``max_new_tokens_limit`` (a
 ``/generate`` without it gets ``min(128, limit)``); at most ``max_batch`` completions per request; a body of
 at most 1 MiB (413); at most ``max_connections`` open connections (503 past it; the listen backlog holds
-them all); a request must arrive whole within ``request_deadline_s`` (408 and close: a client that sends a
-header line every few seconds is cut off); a socket idle for 60 s is closed. A client that disconnects
-frees its rows at the next step and costs one log line, never a traceback.
+them all; every refused connection still gets its 503, from one thread: :mod:`scratchlm.inference.rejecter`);
+a request must arrive whole within ``request_deadline_s`` (408 and close: a client that sends a header line
+every few seconds is cut off); a socket idle for 60 s is closed. A client that disconnects frees its rows
+at the next step and costs one log line, never a traceback.
 
-Errors are one-line JSON: ``{"error": "..."}`` on the original endpoints, OpenAI's
-``{"error": {"message", "type", "param", "code"}}`` under ``/v1/``. 400 bad request (invalid JSON, unknown
-field, wrong type, out-of-range option, over a limit, prompt too long for the context), 401 wrong API key,
-404 unknown path or model, 405 wrong method, 408 request too slow, 411 no Content-Length, 413 body too
-large, 503 busy, 500 server bug (generic message to the client, traceback to stderr).
+Errors are one-line JSON (:mod:`scratchlm.inference.http_errors`, the one place for their shape):
+``{"error": "..."}`` on the original endpoints, OpenAI's ``{"error": {"message", "type", "param", "code"}}``
+under ``/v1/``. 400 bad request (invalid JSON, unknown field, wrong type, out-of-range option, over a limit,
+prompt too long for the context), 401 wrong API key, 404 unknown path or model, 405 wrong method (with
+``Allow``), 408 request too slow, 411 no Content-Length, 413 body too large, 501 a method HTTP does not
+define, 503 busy or shutting down, 500 server bug (generic message to the client, traceback to stderr).
+
+Shutdown (:meth:`GenerationServer.server_close`, Ctrl-C or SIGTERM of ``scratchlm serve``): the listening
+socket closes, requests in flight and waiting are answered 503 "shutting down", idle connections are closed,
+and every thread the server started (handlers, batcher, watchdog, rejecter) is joined, so that no thread is
+inside torch when the interpreter exits.
 
 The server binds to 127.0.0.1 by default. ``api_key`` (``scratchlm serve --api-key`` or the
 ``SCRATCHLM_API_KEY`` environment variable) makes every endpoint but ``/health`` require
-``Authorization: Bearer <key>``; there is no TLS: put a reverse proxy in front to expose it.
+``Authorization: Bearer <key>`` (the scheme in any case, RFC 7235); there is no TLS: put a reverse proxy in front to expose it.
 """
 
 from __future__ import annotations
@@ -48,21 +57,41 @@ import functools
 import hmac
 import itertools
 import json
-import math
 import select
 import socket
 import sys
 import threading
 import time
 import traceback
+import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from scratchlm.errors import GenerationError, TokenizerError
-from scratchlm.inference.batching import Batcher, ErrorEvent, FinishEvent, QueueFullError, Ticket
-from scratchlm.inference.openai_api import OpenAIError, models_list, parse_request, run_request
+from scratchlm.inference.batching import (
+    SHUTTING_DOWN,
+    Batcher,
+    ErrorEvent,
+    FinishEvent,
+    QueueFullError,
+    ShuttingDownError,
+    Ticket,
+)
+from scratchlm.inference.engine import GenerationCancelled
+from scratchlm.inference.generate_api import GenerateRequest, parse_generate_request
+from scratchlm.inference.http_errors import (
+    CLOSE_AFTER,
+    RequestError,
+    error_body,
+    error_headers,
+    one_line,
+    openai_path,
+    raw_error_response,
+)
+from scratchlm.inference.openai_api import OpenAIError, model_object, models_list, parse_request, run_request
+from scratchlm.inference.rejecter import Rejecter
 from scratchlm.inference.sampling import SamplingParams
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
@@ -74,151 +103,9 @@ MAX_NEW_TOKENS_LIMIT = 1024  # per request (scratchlm serve --max-new-tokens-lim
 MAX_BATCH = 64  # rows decoded together, so completions per request (scratchlm serve --max-batch)
 MAX_QUEUE = 256  # requests waiting for a batch slot before 503 (scratchlm serve --max-queue)
 MAX_CONNECTIONS = 512  # open connections before 503 (scratchlm serve --max-connections)
-REJECTERS = 32  # connections being answered 503 at once; past it they are closed
+SHUTDOWN_TIMEOUT_S = 30.0  # server_close waits this long for the handler threads to finish
 
-# JSON field -> accepted Python types (bool is excluded from the numeric ones explicitly)
-_INT = (int,)
-_NUMBER = (int, float)
-SAMPLING_FIELDS: dict[str, tuple[type, ...]] = {
-    "max_new_tokens": _INT,
-    "temperature": _NUMBER,
-    "top_k": _INT,
-    "top_p": _NUMBER,
-    "min_p": _NUMBER,
-    "repetition_penalty": _NUMBER,
-    "frequency_penalty": _NUMBER,
-    "presence_penalty": _NUMBER,
-    "seed": _INT,
-}
-NULLABLE = {"top_k", "seed"}  # null = off / no seed
-REQUEST_FIELDS = {"prompt", "prompts", "stop", "stop_token_ids", "stream", "context", *SAMPLING_FIELDS}
-
-
-class RequestError(Exception):
-    """A client error answered with ``status`` and a one-line JSON message."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-class GenerateRequest:
-    """A validated ``POST /generate`` body: prompts, whether to stream, and the engine keyword options."""
-
-    def __init__(self, prompts: list[str], stream: bool, options: dict[str, Any]):
-        self.prompts = prompts
-        self.stream = stream
-        self.options = options
-        self.default_length = False  # max_new_tokens not asked for: the default, cut to fit the context
-
-
-def parse_generate_request(
-    body: bytes,
-    *,
-    max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT,
-    max_batch: int = MAX_BATCH,
-    vocab_size: int | None = None,
-) -> GenerateRequest:
-    """Parse and check a ``/generate`` body; raise :class:`RequestError` (400) naming the first problem.
-
-    Ranges are checked by :class:`SamplingParams` itself (the same rules as the CLI and the Python API);
-    this adds the server's limits (module docstring) and, given ``vocab_size``, that every stop token id
-    is in the vocabulary.
-    """
-    try:
-        data = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RequestError(400, f"the body is not valid JSON ({_one_line(e)})") from None
-    except ValueError as e:  # an integer of more digits than Python converts (sys.int_info)
-        raise RequestError(400, f"the body is not valid JSON here ({_one_line(e)})") from None
-    except RecursionError:
-        raise RequestError(400, "the body is not valid JSON here (nested too deeply)") from None
-    if not isinstance(data, dict):
-        raise RequestError(400, 'the body must be a JSON object, e.g. {"prompt": "Hello"}')
-    unknown = sorted(set(data) - REQUEST_FIELDS)
-    if unknown:
-        raise RequestError(400, f"unknown field {unknown[0]!r} (valid: {', '.join(sorted(REQUEST_FIELDS))})")
-
-    if ("prompt" in data) == ("prompts" in data):
-        raise RequestError(400, "give exactly one of 'prompt' (a string) or 'prompts' (a list of strings)")
-    if "prompt" in data:
-        if not isinstance(data["prompt"], str):
-            raise RequestError(400, "'prompt' must be a string")
-        prompts = [data["prompt"]]
-    else:
-        prompts = data["prompts"]
-        if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts)):
-            raise RequestError(400, "'prompts' must be a non-empty list of strings")
-        if len(prompts) > max_batch:
-            raise RequestError(
-                400,
-                f"{len(prompts)} prompts exceed this server's limit of {max_batch} per request; split them",
-            )
-
-    stream = data.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError(400, "'stream' must be true or false")
-    if stream and len(prompts) != 1:
-        raise RequestError(400, "streaming takes one 'prompt'; send 'prompts' without \"stream\": true")
-
-    options: dict[str, Any] = {}
-    for name, types in SAMPLING_FIELDS.items():
-        if name not in data:
-            continue
-        value = data[name]
-        if value is None and name in NULLABLE:
-            options[name] = None
-            continue
-        if isinstance(value, bool) or not isinstance(value, types):
-            kind = "an integer" if types is _INT else "a number"
-            raise RequestError(400, f"'{name}' must be {kind}, got {json.dumps(value)[:40]}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise RequestError(400, f"'{name}' must be finite, got {value}")
-        options[name] = value
-    if "stop" in data:
-        stop = data["stop"]
-        stop = [stop] if isinstance(stop, str) else stop
-        if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-            raise RequestError(400, "'stop' must be a string or a list of strings")
-        options["stop"] = stop
-    if "stop_token_ids" in data:
-        ids = data["stop_token_ids"]
-        if ids is not None and not (
-            isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
-        ):
-            raise RequestError(400, "'stop_token_ids' must be a list of token ids (integers) or null")
-        options["stop_token_ids"] = ids
-    try:
-        params = SamplingParams.from_kwargs(**options)  # range checks, one line each
-    except GenerationError as e:
-        raise RequestError(400, str(e)) from None
-    if "max_new_tokens" not in options:
-        options["max_new_tokens"] = min(params.max_new_tokens, max_new_tokens_limit)
-    elif params.max_new_tokens > max_new_tokens_limit:
-        raise RequestError(
-            400,
-            f"max_new_tokens {params.max_new_tokens} exceeds this server's limit of {max_new_tokens_limit}; "
-            "ask for fewer",
-        )
-    if vocab_size is not None:
-        for t in params.stop_token_ids or []:
-            if t >= vocab_size:
-                raise RequestError(400, f"stop token id {t} is not in the vocabulary (0..{vocab_size - 1})")
-    if "context" in data:
-        if not isinstance(data["context"], str):
-            raise RequestError(400, '\'context\' must be one of "error", "slide", "stop"')
-        options["context"] = data["context"]  # the engine checks the value
-    request = GenerateRequest(prompts, stream, options)
-    request.default_length = "max_new_tokens" not in data  # the server's default, cut to the context
-    return request
-
-
-def _reject_constant(name: str) -> None:
-    raise RequestError(400, f"the body is not valid JSON ({name} is not a JSON number)")
-
-
-def _one_line(e: Exception) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+MODEL_ROUTE = "/v1/models/{model}"  # GET /v1/models/NAME
 
 
 class GenerationServer(ThreadingHTTPServer):
@@ -230,10 +117,9 @@ class GenerationServer(ThreadingHTTPServer):
     ``max_connections`` get 503 at once; a request whose headers and body have not fully arrived
     ``request_deadline_s`` after it started (or after the previous answer on a kept-alive connection) is
     answered 408 and closed. ``api_key``: every endpoint but ``/health`` then needs
-    ``Authorization: Bearer <api_key>``.
+    ``Authorization: Bearer <api_key>``. Stop it with :meth:`shutdown` (from another thread) then
+    :meth:`server_close`, which answers what is in flight 503 and joins every thread it started.
     """
-
-    daemon_threads = True  # a hung client never keeps the process alive at exit
 
     def __init__(
         self,
@@ -271,11 +157,12 @@ class GenerationServer(ThreadingHTTPServer):
         self.lock = threading.Lock()  # the engine's own path (context "slide" / "stop"): one at a time
         # the kernel queues connections not yet accepted: room for every allowed connection at once
         self.request_queue_size = max(128, max_connections)
-        self._connections = 0
-        self._rejecting = 0
+        self._handlers: dict[threading.Thread, socket.socket] = {}  # live connection threads -> sockets
+        self.closing = threading.Event()  # set by server_close: refuse new work, cancel the engine path
         self._count_lock = threading.Lock()
         super().__init__((host, port), _Handler)
         self.watchdog = _Watchdog(request_deadline_s)
+        self.rejecter = Rejecter(lambda head: raw_error_response(503, self._refusal(), head))
         self.batcher = Batcher(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue)
 
     @property
@@ -283,59 +170,72 @@ class GenerationServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
-    def server_close(self) -> None:
+    @property
+    def _connections(self) -> int:
+        """Open connections being served (refused ones not counted)."""
+        return len(self._handlers)
+
+    def server_close(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Stop serving and join every thread the server started (at most ``timeout`` seconds for handlers).
+
+        Call :meth:`shutdown` first when :meth:`serve_forever` runs in another thread. In order: the
+        listening socket closes; the batcher stops after its current step and answers every request in
+        flight or waiting 503 "shutting down"; idle keep-alive connections are woken (their read side shut)
+        and end; handlers still busy after a short grace (a generation on the engine path, a client that
+        does not read) get their sockets shut both ways; then all are joined. A daemon thread left inside
+        torch when the interpreter exits aborts the process, hence the joins.
+        """
         super().server_close()
+        with self._count_lock:
+            self.closing.set()
+            handlers = dict(self._handlers)
+        deadline = time.monotonic() + timeout
         if hasattr(self, "batcher"):
-            self.batcher.close()
-            self.watchdog.close()
+            self.batcher.close(timeout)
+        _shutdown_sockets(handlers.values(), socket.SHUT_RD)  # idle connections read end-of-file and end
+        grace = time.monotonic() + min(5.0, timeout / 4)
+        for thread in handlers:
+            thread.join(max(0.0, grace - time.monotonic()))
+        stuck = {t: sock for t, sock in handlers.items() if t.is_alive()}
+        _shutdown_sockets(stuck.values(), socket.SHUT_RDWR)  # a blocked write fails, the handler ends
+        for thread in stuck:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for part in ("rejecter", "watchdog"):
+            if hasattr(self, part):
+                getattr(self, part).close()
+        alive = sum(t.is_alive() for t in handlers)
+        if alive:
+            sys.stderr.write(f"warning: {alive} connection(s) still busy after {timeout:g} s of shutdown\n")
 
     # -------------------------------------------------------------------------------------------------
-    # connection cap
+    # connections: one thread each, up to the cap; past it (or shutting down) a 503 from the rejecter
 
     def process_request(self, request, client_address) -> None:
         with self._count_lock:
-            full = self._connections >= self.max_connections
-            if not full:
-                self._connections += 1
-            reject = full and self._rejecting < REJECTERS
-            self._rejecting += reject
-        if not full:
-            super().process_request(request, client_address)
-        elif reject:  # answered 503 in a short-lived thread (bounded: REJECTERS at once, 1 s each)
-            threading.Thread(target=self._reject, args=(request,), daemon=True).start()
-        else:
-            self.shutdown_request(request)
+            refuse = self.closing.is_set() or len(self._handlers) >= self.max_connections
+            if not refuse:
+                thread = threading.Thread(
+                    target=self.process_request_thread,
+                    args=(request, client_address),
+                    name="scratchlm-connection",
+                    daemon=True,  # a hung client never keeps the process alive; server_close joins them
+                )
+                self._handlers[thread] = request
+                thread.start()  # under the lock: server_close only ever joins started threads
+        if refuse:
+            self.rejecter.reject(request)
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
             with self._count_lock:
-                self._connections -= 1
+                self._handlers.pop(threading.current_thread(), None)
 
-    def _reject(self, sock) -> None:
-        body = json.dumps(
-            _openai_error(
-                503, f"the server is at its limit of {self.max_connections} connections; retry later"
-            )
-        ).encode()
-        head = (
-            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
-        )
-        try:
-            sock.settimeout(1.0)
-            sock.sendall(head.encode() + body)
-            sock.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + 1.0
-            while time.monotonic() < deadline and sock.recv(1 << 16):  # drain: closing unread data is an RST
-                pass
-        except OSError:
-            pass
-        finally:
-            sock.close()
-            with self._count_lock:
-                self._rejecting -= 1
+    def _refusal(self) -> str:
+        if self.closing.is_set():
+            return SHUTTING_DOWN
+        return f"the server is at its limit of {self.max_connections} connections; retry later"
 
     def handle_error(self, request, client_address) -> None:
         """A connection error escaping a handler (a client gone while we flushed) is one line, not a traceback."""
@@ -375,6 +275,11 @@ class GenerationServer(ThreadingHTTPServer):
             },
         }
 
+    def _check_open(self) -> None:
+        """Raise :class:`ShuttingDownError` (503) once :meth:`server_close` has begun: start no new work."""
+        if self.closing.is_set():
+            raise ShuttingDownError(SHUTTING_DOWN)
+
     def parse(self, body: bytes) -> GenerateRequest:
         """A ``/generate`` body checked against this server's limits and vocabulary."""
         return parse_generate_request(
@@ -402,14 +307,15 @@ class GenerationServer(ThreadingHTTPServer):
         start = time.perf_counter()
         if req.options.get("context", "error") != "error":  # window policies: the engine itself
             with self.lock:
-                results = self.engine.generate(req.prompts, **req.options)
+                self._check_open()
+                results = self.engine.generate(req.prompts, cancel=self.closing, **req.options)
             rows = [(r.text, r.finish_reason, r.prompt_tokens, r.new_tokens) for r in results]
         else:
             ticket, prompt_tokens = self.submit(req)
             done: dict[int, FinishEvent] = {}
             for event in ticket.events(gone=gone):
                 if isinstance(event, ErrorEvent):
-                    raise (GenerationError if event.client_error else RuntimeError)(event.message)
+                    raise event.as_exception()
                 if isinstance(event, FinishEvent):
                     done[event.row] = event
             if ticket.cancelled.is_set():
@@ -425,6 +331,26 @@ class GenerationServer(ThreadingHTTPServer):
             ],
             "seconds": round(time.perf_counter() - start, 6),
         }
+
+
+def _stream_error(e: Exception) -> tuple[int, str]:
+    """(status, one-line message) of an error raised after a stream started (sent as an error event)."""
+    if isinstance(e, RequestError | OpenAIError):
+        return e.status, one_line(e)
+    if isinstance(e, GenerationCancelled):  # the engine path, stopped by server_close
+        return 503, SHUTTING_DOWN
+    if isinstance(e, ShuttingDownError | QueueFullError):
+        return 503, one_line(e)
+    if isinstance(e, GenerationError):
+        return 400, one_line(e)
+    traceback.print_exc(file=sys.stderr)
+    return 500, "internal server error (see the server log)"
+
+
+def _shutdown_sockets(socks, how: int) -> None:
+    for sock in socks:
+        with contextlib.suppress(OSError):
+            sock.shutdown(how)
 
 
 def _context_reason(event: FinishEvent, prompt_tokens: int, context_length: int, req: GenerateRequest) -> str:
@@ -476,21 +402,18 @@ class _Watchdog:
                     h.connection.shutdown(socket.SHUT_RD)
 
 
-def _openai_error(status: int, message: str) -> dict[str, Any]:
-    return OpenAIError(status, message).body()
-
-
 class _Handler(BaseHTTPRequestHandler):
     server: GenerationServer
     server_version = "scratchlm"
     protocol_version = "HTTP/1.1"  # keep-alive: the OpenAI client reuses its connections
     timeout = IDLE_TIMEOUT_S
 
-    ROUTES = {
+    ROUTES = {  # path -> its method (a GET path also answers HEAD; every path answers OPTIONS)
         "/health": "GET",
         "/info": "GET",
         "/generate": "POST",
         "/v1/models": "GET",
+        MODEL_ROUTE: "GET",  # /v1/models/NAME
         "/v1/completions": "POST",
         "/v1/chat/completions": "POST",
     }
@@ -500,7 +423,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.timed_out = False
 
     def handle_one_request(self) -> None:
-        self.responded = self.openai = False
+        self.responded = self.openai = self.body_pending = False
+        self.path = self.command = ""  # not left over from the previous request when this one is malformed
         self.server.watchdog.arm(self)
         try:
             super().handle_one_request()
@@ -520,36 +444,91 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._dispatch("GET")
 
+    def do_HEAD(self) -> None:  # the GET answer's status and headers; _send_json writes no body
+        self._dispatch("HEAD")
+
     def do_POST(self) -> None:
         self._dispatch("POST")
 
+    def do_OPTIONS(self) -> None:
+        self._dispatch("OPTIONS")
+
+    # methods HTTP defines that no endpoint takes: 405 with Allow (an unknown method is the base class's 501)
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def do_TRACE(self) -> None:
+        self._dispatch("TRACE")
+
+    def do_CONNECT(self) -> None:
+        self._dispatch("CONNECT")
+
+    @classmethod
+    def route(cls, path: str) -> str | None:
+        """The key of :attr:`ROUTES` that serves ``path`` (a model's own path is MODEL_ROUTE); None: none."""
+        if path in cls.ROUTES:
+            return path
+        if path.startswith("/v1/models/") and len(path) > len("/v1/models/"):
+            return MODEL_ROUTE
+        return None
+
+    @classmethod
+    def allow(cls, route: str | None) -> str:
+        """The ``Allow`` header of a route (of the whole server for None: ``OPTIONS *``)."""
+        if route is None:
+            return "GET, HEAD, POST, OPTIONS"
+        return "GET, HEAD, OPTIONS" if cls.ROUTES[route] == "GET" else "POST, OPTIONS"
+
     def _dispatch(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
-        self.openai = path.startswith("/v1/")
+        self.openai = openai_path(path)
+        # a body this handler will not read must not be taken for the next request: close after answering
+        self.body_pending = self.headers.get("Content-Length", "0").strip() not in ("", "0") or bool(
+            self.headers.get("Transfer-Encoding")
+        )
+        route = self.route(path)
         try:
             if self.timed_out:
                 raise RequestError(408, self._late_message())
-            if path not in self.ROUTES:
+            if method == "OPTIONS" and (route is not None or path == "*"):
+                self._send_empty(204, allow=self.allow(route))
+                return
+            if route is None:
                 raise RequestError(404, f"no endpoint {path}; try GET /health, GET /info, GET /v1/models")
-            if self.ROUTES[path] != method:
-                raise RequestError(405, f"{path} takes {self.ROUTES[path]}, not {method}")
+            expected = self.ROUTES[route]
+            if method != expected and not (method == "HEAD" and expected == "GET"):
+                raise RequestError(405, f"{path} takes {expected}, not {method}")
             self._authorize(path)
             body = self._read_body() if method == "POST" else b""
             self.server.watchdog.disarm(self)  # the request is in: generation time is not its deadline
-            if path == "/health":
+            if route == "/health":
                 self._send_json(200, {"status": "ok", "model": self.server.model_name})
-            elif path == "/info":
+            elif route == "/info":
                 self._send_json(200, self.server.info())
-            elif path == "/v1/models":
+            elif route == "/v1/models":
                 self._send_json(200, models_list(self.server.model_name, self.server.created))
-            elif path == "/generate":
+            elif route == MODEL_ROUTE:
+                self._model(urllib.parse.unquote(path[len("/v1/models/") :]))
+            elif route == "/generate":
                 self._generate(body)
             else:
-                self._openai(body, chat=path == "/v1/chat/completions")
+                self._openai(body, chat=route == "/v1/chat/completions")
         except (RequestError, OpenAIError) as e:
-            self._error(e.status, str(e), allow=self.ROUTES.get(path) if e.status == 405 else None, exc=e)
+            self._error(e.status, str(e), allow=self.allow(route) if e.status == 405 else None, exc=e)
+        except (
+            QueueFullError,
+            ShuttingDownError,
+            GenerationCancelled,
+        ) as e:  # busy, or stopping: retry later
+            self._error(503, SHUTTING_DOWN if isinstance(e, GenerationCancelled) else one_line(e))
         except (GenerationError, TokenizerError) as e:  # refused: prompt too long, not encodable, ...
-            self._error(400, _one_line(e))
+            self._error(400, one_line(e))
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
             self.log_message("client disconnected: %s %s", method, path)
@@ -558,21 +537,41 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(500, "internal server error (see the server log)")
 
     def _authorize(self, path: str) -> None:
+        """Check ``Authorization: Bearer <key>`` when the server has a key (the scheme in any case, RFC 7235)."""
         key = self.server.api_key
         if key is None or path == "/health":
             return
-        given = self.headers.get("Authorization", "")
-        token = given[len("Bearer ") :] if given.startswith("Bearer ") else ""
+        scheme, _, token = self.headers.get("Authorization", "").strip().partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" else ""
         if not hmac.compare_digest(token.encode(), key.encode()):
             raise OpenAIError(
                 401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
             )
 
+    def _model(self, name: str) -> None:
+        """``GET /v1/models/NAME``: the model object, or 404 in OpenAI's shape for another name."""
+        if name != self.server.model_name:
+            raise OpenAIError(
+                404,
+                f"the model {name!r} does not exist here; this server serves {self.server.model_name!r}",
+                "model",
+                "model_not_found",
+            )
+        self._send_json(200, model_object(self.server.model_name, self.server.created))
+
     def _client_gone(self) -> bool:
-        """True when the client closed its side (readable with nothing to read)."""
+        """True when the client closed its side (readable with nothing to read).
+
+        ``poll``, not ``select``: select cannot watch a descriptor >= 1024, which a busy server reaches.
+        """
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            if hasattr(select, "poll"):
+                poller = select.poll()
+                poller.register(self.connection, select.POLLIN)
+                readable = bool(poller.poll(0))
+            else:  # Windows: select has no such limit there
+                readable = bool(select.select([self.connection], [], [], 0)[0])
+            return readable and self.connection.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True
 
@@ -602,10 +601,12 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(n)
         if len(body) < n:
             self.close_connection = True
+            self.server._check_open()  # read side shut by server_close: 503, not the client's fault
             raise RequestError(
                 408 if self.timed_out else 400,
                 self._late_message() if self.timed_out else "the body ended before Content-Length bytes",
             )
+        self.body_pending = False
         return body
 
     def _openai(self, body: bytes, chat: bool) -> None:
@@ -642,7 +643,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if req.options.get("context", "error") != "error":
             with self.server.lock:
-                deltas = self.server.engine.stream(req.prompts[0], **req.options)
+                self.server._check_open()
+                deltas = self.server.engine.stream(req.prompts[0], cancel=self.server.closing, **req.options)
                 try:
                     first = next(deltas, None)  # errors before any output (prompt too long) are still 400s
 
@@ -660,7 +662,7 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 for event in ticket.events(gone=self._client_gone):
                     if isinstance(event, ErrorEvent):
-                        raise RuntimeError(event.message)
+                        raise event.as_exception()
                     if event.delta:
                         emit(json.dumps({"delta": event.delta}))
             except BaseException:
@@ -696,14 +698,8 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as e:
             if not started:
                 raise
-            if not isinstance(e, RequestError | OpenAIError | GenerationError):
-                traceback.print_exc(file=sys.stderr)
-            message = (
-                str(e)
-                if isinstance(e, RequestError | OpenAIError | GenerationError)
-                else "internal server error (see the server log)"
-            )
-            emit(json.dumps(_openai_error(500, message) if self.openai else {"error": message}))
+            status, message = _stream_error(e)
+            emit(json.dumps(error_body(status, message, openai=self.openai)))
         if not self._client_gone():
             emit("[DONE]")
 
@@ -713,37 +709,53 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(
         self, status: int, message: str, allow: str | None = None, exc: Exception | None = None
     ) -> None:
-        """An error answer: OpenAI's shape under /v1/, else ``{"error": message}``."""
-        if getattr(self, "openai", False):
-            body = exc.body() if isinstance(exc, OpenAIError) else _openai_error(status, message)
+        """An error answer in this path's shape (:func:`~scratchlm.inference.http_errors.error_body`)."""
+        if self.openai and isinstance(exc, OpenAIError):
+            body = exc.body()  # with its param and code
         else:
-            body = {"error": message}
-        if status in (408, 413, 411):
+            body = error_body(status, message, openai=self.openai)
+        if status in CLOSE_AFTER:
             self.close_connection = True
         self._send_json(status, body, allow=allow)
 
     def _send_json(self, status: int, obj: dict[str, Any], allow: str | None = None) -> None:
+        """Send ``obj`` as the JSON answer (headers only for HEAD: the Content-Length a GET would get)."""
         body = json.dumps(obj).encode("utf-8")
+        self._send_head(
+            status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))], allow
+        )
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_empty(self, status: int, allow: str | None = None) -> None:
+        """An answer without a body (204 to OPTIONS: no Content-Length, RFC 9110 8.6)."""
+        self._send_head(status, [], allow)
+
+    def _send_head(self, status: int, headers: list[tuple[str, str]], allow: str | None) -> None:
+        if self.body_pending:  # an unread request body would be parsed as the next request
+            self.close_connection = True
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        if allow:
+        for name, value in headers + (error_headers(status, allow) if status >= 400 else []):
+            self.send_header(name, value)
+        if status < 400 and allow:
             self.send_header("Allow", allow)
-        if status == 503:
-            self.send_header("Retry-After", "1")
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(body)
         self.responded = True
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """The base class's own errors (malformed request line, unsupported method) as one-line JSON."""
+        """The base class's own errors (malformed request line, unknown method: 501) as one-line JSON."""
         self.close_connection = True
         if self.request_version == "HTTP/0.9":  # an unparsable request line: answer with headers anyway
             self.request_version = "HTTP/1.0"
+        self.openai = openai_path(self.path or "")
         if self.timed_out:
             code, message = 408, self._late_message()
+        elif code == HTTPStatus.NOT_IMPLEMENTED and self.command:
+            message = (
+                f"method {self.command[:20]!r} is not supported; this server answers GET, HEAD, POST, OPTIONS"
+            )
         try:
             phrase = HTTPStatus(code).phrase
         except ValueError:

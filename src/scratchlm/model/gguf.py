@@ -5,11 +5,13 @@
 What is written:
 
 - **Architecture.** A Llama-style model (rmsnorm, RoPE, SwiGLU, pre-LN) as ``llama``; a GPT-2-style model
-  (layernorm, learned positions, tanh-GELU, biases, pre-LN) as ``gpt2``. Anything else (the encoder-decoder,
+  (layernorm, learned positions, tanh-GELU, pre-LN) as ``gpt2``; one trained without biases (``bias=false``)
+  gets zero biases, which llama.cpp's gpt2 graph requires (the HF export does the same; logits unchanged). Anything else (the encoder-decoder,
   post-LN, qk-norm, sinusoidal positions...) is a :class:`ConfigError` naming what GGUF cannot express.
 - **Tensors**, as llama.cpp names them (``token_embd``, ``blk.N.attn_q``, ``blk.N.ffn_gate``, ``output``...),
-  each in nn.Linear's (out, in) layout. GPT-2 fuses q, k, v into ``attn_qkv``. The output head is always
-  written, tied or not (every llama.cpp version then finds it).
+  each in nn.Linear's (out, in) layout. GPT-2 fuses q, k, v into ``attn_qkv``. A tied output head
+  (``tie_embeddings``) is not written a second time: with no ``output.weight`` llama.cpp (llama and gpt2)
+  uses ``token_embd.weight`` for the output, as transformers' GGUF reader does.
 - **RoPE layout.** llama.cpp's ``llama`` architecture rotates adjacent feature pairs (2i, 2i+1) (its
   "normal" mode, the RoPE paper's). A ``rope_style="half"`` model rotates (i, i + D/2) (HF's rotate_half),
   so the rows of W_q and W_k are permuted within each head, as llama.cpp's own convert_hf_to_gguf.py does:
@@ -17,7 +19,11 @@ What is written:
 - **Tokenizer**: ``tokenizer.ggml.model = "gpt2"`` (byte-level BPE) with every token in the byte-to-unicode
   spelling of GPT-2, the merges in rank order, the pre-tokenizer type (``gpt-2`` for the GPT-2 regex,
   ``llama-bpe`` for the GPT-4/cl100k one; another regex cannot be named in GGUF and is refused), special
-  tokens as control tokens, and the end-of-text id as bos and eos (no bos is added to prompts).
+  tokens as control tokens, and the end-of-text id as bos, eos and eot (no bos is added to prompts).
+- **Chat template**: ``tokenizer.chat_template``, the Jinja text of the template ``scratchlm chat`` uses
+  (the one stored with the tokenizer, ``plain`` if none), so llama.cpp and Ollama format turns as ScratchLM
+  does (llama.cpp recognises ChatML by its ``<|im_start|>``). Its end-of-turn marker is text, not a token:
+  llama.cpp's callers stop at it as a stop string (the Ollama Modelfile's ``PARAMETER stop``).
 - **dtype**: ``f32``; ``f16`` (matrices in float16, norms and biases stay f32, as llama.cpp requires);
   ``q8_0`` (matrices in blocks of 32 int8 with one f16 scale: about 8.5 bits per weight; a matrix whose rows
   are not a multiple of 32 stays f16).
@@ -37,6 +43,7 @@ from scratchlm.config import ModelConfig
 from scratchlm.errors import ConfigError
 from scratchlm.model.hf import _gpt2_compatible, _llama_compatible
 from scratchlm.model.layers import mlp_hidden_dim
+from scratchlm.tokenizer.chat_template import chat_template_of
 from scratchlm.tokenizer.hf_format import bytes_to_str
 from scratchlm.tokenizer.pretokenize import GPT2_PATTERN, GPT4_PATTERN
 
@@ -62,13 +69,11 @@ def gguf_architecture(cfg: ModelConfig) -> str:
         )
     if _llama_compatible(cfg) and not cfg.bias:
         return "llama"
-    if (
-        _gpt2_compatible(cfg) and cfg.bias and cfg.mlp == "gelu_tanh"
-    ):  # llama.cpp's gpt2: real biases, tanh GELU
+    if _gpt2_compatible(cfg) and cfg.mlp == "gelu_tanh":  # llama.cpp's gpt2: tanh GELU (biases: zero if none)
         return "gpt2"
     raise ConfigError(
         "GGUF export needs a Llama-style model (rmsnorm, rope, swiglu, pre-LN, no biases, no qk_norm) or a "
-        "GPT-2-style one (layernorm, learned positions, gelu_tanh, biases, pre-LN); this one is "
+        "GPT-2-style one (layernorm, learned positions, gelu_tanh, pre-LN); this one is "
         f"norm={cfg.norm}, pos={cfg.pos}, mlp={cfg.mlp}, bias={cfg.bias}, norm_position={cfg.norm_position}, "
         f"qk_norm={cfg.qk_norm}"
     )
@@ -88,10 +93,15 @@ def gguf_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     arch = gguf_architecture(cfg)
     sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
     out = {"token_embd.weight": sd["wte.weight"], "output_norm.weight": sd["ln_f.weight"]}
-    out["output.weight"] = sd["wte.weight"] if cfg.tie_embeddings else sd["lm_head.weight"]
+    if not cfg.tie_embeddings:  # tied: llama.cpp reads token_embd for the output (no second copy)
+        out["output.weight"] = sd["lm_head.weight"]
+
+    def bias(name: str) -> torch.Tensor:  # bias=false: zero biases for llama.cpp's gpt2 graph
+        return sd.get(name + ".bias", torch.zeros(sd[name + ".weight"].shape[0]))
+
     if arch == "gpt2":
         out["position_embd.weight"] = sd["wpe.weight"]
-        out["output_norm.bias"] = sd["ln_f.bias"]
+        out["output_norm.bias"] = bias("ln_f")
     D = cfg.d_model // cfg.n_head
     for i in range(cfg.n_layer):
         a, g = f"blocks.{i}.", f"blk.{i}."
@@ -112,7 +122,7 @@ def gguf_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             }
         else:
             names = {"attn_qkv.weight": torch.cat([sd[f"{a}attn.c_{x}.weight"] for x in "qkv"])}
-            names["attn_qkv.bias"] = torch.cat([sd[f"{a}attn.c_{x}.bias"] for x in "qkv"])
+            names["attn_qkv.bias"] = torch.cat([bias(f"{a}attn.c_{x}") for x in "qkv"])
             for ours, theirs in (
                 ("ln_1", "attn_norm"),
                 ("attn.c_proj", "attn_output"),
@@ -121,7 +131,7 @@ def gguf_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                 ("mlp.c_proj", "ffn_down"),
             ):
                 names[theirs + ".weight"] = sd[a + ours + ".weight"]
-                names[theirs + ".bias"] = sd[a + ours + ".bias"]
+                names[theirs + ".bias"] = bias(a + ours)
         out.update({g + n: t for n, t in names.items()})
     return out
 
@@ -166,7 +176,9 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, dtyp
     if eot is not None:
         writer.add_bos_token_id(eot)
         writer.add_eos_token_id(eot)
+        writer.add_eot_token_id(eot)
     writer.add_add_bos_token(False)
+    writer.add_chat_template(chat_template_of(tokenizer).jinja)
     for name, t in tensors.items():
         array = t.numpy()
         if dtype == "f32" or array.ndim == 1:

@@ -26,7 +26,6 @@ from scratchlm.model.layers import (
     Attention,
     RotaryEmbedding,
     SinusoidalPositions,
-    causal_mask,
     make_dropout,
     make_norm,
 )
@@ -52,14 +51,17 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def attention_mask_for(T: int, S: int, key_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+def attention_mask_for(
+    T: int, S: int, key_mask: torch.Tensor | None, device: torch.device, ops=functional
+) -> torch.Tensor:
     """Causal mask of T new queries over S keys, combined with a key padding mask.
 
     key_mask (B, S) bool, True = real token -> (B or 1, 1, T, S) bool, True = may attend.
     A query that may see no key at all (a left-padding position) would get softmax over nothing (NaN);
     such rows are opened to every key instead: their outputs are finite and nobody reads them.
+    ops: the module whose ``causal_mask`` builds the mask (the model's ``ops``: fast or reference).
     """
-    mask = causal_mask(T, S, device)[None, None]  # (1, 1, T, S)
+    mask = ops.causal_mask(T, S, device)[None, None]  # (1, 1, T, S)
     if key_mask is not None:
         mask = mask & key_mask[:, None, None, :S].to(device=device, dtype=torch.bool)
     return mask | ~mask.any(dim=-1, keepdim=True)
@@ -141,7 +143,7 @@ class GPT(nn.Module):
         # the cheapest exact mask: is_causal when queries and keys align, none for one query, else explicit
         mask, causal = None, False
         if attention_mask is not None or (start > 0 and T > 1):
-            mask = attention_mask_for(T, S, attention_mask, idx.device)
+            mask = attention_mask_for(T, S, attention_mask, idx.device, self.ops)
         elif start == 0:
             causal = True
         for i, block in enumerate(self.blocks):

@@ -68,7 +68,8 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     Llama style (rmsnorm, rope, swiglu) -> LlamaForCausalLM. Anything else raises ConfigError.
     With a tokenizer, its ``save`` writes tokenizer.json and its eot id becomes bos/eos_token_id; a chat
     template stored with it goes to tokenizer_config.json (``chat_template``, the Jinja that transformers'
-    ``apply_chat_template`` renders).
+    ``apply_chat_template`` renders). ``generation_config.json`` says where generation stops
+    (:func:`generation_config`).
     Files are written under temporary names and renamed, so a crash leaves no half-written file.
     """
     cfg = model.config
@@ -99,7 +100,28 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, tokenizer=None) -> Path:
 
         tokenizer.save(out / "tokenizer.json")
         save_chat_template(tokenizer, out)
+    tmp = out / "generation_config.json.tmp"
+    tmp.write_text(json.dumps(generation_config(tokenizer), indent=2) + "\n")
+    os.replace(tmp, out / "generation_config.json")
     return out
+
+
+def generation_config(tokenizer) -> dict:
+    """transformers' ``generation_config.json``: where ``generate`` stops.
+
+    ``eos_token_id`` is the end-of-text id. A chat-tuned run (a chat template stored with its tokenizer)
+    ends each turn with the template's end-of-turn marker (``<|im_end|>``), which ScratchLM writes as
+    text, not as one special token (tokenizer/chat_template.py): the model emits it as several ordinary
+    tokens, so it goes into ``stop_strings``, which ``generate`` honours when given the tokenizer
+    (``model.generate(ids, tokenizer=tok)``; the text-generation pipeline passes it itself).
+    """
+    eot = getattr(tokenizer, "eot_id", None)
+    config: dict = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}
+    if getattr(tokenizer, "chat_template", None):
+        from scratchlm.tokenizer.chat_template import chat_template_of
+
+        config["stop_strings"] = list(chat_template_of(tokenizer).stop)
+    return config
 
 
 def _gpt2_config(cfg: ModelConfig, eot: int | None) -> dict:

@@ -315,8 +315,8 @@ class Attention(nn.Module):
         else:
             k, v = self.project_kv(x if kv is None else kv)  # (B, Hkv, S, D)
         if rope is not None:
-            q = apply_rope(q, *rope, self.rope_style)
-            k = apply_rope(k, *rope, self.rope_style)
+            q = self.ops.apply_rope(q, *rope, self.rope_style)
+            k = self.ops.apply_rope(k, *rope, self.rope_style)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # all keys so far (B, Hkv, S, D)
             if k.dtype != q.dtype:  # a float32 cache under autocast

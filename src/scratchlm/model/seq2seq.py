@@ -26,7 +26,7 @@ from scratchlm.errors import ConfigError
 from scratchlm.model import functional
 from scratchlm.model.cache import KVCache, Seq2SeqCache
 from scratchlm.model.gpt import Block as EncoderBlock
-from scratchlm.model.layers import MLP, Attention, SinusoidalPositions, causal_mask, make_dropout, make_norm
+from scratchlm.model.layers import MLP, Attention, SinusoidalPositions, make_dropout, make_norm
 
 
 class DecoderBlock(nn.Module):
@@ -145,7 +145,7 @@ class Seq2Seq(nn.Module):
         if start == 0:
             causal = True
         elif T > 1:
-            mask = causal_mask(T, start + T, tgt_in.device)[None, None]
+            mask = self.ops.causal_mask(T, start + T, tgt_in.device)[None, None]
         key_mask = self._key_mask(src_mask)
         for i, block in enumerate(self.decoder):
             memory_kv = memory

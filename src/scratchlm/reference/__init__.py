@@ -7,10 +7,18 @@ course teaches them:
 =====================  ========================================================================
 functional             linear, embedding, softmax, log_softmax, relu, silu, gelu, gelu_tanh,
                        rms_norm, layer_norm, rope / rotate / apply_rope (half and interleaved),
-                       scaled_dot_product_attention (causal, boolean mask, GQA), swiglu, dropout,
-                       cross_entropy (ignore_index, label smoothing)
+                       causal_mask, scaled_dot_product_attention (causal, boolean mask, GQA), swiglu,
+                       dropout, cross_entropy (ignore_index, label smoothing)
+layers                 Linear, Embedding, RMSNorm, LayerNorm, RotaryPositionalEmbedding,
+                       sinusoidal_positions, FeedForward (SwiGLU, GELU, ReLU), MultiHeadSelfAttention
+                       (causal, RoPE, GQA, padding), CrossAttention
+transformer            TransformerBlock (pre/post-norm; GPT-2 and Llama flavours), TransformerLM,
+                       DecoderBlock, EncoderDecoderTransformer: the fast models' parameter names
+bpe                    byte-level BPE training, and Tokenizer.encode / decode
+data, checkpoint       get_batch; save_checkpoint / load_checkpoint (tensors only, weights_only=True)
 optim                  AdamW, Muon (newton_schulz), clip_grad_norm, warmup / cosine / wsd / constant
-bpe                    byte-level BPE training in its simplest correct form
+cs336                  the CS336 assignment's config and weight names <-> ScratchLM's
+lora                   LoRA: h = W x + b + (alpha / r) B A dropout(x), and its merge (tested equal to peft)
 modules                use_reference(model): the same model (same weights) computed by the above
 =====================  ========================================================================
 

@@ -21,7 +21,8 @@ import math
 
 import torch
 
-from scratchlm.model.functional import causal_mask, check_attention_shapes, check_rope_tables
+# shape checks only (they compute nothing the model uses): shared with the fast path, so both refuse alike
+from scratchlm.model.functional import check_attention_shapes, check_rope_tables
 
 # ----------------------------------------------------------------------------------------------------------
 # the two layers with weights
@@ -195,6 +196,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, sty
 
 # ----------------------------------------------------------------------------------------------------------
 # attention
+
+
+def causal_mask(T: int, S: int, device: torch.device | None = None) -> torch.Tensor:
+    """Boolean (T, S), True = may attend: M[t, s] = (s <= S - T + t).
+
+    The T queries are the last T of the S positions (S > T when keys from a KV cache come first), so
+    query t sits at position S - T + t and sees every key up to and including its own position.
+    With T == S this is the lower triangle: row t has ones in columns 0..t.
+    """
+    query_pos = torch.arange(S - T, S, device=device)[:, None]  # (T, 1)
+    key_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    return key_pos <= query_pos  # (T, S) by broadcasting
 
 
 def scaled_dot_product_attention(

@@ -1,10 +1,10 @@
 """Run a built model through the hand-written pieces: ``model.impl=reference``.
 
-:func:`use_reference` changes only the arithmetic: every ``nn.Linear`` and ``nn.Embedding`` becomes the
-subclass below (same parameters, names, state dict and hooks; its forward calls the hand-written
-:func:`~scratchlm.reference.functional.linear` / ``embedding``), every layer that does math through an
-``ops`` attribute (norms, MLP, attention, the loss) gets :mod:`scratchlm.reference.functional` instead of
-:mod:`scratchlm.model.functional`, and attention is computed step by step (``attention=manual``: the fused
+:func:`use_reference` changes only the arithmetic: every ``nn.Linear``, ``nn.Embedding`` and ``nn.Dropout``
+becomes the subclass below (same parameters, names, state dict and hooks; its forward calls the hand-written
+:func:`~scratchlm.reference.functional.linear` / ``embedding`` / ``dropout``), every layer that does math
+through an ``ops`` attribute (norms, MLP, RoPE, masks, attention, the loss) gets
+:mod:`scratchlm.reference.functional` instead of :mod:`scratchlm.model.functional`, and attention is computed step by step (``attention=manual``: the fused
 flash kernel has no reference twin). Slow, and equal to the fast path within float rounding (tested over
 50 training steps).
 """
@@ -31,6 +31,13 @@ class Embedding(nn.Embedding):
         return functional.embedding(ids, self.weight)
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout whose forward is the hand-written inverted dropout (p in training, nothing in eval)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return functional.dropout(x, self.p if self.training else 0.0)
+
+
 def use_reference(model: nn.Module) -> nn.Module:
     """Switch ``model`` (in place) to the reference implementation; returns it. Weights are untouched.
 
@@ -42,6 +49,8 @@ def use_reference(model: nn.Module) -> nn.Module:
             module.__class__ = Linear
         elif type(module) is nn.Embedding:
             module.__class__ = Embedding
+        elif type(module) is nn.Dropout:
+            module.__class__ = Dropout
         if hasattr(module, "ops"):
             module.ops = functional
         if hasattr(module, "backend"):  # Attention: no fused kernel

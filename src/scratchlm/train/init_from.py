@@ -167,7 +167,14 @@ def source_state_dict(source: InitSource) -> dict[str, torch.Tensor]:
         return import_hf(source.weights)[0].state_dict()
     from scratchlm.train.checkpoint import load_model_state
 
-    return load_model_state(source.weights)
+    state = load_model_state(source.weights)
+    run_dir = Path(source.tokenizer_path).parent
+    cfg = load_run_config(run_dir)
+    if cfg.train.lora.rank:  # a LoRA run's checkpoint holds adapters: merged into their base
+        from scratchlm.train.adapters import merged_state
+
+        state = merged_state(cfg, run_dir, state, source.weights / "model.safetensors")
+    return state
 
 
 def init_model(model: torch.nn.Module, cfg: Config, resumed: bool) -> None:

@@ -151,9 +151,14 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
     train_loader = Prefetcher(train_loader, accum)  # next step's batches read while the device works
     state = TrainState()
     latest = dist.on_main(lambda: ckpt.latest_checkpoint(run_dir)) if tc.resume == "auto" else None
-    if latest is not None:  # full weights into the plain module, before DDP broadcasts / FSDP shards them
-        model.load_state_dict(ckpt.load_model_state(latest))
-    init_model(model, cfg, resumed=latest is not None)  # train.init_from weights (new runs), train.freeze
+    if tc.lora.rank:  # LoRA: frozen base + adapters; a checkpoint holds the adapters only (train/adapters.py)
+        from scratchlm.train.adapters import setup_lora
+
+        setup_lora(model, cfg, run_dir, latest, is_main=world.is_main)
+    else:
+        if latest is not None:  # full weights into the plain module, before DDP broadcasts / FSDP shards them
+            model.load_state_dict(ckpt.load_model_state(latest))
+        init_model(model, cfg, resumed=latest is not None)  # train.init_from weights (new runs), train.freeze
     forward_model, optimizers = dist.parallelize(model, tc, world, device, arch=cfg.model.arch, dtype=dtype)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     if latest is not None:
@@ -174,7 +179,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
         tokens_per_step = accum * tc.batch_size * cfg.model.context_length * world.size
         print(start_line(cfg, model, device, dtype, run_dir, tokens_per_step), flush=True)
     # warmup longer than the budget: said at once for max_steps, after 5 timed steps for max_time
-    warmup_said = world.is_main and bool(warn_once(warmup_warning(tc, state.step)))
+    warmup_said = world.is_main and bool(warn_if(warmup_warning(tc, state.step)))
     first_step = state.step
     flops_per_token = model.flops_per_token()
     peak = peak_flops(device, dtype)
@@ -194,6 +199,12 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
     def save(improved: bool) -> Path:
         """Every rank gathers (FSDP / ZeRO-1 shards, RNG states); rank 0 writes; all get its path or error."""
         weights, optimizer = dist.full_model_state(model), dist.full_optimizer_state(model, optimizers)
+        if tc.lora.rank:  # only the adapters, and where their base is
+            from scratchlm.train.adapters import base_record, lora_state
+
+            weights, lora_record = lora_state(weights), {"lora_base": base_record(cfg)}
+        else:
+            lora_record = {}
         rng, loaders = zip(*dist.all_gather_objects((ckpt.capture_rng(), train_loader.state_dict())))
         per_rank = {"rng_per_rank": list(rng), "loader_per_rank": list(loaders)} if world.size > 1 else {}
 
@@ -208,6 +219,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                     "loader": loaders[0],  # a stream's position differs per rank, shards' does not
                     "rng": rng[0],
                     **per_rank,
+                    **lora_record,
                     "schedule": {"name": tc.schedule, "step": state.step},
                     "versions": ckpt.library_versions(),
                 },
@@ -258,7 +270,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                     first_clock = state.elapsed  # (the first step pays for warm-up: not timed)
                 elif state.step == first_step + 6 and tc.max_time and world.is_main and not warmup_said:
                     warmup_said = bool(
-                        warn_once(
+                        warn_if(
                             warmup_warning(tc, state.step, state.elapsed, (state.elapsed - first_clock) / 5)
                         )
                     )
@@ -338,7 +350,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
     }
 
 
-def warn_once(message: str | None) -> str | None:
+def warn_if(message: str | None) -> str | None:
     """``warnings.warn(message)`` when there is one (the CLI prints it as one ``warning:`` line)."""
     if message:
         warnings.warn(message, stacklevel=2)
