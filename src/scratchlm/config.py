@@ -196,8 +196,9 @@ class TrainConfig:
     tensorboard: bool = doc(False, "write TensorBoard event files (needs the tensorboard extra)")
     progress: bool = doc(True, "show a progress bar")
     threads: int = doc(
-        0, "CPU threads (torch.set_num_threads); 0 = auto: one per core, 1 when the load average says "
-        "the cores are busy (train/threads.py)"
+        0,
+        "CPU threads (torch.set_num_threads); 0 = auto: one per core, only the free ones (at least 1) "
+        "when the load average says cores are busy (train/threads.py)",
     )
 
 
