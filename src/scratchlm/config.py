@@ -213,6 +213,11 @@ class TrainConfig:
     deterministic: bool = doc(False, "use deterministic algorithms (exact resume tests)")
     tensorboard: bool = doc(False, "write TensorBoard event files (needs the tensorboard extra)")
     progress: bool = doc(True, "show a progress bar")
+    threads: int = doc(
+        0,
+        "CPU threads (torch.set_num_threads); 0 = auto: one per core, only the free ones (at least 1) "
+        "when the load average says cores are busy (train/threads.py)",
+    )
 
 
 @dataclass
@@ -221,7 +226,10 @@ class EvalConfig:
 
     interval: int = doc(250, "evaluate on the validation split every N steps (and at the end)")
     batches: int = doc(20, "validation batches per evaluation")
-    num_samples: int = doc(1, "samples written to samples.txt at each evaluation")
+    num_samples: int = doc(1, "samples written to samples.txt (at the end; see sample_interval)")
+    sample_interval: int = doc(
+        0, "also write samples at evaluations whose step is a multiple of N (0 = only at the end)"
+    )
     sample_prompt: str = doc("", "prompt of those samples ('' = start after an end-of-text token)")
     sample_tokens: int = doc(128, "tokens per sample")
     temperature: float = doc(0.8, "sampling temperature for those samples")
@@ -682,6 +690,8 @@ def validate(cfg: Config) -> None:
             _at_least(t.early_stopping_patience, 1),
         ),
         ("eval.num_samples", e.num_samples, ">= 0 (0 = off)", e.num_samples >= 0),
+        ("eval.sample_interval", e.sample_interval, ">= 0 (0 = at the end only)", e.sample_interval >= 0),
+        ("train.threads", t.threads, ">= 0 (0 = auto)", t.threads >= 0),
         ("eval.sample_tokens", e.sample_tokens, ">= 0", e.sample_tokens >= 0),
         ("eval.temperature", e.temperature, ">= 0 (0 = greedy)", e.temperature >= 0),
         ("eval.top_k", e.top_k, ">= 1 or None (off)", _at_least(e.top_k, 1)),

@@ -64,6 +64,7 @@ def test_seq2seq_trains_through_the_same_loop(tmp_path, data_dir, multi30k_tsv):
         "train.max_steps=30",
         "train.lr=3e-3",
         "eval.interval=15",
+        "eval.sample_interval=15",  # greedy translations at both evaluations
     )
     summary = trainer.train_model(cfg, run_dir, tok, None)
     assert summary["step"] == 30 and summary["stopped_reason"] == "max_steps"

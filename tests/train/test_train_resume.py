@@ -29,6 +29,7 @@ OVERRIDES = [
     "train.ckpt_interval=5",
     "train.log_interval=1",
     "eval.interval=10",
+    "eval.sample_interval=10",  # samples at every evaluation: their replay after a kill is checked too
     "train.deterministic=true",
     "data.loader=sequential",
     "model.dropout=0.1",

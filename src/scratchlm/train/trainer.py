@@ -3,7 +3,7 @@
     train_model(cfg, run_dir, tokenizer, data_dir)
       setup:  seed -> model -> loaders -> optimizers -> resume from the latest complete checkpoint (if any)
       loop:   lr(step) -> k micro-batches (forward, loss / k, backward) -> clip (log the pre-clip norm)
-              -> optimizer step -> log -> every eval.interval: val loss + samples -> checkpoint
+              -> optimizer step -> log -> every eval.interval: val loss (+ samples at the end) -> checkpoint
       stop:   max_steps | max_time | early stopping (patience) | SIGINT/SIGTERM (after the current step)
 
 The step itself is ``train/step.py`` (one wait for the device per step; the next step's batches are read
@@ -59,6 +59,7 @@ from scratchlm.train.optim import set_lr
 from scratchlm.train.signals import StopRequest
 from scratchlm.train.step import CUDA_GRAPH_MODES, Prefetcher, train_step
 from scratchlm.train.stopping import describe_stop, on_non_finite, stop_record, warmup_warning
+from scratchlm.train.threads import set_cpu_threads
 from scratchlm.train.validation import run_evaluation
 
 __all__ = ["TrainState", "micro_steps", "train_model", "train_step"]
@@ -122,7 +123,7 @@ def train_model(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | Non
     tc = cfg.train
     if not cfg.model.vocab_size and tokenizer is not None:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     if tc.deterministic:
         torch.use_deterministic_algorithms(True)
     try:
@@ -130,12 +131,16 @@ def train_model(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | Non
             return _train(cfg, run_dir, tokenizer, data_dir, world)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(threads)  # train.threads holds for this run only
 
 
 def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, world: dist.World) -> dict:
     cfg = apply_token_budget(cfg, world.size, verbose=world.is_main)  # data.max_tokens -> train.max_steps
     device = dist.rank_device(cfg.train.device, world)
     dtype = resolve_dtype(cfg.train.dtype, device)
+    threads_note = set_cpu_threads(cfg.train.threads, device)  # train/threads.py: fewer on busy cores
+    if threads_note and world.is_main:
+        print(threads_note)
     if cfg.train.auto_micro_batch:  # the same step in micro-batches that fit (before anything is built)
         cfg = fit_micro_batch(cfg, device, dtype, world.size)
     tc, ec = cfg.train, cfg.eval
@@ -318,6 +323,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                         world,
                         train_loss=sum(losses) / len(losses),
                         epoch=train_loader.state_dict().get("epoch"),  # seq2seq loaders count epochs
+                        final=at_end or stopped is not None,  # samples: at the end (eval.sample_interval)
                     )
                     losses.clear()
                     if (
