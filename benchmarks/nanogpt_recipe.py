@@ -508,8 +508,9 @@ NOTES = (
     "batches; ScratchLM: 20 fixed sequential batches); compare the whole-split column, scored the same way "
     "after the runs. nanoGPT evaluates both splits (20 batches each) and at iteration 0 and runs "
     "iters + 1 steps; ScratchLM evaluates the validation split only (its train loss is the running mean of "
-    "the steps) and runs iters steps. ScratchLM's 'threads' is what train.threads=0 (auto) chose from the "
-    "load average at start (docs/training.md#cpu-threads); nanoGPT uses torch's default (one per core)."
+    "the steps) and runs iters steps. ScratchLM's 'threads' is its run's thread count (train.threads: "
+    "torch's default unless the config says otherwise, docs/training.md#cpu-threads); nanoGPT uses torch's "
+    "default (one per core)."
 )
 
 

@@ -215,8 +215,8 @@ class TrainConfig:
     progress: bool = doc(True, "show a progress bar")
     threads: int = doc(
         0,
-        "CPU threads (torch.set_num_threads); 0 = auto: one per core, only the free ones (at least 1) "
-        "when the load average says cores are busy (train/threads.py)",
+        "CPU threads (torch.set_num_threads); 0 = torch's default (one per core); -1 = auto: only the cores "
+        "the load average leaves free, at least 1 (for a busy shared machine; train/threads.py)",
     )
 
 
@@ -691,7 +691,7 @@ def validate(cfg: Config) -> None:
         ),
         ("eval.num_samples", e.num_samples, ">= 0 (0 = off)", e.num_samples >= 0),
         ("eval.sample_interval", e.sample_interval, ">= 0 (0 = at the end only)", e.sample_interval >= 0),
-        ("train.threads", t.threads, ">= 0 (0 = auto)", t.threads >= 0),
+        ("train.threads", t.threads, ">= -1 (0 = torch's default, -1 = auto)", t.threads >= -1),
         ("eval.sample_tokens", e.sample_tokens, ">= 0", e.sample_tokens >= 0),
         ("eval.temperature", e.temperature, ">= 0 (0 = greedy)", e.temperature >= 0),
         ("eval.top_k", e.top_k, ">= 1 or None (off)", _at_least(e.top_k, 1)),

@@ -1,4 +1,4 @@
-"""train.threads (auto: fewer threads on busy cores) and eval.sample_interval (samples at the end by default)."""
+"""train.threads (torch's count by default; -1 = auto: fewer threads on busy cores) and eval.sample_interval (samples at the end by default)."""
 
 from __future__ import annotations
 
@@ -76,15 +76,17 @@ def test_set_cpu_threads(monkeypatch):
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         monkeypatch.setattr(threads.os, "getloadavg", lambda: (99.0, 0.0, 0.0))
-        note = threads.set_cpu_threads(0, torch.device("cpu"))
+        assert threads.set_cpu_threads(0, torch.device("cpu")) is None  # the default: torch's own count
+        assert torch.get_num_threads() == before
+        note = threads.set_cpu_threads(-1, torch.device("cpu"))
         if before > 1:
             assert torch.get_num_threads() == 1 and note.startswith("threads: 1 of ")
-        assert threads.set_cpu_threads(0, torch.device("cuda")) is None  # GPU runs: untouched
+        assert threads.set_cpu_threads(-1, torch.device("cuda")) is None  # GPU runs: untouched
         assert threads.set_cpu_threads(3, torch.device("cpu")) == "threads: 3 (train.threads)"
         assert torch.get_num_threads() == 3
         torch.set_num_threads(before)
         monkeypatch.setenv("OMP_NUM_THREADS", str(before))  # the user's (or torchrun's) choice stands
-        assert threads.set_cpu_threads(0, torch.device("cpu")) is None and torch.get_num_threads() == before
+        assert threads.set_cpu_threads(-1, torch.device("cpu")) is None and torch.get_num_threads() == before
     finally:
         torch.set_num_threads(before)
 
@@ -99,7 +101,7 @@ def test_train_restores_the_thread_count(tmp_path, data_dir):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.threads=-1", r"train.threads must be >= 0 \(0 = auto\), got -1"),
+        ("train.threads=-2", r"train.threads must be >= -1 \(0 = torch's default, -1 = auto\), got -2"),
         ("eval.sample_interval=-2", r"eval.sample_interval must be >= 0 \(0 = at the end only\), got -2"),
     ],
 )

@@ -8,16 +8,17 @@ average 12-14), a step of nanoGPT's CPU recipe (4 layers x 128, batch 12 x 64, A
 
     1 thread: 150-280 ms        2 threads: 500-5,100 ms (median ~1,800 ms)
 
-(``benchmarks/results/nanogpt_recipe.md`` has the whole runs). On an idle machine the default (one thread
-per core) is the faster one, so ``train.threads=0`` (auto) keeps it unless the 1-minute load average shows
-the cores busy: then it uses the cores left free, at least 1::
+(``benchmarks/results/nanogpt_recipe.md`` has the whole runs). The default, ``train.threads=0``, keeps
+torch's own count (one per core, or ``OMP_NUM_THREADS``), so a run's numbers never depend on what else the
+machine was doing: thread counts change the order of float sums, and a run resumed under another load, or
+a sweep point trained beside another, must compute what an uninterrupted run computes. On a machine shared
+with other jobs, ``train.threads=-1`` (auto) takes the cores the 1-minute load average leaves free, at
+least 1, once at the start of the run, and prints the choice::
 
     threads = clamp(round(cores - load_avg_1m), 1, torch default)
 
-The decision is taken once, at the start of the run, and printed. ``OMP_NUM_THREADS`` set in the
-environment (``torchrun`` sets it to 1 for several processes per machine) is respected as it is.
-A positive ``train.threads`` is used as given. Threads change speed only: a step's result does not
-depend on them beyond float summation order.
+``OMP_NUM_THREADS`` set in the environment (``torchrun`` sets it to 1 for several processes per machine) is
+respected by auto. A positive ``train.threads`` is used as given.
 """
 
 from __future__ import annotations
@@ -34,14 +35,15 @@ def auto_threads(default: int, cores: int, load_avg: float) -> int:
 
 
 def set_cpu_threads(requested: int, device: torch.device) -> str | None:
-    """Apply ``train.threads`` for a run on ``device``; returns a line saying what was chosen and why
-    (None when nothing was changed: a GPU run, or ``OMP_NUM_THREADS`` set with ``requested == 0``)."""
+    """Apply ``train.threads`` for a run on ``device`` (N > 0: N threads; 0: torch's count; -1: auto by the
+    load average); returns a line saying what was chosen and why, None when nothing was changed (a GPU run,
+    ``requested == 0``, or auto with ``OMP_NUM_THREADS`` set)."""
     if device.type != "cpu":
         return None
     if requested > 0:
         torch.set_num_threads(requested)
         return f"threads: {requested} (train.threads)"
-    if os.environ.get("OMP_NUM_THREADS"):
+    if requested == 0 or os.environ.get("OMP_NUM_THREADS"):  # torch's own count
         return None
     default, cores = torch.get_num_threads(), os.cpu_count() or 1
     try:
