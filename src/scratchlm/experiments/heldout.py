@@ -74,7 +74,16 @@ def score_test_set(
     pairs = read_pairs(src, ref)
     start = time.perf_counter()
     dtype = resolve_dtype(lm.config.train.dtype, lm.device)
-    result = evaluate_translation(lm.model, lm.tokenizer, pairs, beam_size=beams, dtype=dtype)
+    # a source longer than the context is cut to it with one warning, as `scratchlm eval` does (issue 26.7)
+    result = evaluate_translation(
+        lm.model,
+        lm.tokenizer,
+        pairs,
+        beam_size=beams,
+        dtype=dtype,
+        truncate=True,
+        strict_option="`scratchlm eval RUN --src F --ref F --strict`",
+    )
     # validation perplexity of the same model on every validation pair, without label smoothing (training's
     # val_loss includes it and covers eval.batches batches only)
     val_loss, _, _ = reference_loss(lm.model, lm.tokenizer, split_pairs(lm.config.data)[1], dtype)
