@@ -16,8 +16,9 @@ from __future__ import annotations
 import codecs
 import multiprocessing
 import os
+import queue
 import re
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -156,27 +157,49 @@ def special_splitter(special_tokens: Iterable[str]) -> regex.Pattern | None:
     return regex.compile("|".join(regex.escape(s) for s in specials))
 
 
-def count_pretokens(texts: Sequence[str], pattern: str, special_tokens: Sequence[str]) -> Counter[str]:
-    """Count the pre-tokens of ``texts`` (each a document); special tokens are dropped, not counted.
+class PretokenCounter:
+    """Adds up pre-token counts over texts (each a document); special tokens are dropped, not counted.
 
-    Runs in worker processes: a top-level function with picklable arguments (spawn-safe).
+    With the gpt2/gpt4 pattern the text is first cut into whitespace-delimited units (see ``_UNIT_PATTERNS``)
+    with the stdlib ``re``; the units of each :meth:`add` call are counted, and each *unique* unit is cut
+    into pre-tokens once: a unit that is a run of letters, with or without one leading space, is a single
+    pre-token in both patterns (`` ?\\p{L}++``; ``str.isalpha`` is exactly \\p{L}), the rest go through
+    the regex. Any other pattern runs on the text directly.
     """
-    pat = regex.compile(covering_pattern(pattern))
-    splitter = special_splitter(special_tokens)
-    unit_pattern = _UNIT_PATTERNS.get(pattern)
-    finder = re.compile(unit_pattern).findall if unit_pattern else partial(match_pieces, pat)
-    counts: Counter[str] = Counter()
-    for text in texts:
-        pieces = splitter.split(text) if splitter is not None else (text,)
-        for piece in pieces:
-            counts.update(finder(piece))
-    if unit_pattern is None:
-        return counts
-    pretokens: Counter[str] = Counter()
-    for unit, n in counts.items():
-        for piece in match_pieces(pat, unit):
-            pretokens[piece] += n
-    return pretokens
+
+    def __init__(self, pattern: str, special_tokens: Sequence[str]) -> None:
+        self.pattern = regex.compile(covering_pattern(pattern))
+        self.splitter = special_splitter(special_tokens)
+        unit_pattern = _UNIT_PATTERNS.get(pattern)
+        self.find_units = re.compile(unit_pattern).findall if unit_pattern else None
+        self.counts: Counter[str] = Counter()
+
+    def add(self, texts: Iterable[str]) -> None:
+        """Count the pre-tokens of ``texts``."""
+        find = self.find_units or partial(match_pieces, self.pattern)
+        units: Counter[str] = Counter()
+        for text in texts:
+            for piece in self.splitter.split(text) if self.splitter is not None else (text,):
+                units.update(find(piece))
+        if self.find_units is None:
+            self.counts.update(units)
+            return
+        counts = self.counts
+        get = counts.get
+        findall = self.pattern.findall  # the gpt2/gpt4 patterns have no capturing group
+        for unit, n in units.items():
+            if unit.isalpha() or (unit[0] == " " and unit[1:].isalpha()):
+                counts[unit] = get(unit, 0) + n
+            else:
+                for pretoken in findall(unit):
+                    counts[pretoken] = get(pretoken, 0) + n
+
+
+def count_pretokens(texts: Iterable[str], pattern: str, special_tokens: Sequence[str]) -> Counter[str]:
+    """Count the pre-tokens of ``texts`` (each a document); special tokens are dropped, not counted."""
+    counter = PretokenCounter(pattern, special_tokens)
+    counter.add(texts)
+    return counter.counts
 
 
 def _safe_cut(buf: str) -> int:
@@ -278,27 +301,93 @@ def parallel_count(
     num_workers: int | None = None,
     start_method: str | None = None,
 ) -> Counter[str]:
-    """Sum :func:`count_pretokens` over ``chunks`` using ``num_workers`` processes (None = all cores).
+    """Count the pre-tokens of ``chunks`` (lists of documents) in ``num_workers`` processes (None = all cores).
 
-    ``start_method``: multiprocessing start method (None = the platform default; "spawn" works too).
+    Each worker takes chunks from a bounded queue (at most 2 per worker wait, so the input is streamed, never
+    held whole), adds them into its own :class:`PretokenCounter` and sends its totals once at the end; this
+    process sums the workers' totals. ``start_method``: multiprocessing start method (None = the platform
+    default; "spawn" works too).
     """
     num_workers = num_workers or available_cores()
-    job = partial(count_pretokens, pattern=pattern, special_tokens=list(special_tokens))
-    total: Counter[str] = Counter()
     if num_workers <= 1:
+        counter = PretokenCounter(pattern, special_tokens)
         for chunk in chunks:
-            total.update(job(chunk))
-        return total
-    with multiprocessing.get_context(start_method).Pool(num_workers) as pool:
-        # at most 2 chunks per worker in flight: the input is streamed, never queued whole
-        pending: deque = deque()
+            counter.add(chunk)
+        return counter.counts
+    ctx = multiprocessing.get_context(start_method)
+    tasks = ctx.Queue(maxsize=2 * num_workers)
+    results = ctx.Queue()
+    workers = [
+        ctx.Process(target=_count_worker, args=(tasks, results, pattern, list(special_tokens)), daemon=True)
+        for _ in range(num_workers)
+    ]
+    for w in workers:
+        w.start()
+    try:
         for chunk in chunks:
-            pending.append(pool.apply_async(job, (chunk,)))
-            if len(pending) >= 2 * num_workers:
-                total.update(pending.popleft().get())
-        while pending:
-            total.update(pending.popleft().get())
-    return total
+            _put(tasks, chunk, workers)
+        for _ in workers:
+            _put(tasks, None, workers)
+        total: Counter[str] | None = None
+        for _ in workers:
+            counts = _get(results, workers)
+            if total is None:
+                total = counts
+            else:
+                total.update(counts)
+                del counts
+        for w in workers:
+            w.join()
+        return total if total is not None else Counter()
+    finally:
+        for w in workers:
+            if w.is_alive():
+                w.terminate()
+                w.join()
+
+
+def _count_worker(tasks, results, pattern: str, special_tokens: list[str]) -> None:
+    """Worker process: count the chunks of ``tasks`` until None, then put ``("ok", counts)`` on ``results``
+    (or ``("error", message)``)."""
+    try:
+        counter = PretokenCounter(pattern, special_tokens)
+        while (chunk := tasks.get()) is not None:
+            counter.add(chunk)
+        results.put(("ok", counter.counts))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        results.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def _check_workers(workers: list) -> None:
+    dead = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+    if dead:
+        raise TokenizerError(
+            f"a pre-tokenizer worker process died (exit code {dead[0]}; -9 is usually the out-of-memory "
+            "killer); retry with fewer workers (num_workers / --workers) or on a machine with more memory"
+        )
+
+
+def _put(tasks, item, workers: list) -> None:
+    """Put ``item`` on the bounded task queue, waiting while the workers are busy, never on a dead worker."""
+    while True:
+        try:
+            tasks.put(item, timeout=0.5)
+            return
+        except queue.Full:
+            _check_workers(workers)
+
+
+def _get(results, workers: list) -> Counter[str]:
+    """The next worker's totals; a worker's exception is raised here."""
+    while True:
+        try:
+            status, payload = results.get(timeout=0.5)
+            break
+        except queue.Empty:
+            _check_workers(workers)
+    if status != "ok":
+        raise TokenizerError(f"pre-tokenization failed in a worker process: {payload}")
+    return payload
 
 
 def _replace_and_count(err: UnicodeDecodeError) -> tuple[str, int]:
