@@ -20,7 +20,6 @@ import queue
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from functools import partial
 from pathlib import Path
 
 import regex
@@ -162,9 +161,16 @@ class PretokenCounter:
 
     With the gpt2/gpt4 pattern the text is first cut into whitespace-delimited units (see ``_UNIT_PATTERNS``)
     with the stdlib ``re``; the units of each :meth:`add` call are counted, and each *unique* unit is cut
-    into pre-tokens once: a unit that is a run of letters, with or without one leading space, is a single
-    pre-token in both patterns (`` ?\\p{L}++``; ``str.isalpha`` is exactly \\p{L}), the rest go through
-    the regex. Any other pattern runs on the text directly.
+    into pre-tokens once. Most units are cut without the regex, by what both patterns do with them:
+
+    - ``body`` = letters (``str.isalpha`` is exactly ``\\p{L}``, tested), optionally followed by one ASCII
+      symbol: the letters are one pre-token (`` ?\\p{L}++``), the symbol another;
+    - before the body, spaces (and for gpt2 newlines) W: one space joins the letters (`` ?\\p{L}``); a
+      longer W gives ``W[:-1]`` (``\\s+(?!\\S)``), then its last character joins the letters if it is a
+      space, else is a pre-token of its own (``\\s``).
+
+    The rest (digits, contractions, other whitespace, ...) go through the regex; tests compare the counts
+    with the regex on whole texts. Any other pattern runs on the text directly.
     """
 
     def __init__(self, pattern: str, special_tokens: Sequence[str]) -> None:
@@ -172,27 +178,70 @@ class PretokenCounter:
         self.splitter = special_splitter(special_tokens)
         unit_pattern = _UNIT_PATTERNS.get(pattern)
         self.find_units = re.compile(unit_pattern).findall if unit_pattern else None
+        # leading whitespace the shortcut handles: gpt4 keeps newlines apart from what follows them
+        self.lead_ws = " \n" if pattern == GPT2_PATTERN else " "
         self.counts: Counter[str] = Counter()
 
     def add(self, texts: Iterable[str]) -> None:
         """Count the pre-tokens of ``texts``."""
-        find = self.find_units or partial(match_pieces, self.pattern)
         units: Counter[str] = Counter()
         for text in texts:
             for piece in self.splitter.split(text) if self.splitter is not None else (text,):
-                units.update(find(piece))
+                if self.find_units is None:
+                    units.update(match_pieces(self.pattern, piece))
+                    continue
+                for part in _unit_slices(piece):  # the list of units of a slice is small
+                    units.update(self.find_units(part))
         if self.find_units is None:
             self.counts.update(units)
             return
         counts = self.counts
         get = counts.get
         findall = self.pattern.findall  # the gpt2/gpt4 patterns have no capturing group
+        lead_ws = self.lead_ws
         for unit, n in units.items():
-            if unit.isalpha() or (unit[0] == " " and unit[1:].isalpha()):
-                counts[unit] = get(unit, 0) + n
-            else:
-                for pretoken in findall(unit):
-                    counts[pretoken] = get(pretoken, 0) + n
+            body = unit.lstrip(lead_ws)
+            symbol = None
+            if not body.isalpha():
+                symbol = body[-1:]
+                if not (
+                    body[:-1].isalpha() and symbol.isascii() and not symbol.isalnum() and not symbol.isspace()
+                ):
+                    for pretoken in findall(unit):  # the general case
+                        counts[pretoken] = get(pretoken, 0) + n
+                    continue
+                body = body[:-1]
+            lead = len(unit) - len(body) - (symbol is not None)
+            if lead:
+                if lead > 1:
+                    ws = unit[: lead - 1]
+                    counts[ws] = get(ws, 0) + n
+                if unit[lead - 1] == " ":
+                    body = " " + body
+                else:
+                    ws = unit[lead - 1]
+                    counts[ws] = get(ws, 0) + n
+            counts[body] = get(body, 0) + n
+            if symbol is not None:
+                counts[symbol] = get(symbol, 0) + n
+
+
+_SLICE_CHARS = 1 << 16
+
+
+def _unit_slices(text: str) -> Iterator[str]:
+    """``text`` in slices of about 64K characters, cut before a space that follows a non-space: a unit
+    boundary in both unit patterns (the non-space ends a unit, the space starts one)."""
+    start = 0
+    while len(text) - start > _SLICE_CHARS:
+        cut = text.find(" ", start + _SLICE_CHARS)
+        while cut > 0 and text[cut - 1].isspace():  # isspace is wider than \s: then it is a non-space
+            cut = text.find(" ", cut + 1)
+        if cut < 0:
+            break
+        yield text[start:cut]
+        start = cut
+    yield text[start:] if start else text
 
 
 def count_pretokens(texts: Iterable[str], pattern: str, special_tokens: Sequence[str]) -> Counter[str]:
@@ -301,44 +350,51 @@ def parallel_count(
     num_workers: int | None = None,
     start_method: str | None = None,
 ) -> Counter[str]:
-    """Count the pre-tokens of ``chunks`` (lists of documents) in ``num_workers`` processes (None = all cores).
+    """Count the pre-tokens of ``chunks`` (lists of documents) on ``num_workers`` cores (None = all).
 
-    Each worker takes chunks from a bounded queue (at most 2 per worker wait, so the input is streamed, never
-    held whole), adds them into its own :class:`PretokenCounter` and sends its totals once at the end; this
-    process sums the workers' totals. ``start_method``: multiprocessing start method (None = the platform
+    This process and ``num_workers - 1`` worker processes each add chunks into their own
+    :class:`PretokenCounter`: a chunk goes to the workers' bounded queue while it has room (at most 2 per
+    worker wait, so the input is streamed, never held whole) and is counted here when it is full. Each
+    worker sends its totals once, at the end, and they are summed here. One process fewer than cores
+    saves that process's memory (a worker holds the counts of its share of the corpus), and this process
+    would otherwise sit idle. ``start_method``: multiprocessing start method (None = the platform
     default; "spawn" works too).
     """
     num_workers = num_workers or available_cores()
+    counter = PretokenCounter(pattern, special_tokens)
     if num_workers <= 1:
-        counter = PretokenCounter(pattern, special_tokens)
         for chunk in chunks:
             counter.add(chunk)
         return counter.counts
     ctx = multiprocessing.get_context(start_method)
-    tasks = ctx.Queue(maxsize=2 * num_workers)
+    tasks = ctx.Queue(maxsize=2 * (num_workers - 1))
     results = ctx.Queue()
     workers = [
         ctx.Process(target=_count_worker, args=(tasks, results, pattern, list(special_tokens)), daemon=True)
-        for _ in range(num_workers)
+        for _ in range(num_workers - 1)
     ]
     for w in workers:
         w.start()
     try:
         for chunk in chunks:
-            _put(tasks, chunk, workers)
+            try:
+                tasks.put_nowait(chunk)
+            except queue.Full:  # the workers are busy: count this one here
+                counter.add(chunk)
+                _check_workers(workers)
+        while True:  # the input is read: take back what still waits, so no worker is left with a backlog
+            try:
+                chunk = tasks.get_nowait()
+            except queue.Empty:
+                break
+            counter.add(chunk)
         for _ in workers:
             _put(tasks, None, workers)
-        total: Counter[str] | None = None
         for _ in workers:
-            counts = _get(results, workers)
-            if total is None:
-                total = counts
-            else:
-                total.update(counts)
-                del counts
+            counter.counts.update(_get(results, workers))
         for w in workers:
             w.join()
-        return total if total is not None else Counter()
+        return counter.counts
     finally:
         for w in workers:
             if w.is_alive():
