@@ -423,6 +423,8 @@ def markdown(r: dict, args: argparse.Namespace | None = None) -> str:
             lines.append(
                 f"| {corpus} | {row['hf']['command_s'] / mb:.3f} | {row['scratchlm']['command_s'] / mb:.3f} |"
             )
+    if not r["encode"]:
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         "## Encoding throughput (GPT-2 vocabulary, MB/s of UTF-8 input; medians of 7 round-robin rounds, "

@@ -355,7 +355,7 @@ def parallel_count(
     This process and ``num_workers - 1`` worker processes each add chunks into their own
     :class:`PretokenCounter`: a chunk goes to the workers' bounded queue while it has room (at most 2 per
     worker wait, so the input is streamed, never held whole) and is counted here when it is full. Each
-    worker sends its totals once, at the end, and they are summed here. One process fewer than cores
+    worker streams its totals through a pipe once, at the end, and they are added here. One process fewer than cores
     saves that process's memory (a worker holds the counts of its share of the corpus), and this process
     would otherwise sit idle. ``start_method``: multiprocessing start method (None = the platform
     default; "spawn" works too).
@@ -368,13 +368,15 @@ def parallel_count(
         return counter.counts
     ctx = multiprocessing.get_context(start_method)
     tasks = ctx.Queue(maxsize=2 * (num_workers - 1))
-    results = ctx.Queue()
+    pipes = [ctx.Pipe(duplex=False) for _ in range(num_workers - 1)]  # (receive here, send there)
     workers = [
-        ctx.Process(target=_count_worker, args=(tasks, results, pattern, list(special_tokens)), daemon=True)
-        for _ in range(num_workers - 1)
+        ctx.Process(target=_count_worker, args=(tasks, send, pattern, list(special_tokens)), daemon=True)
+        for _, send in pipes
     ]
     for w in workers:
         w.start()
+    for _, send in pipes:
+        send.close()  # the worker holds the only sending end: its death reads as end of file here
     try:
         for chunk in chunks:
             try:
@@ -390,8 +392,8 @@ def parallel_count(
             counter.add(chunk)
         for _ in workers:
             _put(tasks, None, workers)
-        for _ in workers:
-            counter.counts.update(_get(results, workers))
+        for (receive, _), w in zip(pipes, workers):
+            _receive_counts(receive, w, counter.counts)
         for w in workers:
             w.join()
         return counter.counts
@@ -400,18 +402,31 @@ def parallel_count(
             if w.is_alive():
                 w.terminate()
                 w.join()
+        tasks.cancel_join_thread()  # after an error, chunks nobody reads must not block this process's exit
 
 
-def _count_worker(tasks, results, pattern: str, special_tokens: list[str]) -> None:
-    """Worker process: count the chunks of ``tasks`` until None, then put ``("ok", counts)`` on ``results``
-    (or ``("error", message)``)."""
+_SEND_ITEMS = 20_000  # (pre-token, count) items per message: neither side ever holds a pickle of the whole
+
+
+def _count_worker(tasks, conn, pattern: str, special_tokens: list[str]) -> None:
+    """Worker process: count the chunks of ``tasks`` until None, then send the counts over ``conn`` as
+    ``("part", items)`` messages and a last ``("done", items)`` (or ``("error", message)``). ``send``
+    blocks while the pipe is full, so the counts stream to the parent instead of piling up here."""
     try:
         counter = PretokenCounter(pattern, special_tokens)
         while (chunk := tasks.get()) is not None:
             counter.add(chunk)
-        results.put(("ok", counter.counts))
+        batch: list[tuple[str, int]] = []
+        for item in counter.counts.items():
+            batch.append(item)
+            if len(batch) == _SEND_ITEMS:
+                conn.send(("part", batch))
+                batch = []
+        conn.send(("done", batch))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
-        results.put(("error", f"{type(e).__name__}: {e}"))
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
 
 
 def _check_workers(workers: list) -> None:
@@ -433,17 +448,24 @@ def _put(tasks, item, workers: list) -> None:
             _check_workers(workers)
 
 
-def _get(results, workers: list) -> Counter[str]:
-    """The next worker's totals; a worker's exception is raised here."""
+def _receive_counts(conn, worker, counts: Counter[str]) -> None:
+    """Add a worker's counts, message by message, into ``counts``; its exception or death is raised here."""
+    get = counts.get
     while True:
+        while not conn.poll(0.5):
+            _check_workers([worker])
         try:
-            status, payload = results.get(timeout=0.5)
-            break
-        except queue.Empty:
-            _check_workers(workers)
-    if status != "ok":
-        raise TokenizerError(f"pre-tokenization failed in a worker process: {payload}")
-    return payload
+            status, payload = conn.recv()
+        except EOFError:  # it exited without a last message
+            worker.join(1.0)
+            _check_workers([worker])
+            raise TokenizerError("a pre-tokenizer worker process ended without its counts; retry") from None
+        if status == "error":
+            raise TokenizerError(f"pre-tokenization failed in a worker process: {payload}")
+        for pretoken, n in payload:
+            counts[pretoken] = get(pretoken, 0) + n
+        if status == "done":
+            return
 
 
 def _replace_and_count(err: UnicodeDecodeError) -> tuple[str, int]:
