@@ -1,11 +1,21 @@
 """Tokenizer benchmark: BPE training vs HF tokenizers' BpeTrainer, encoding vs tiktoken and HF tokenizers.
 
-    python benchmarks/tokenizer.py            # writes benchmarks/results/tokenizer.{json,md}
+    python benchmarks/tokenizer.py                                  # -> benchmarks/results/tokenizer.{json,md}
+    python benchmarks/tokenizer.py --train-only --sizes 10,30,100   # -> benchmarks/results/tokenizer_train.*
 
 Training: same corpus, same vocab size (10K), same number of cores (ours: worker processes; HF: rayon
-threads, RAYON_NUM_THREADS), each run in a fresh process so that peak RSS (the process and its workers)
-is its own. Corpora: the 5 MB TinyStories sample (valid_head.txt + train_lowercased_4M.txt) and the
-built-in corpus (the standard library files of `scratchlm.corpus.builtin_corpus()`, train + val).
+threads, RAYON_NUM_THREADS), each run in a fresh process. Rounds alternate the two trainers (and which one
+goes first), so machine noise hits both alike; "speed-up" is HF's wall time over ours in the same round,
+median and range over rounds. Wall time is the whole command, interpreter start and imports included.
+Memory is sampled every 20 ms over the process tree (ours: the trainer and its worker processes; HF: one
+process with threads): the peak of the summed RSS (pages shared by forked workers counted in each), the
+peak of the summed PSS (shared pages divided among the processes that share them) and the trainer
+process's own peak RSS (getrusage). Corpora: the 5 MB TinyStories sample (valid_head.txt +
+train_lowercased_4M.txt), the built-in corpus (the standard library files of
+`scratchlm.corpus.builtin_corpus()`, train + val), and mixed corpora of N MB (`--sizes`): 1 MB files taken
+in turn from Tiny Shakespeare, TinyStories, the Multi30k captions (en/de/fr), the HellaSwag contexts and
+endings, and the built-in corpus (code), each source read on from where its last file stopped and wrapping
+around at its end (~38 MB of distinct text: larger corpora repeat it).
 Encoding: the GPT-2 vocabulary in all three libraries (same work), single call on the whole text and a
 batch of documents, on the first 2 MB of each corpus; 7 rounds, every encoder timed back to back in each
 round: MB/s of UTF-8 input is the median over rounds, "vs tiktoken" the median of the per-round ratios (both
@@ -35,7 +45,9 @@ SPECIALS = ["<|endoftext|>"]
 ENCODE_CHARS = 2_000_000
 
 
-def corpus_files(name: str) -> list[str]:
+def corpus_files(name: str, workdir: str | None = None) -> list[str]:
+    if name.startswith("mixed_"):
+        return [str(p) for p in sorted(Path(workdir, name).iterdir())]
     if name == "tinystories_5mb":
         return [
             str(SHARED / "tinystories/valid_head.txt"),
@@ -47,9 +59,53 @@ def corpus_files(name: str) -> list[str]:
     return [str(p) for p in b.train.paths + b.val.paths]
 
 
-def child_train(trainer: str, corpus: str, cores: int) -> dict:
+def mixed_sources() -> dict[str, str]:
+    """The texts a mixed corpus is cut from: prose, stories, captions in three languages, HellaSwag, code."""
+    texts = {"shakespeare": (SHARED / "tinyshakespeare.txt").read_text(encoding="utf-8")}
+    texts["tinystories"] = "".join(
+        (SHARED / "tinystories" / f).read_text(encoding="utf-8")
+        for f in ["valid_head.txt", "train_lowercased_4M.txt"]
+    )
+    texts["multi30k"] = "".join(
+        p.read_text(encoding="utf-8") for p in sorted((SHARED / "multi30k").iterdir()) if p.is_file()
+    )
+    items = [json.loads(line) for line in (SHARED / "hellaswag/hellaswag_val.jsonl").open(encoding="utf-8")]
+    texts["hellaswag"] = "".join(f"{it['ctx']} {' '.join(it['endings'])}\n" for it in items)
+    from scratchlm.corpus import builtin_corpus
+
+    b = builtin_corpus()
+    texts["code"] = "\n".join(
+        p.read_text(encoding="utf-8", errors="replace") for p in b.train.paths + b.val.paths
+    )
+    return texts
+
+
+def build_mixed(size_mb: int, out: Path, block_chars: int = 1_000_000) -> None:
+    """Write ``size_mb`` MB of mixed text into ``out`` as ~1 MB files, taken from the sources in turn."""
+    out.mkdir(parents=True, exist_ok=True)
+    sources = mixed_sources()
+    offset = dict.fromkeys(sources, 0)
+    written, i = 0, 0
+    while written < size_mb * 1_000_000:
+        for name, text in sources.items():
+            if written >= size_mb * 1_000_000:
+                break
+            start = offset[name]
+            block = (
+                (text[start:] + text)[:block_chars]
+                if start + block_chars > len(text)
+                else text[start : start + block_chars]
+            )
+            offset[name] = (start + block_chars) % len(text)
+            data = block.encode("utf-8")[: size_mb * 1_000_000 - written]
+            (out / f"{i:05d}_{name}.txt").write_bytes(data)
+            written += len(data)
+            i += 1
+
+
+def child_train(trainer: str, corpus: str, cores: int, workdir: str | None = None) -> dict:
     """Runs in a fresh process: train once, report wall time, CPU time and peak RSS (self + children)."""
-    files = corpus_files(corpus)
+    files = corpus_files(corpus, workdir)
     start = time.perf_counter()
     cpu0 = time.process_time()
     if trainer == "scratchlm":
@@ -82,16 +138,60 @@ def child_train(trainer: str, corpus: str, cores: int) -> dict:
     }
 
 
-def run_child(trainer: str, corpus: str, cores: int) -> dict:
+def run_child(trainer: str, corpus: str, cores: int, workdir: str | None = None) -> dict:
+    """Train in a fresh process while sampling the memory of its process tree; the child's report plus
+    ``command_s`` (the whole command), ``tree_rss_mb`` / ``tree_pss_mb`` (peaks of the sums) and the
+    load average before the run."""
+    import threading
+
+    import psutil
+
     env = dict(os.environ, RAYON_NUM_THREADS=str(cores), TOKENIZERS_PARALLELISM="true")
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", trainer, "--corpus", corpus, "--cores", str(cores)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
+    cmd = [sys.executable, __file__, "--child", trainer, "--corpus", corpus, "--cores", str(cores)]
+    if workdir:
+        cmd += ["--workdir", workdir]
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = {"rss": 0, "pss": 0, "main": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        root = psutil.Process(proc.pid)
+        while not done.is_set():
+            rss = pss = 0
+            try:
+                for p in [root, *root.children(recursive=True)]:
+                    try:
+                        mem = p.memory_full_info()
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        continue
+                    rss += mem.rss
+                    pss += getattr(mem, "pss", mem.rss)
+                    if p is root:
+                        peak["main"] = max(peak["main"], mem.rss)
+            except psutil.NoSuchProcess:
+                break
+            peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
+            done.wait(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    command_s = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{trainer} on {corpus} failed:\n{stderr[-2000:]}")
+    row = json.loads(stdout.strip().splitlines()[-1])
+    row.update(
+        command_s=command_s,
+        tree_rss_mb=peak["rss"] / 2**20,
+        tree_pss_mb=peak["pss"] / 2**20,
+        main_rss_mb=peak["main"] / 2**20,
+        loadavg=load,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return row
 
 
 def bench_encode(text: str, docs: list[str], repeats: int = 7) -> dict:
@@ -178,26 +278,89 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--child", choices=["scratchlm", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--corpus", default="tinystories_5mb", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--build-mixed", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cores", type=int, default=2, help="cores for both trainers (default 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds per corpus (default 3)")
+    parser.add_argument("--sizes", default="10,30", help="mixed corpora to build, in MB (default 10,30)")
     parser.add_argument(
-        "--repeats", type=int, default=3, help="training runs per trainer and corpus (best kept)"
+        "--train-only",
+        action="store_true",
+        help="BPE training on the mixed corpora only, written to results/tokenizer_train.{json,md}",
     )
     args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(child_train(args.child, args.corpus, args.cores)))
+    if args.build_mixed:
+        build_mixed(args.build_mixed, Path(args.workdir))
         return
+    if args.child:
+        print(json.dumps(child_train(args.child, args.corpus, args.cores, args.workdir)))
+        return
+    import tempfile
+
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
-    report: dict = {"machine": machine(), "vocab_size": VOCAB, "cores": args.cores, "train": {}, "encode": {}}
-    for corpus in ["tinystories_5mb", "builtin"]:
-        runs: dict[str, list[dict]] = {"hf": [], "scratchlm": []}
-        for _ in range(args.repeats):  # alternate, so that machine noise hits both trainers alike
-            for trainer in runs:
-                runs[trainer].append(run_child(trainer, corpus, args.cores))
-        row = {trainer: min(r, key=lambda x: x["wall_s"]) for trainer, r in runs.items()}
-        print(corpus, row, flush=True)
-        row["wall_ratio"] = row["scratchlm"]["wall_s"] / row["hf"]["wall_s"]
-        row["rss_ratio"] = row["scratchlm"]["peak_rss_mb"] / row["hf"]["peak_rss_mb"]
-        report["train"][corpus] = row
+    sizes = [int(x) for x in args.sizes.split(",") if x]
+    report: dict = {
+        "machine": machine(),
+        "vocab_size": VOCAB,
+        "cores": args.cores,
+        "repeats": args.repeats,
+        "train": {},
+        "encode": {},
+    }
+    corpora = [] if args.train_only else ["tinystories_5mb", "builtin"]
+    with tempfile.TemporaryDirectory(prefix="scratchlm_bench_") as workdir:
+        for mb in sizes:  # built in a child process: this one stays small (a child's peak RSS starts at ours)
+            out = str(Path(workdir, f"mixed_{mb}mb"))
+            subprocess.run([sys.executable, __file__, "--build-mixed", str(mb), "--workdir", out], check=True)
+            corpora.append(f"mixed_{mb}mb")
+        for corpus in corpora:
+            report["train"][corpus] = train_rounds(corpus, args.cores, args.repeats, workdir)
+            print(corpus, json.dumps(summary_line(report["train"][corpus])), flush=True)
+    report["machine"]["loadavg_at_end"] = os.getloadavg()
+    name = "tokenizer_train" if args.train_only else "tokenizer"
+    if not args.train_only:
+        bench_all_encoders(report)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / f"{name}.md").write_text(markdown(report, args))
+    print(markdown(report, args))
+
+
+def train_rounds(corpus: str, cores: int, repeats: int, workdir: str) -> dict:
+    """``repeats`` rounds of HF then ours (ours first in every other round), each in a fresh process."""
+    runs: dict[str, list[dict]] = {"hf": [], "scratchlm": []}
+    for r in range(repeats):
+        for trainer in ["hf", "scratchlm"] if r % 2 == 0 else ["scratchlm", "hf"]:
+            runs[trainer].append(run_child(trainer, corpus, cores, workdir))
+    row: dict = {"bytes": runs["hf"][0]["bytes"], "runs": runs}
+    for trainer, rs in runs.items():
+        row[trainer] = {
+            "command_s": statistics.median(x["command_s"] for x in rs),
+            "command_s_range": [min(x["command_s"] for x in rs), max(x["command_s"] for x in rs)],
+            "cpu_s": statistics.median(x["cpu_s"] for x in rs),
+            "tree_rss_mb": max(x["tree_rss_mb"] for x in rs),
+            "tree_pss_mb": max(x["tree_pss_mb"] for x in rs),
+            "peak_rss_mb": max(x["peak_rss_mb"] for x in rs),
+        }
+    speedups = [h["command_s"] / s["command_s"] for h, s in zip(runs["hf"], runs["scratchlm"])]
+    row["speedup"] = statistics.median(speedups)
+    row["speedup_range"] = [min(speedups), max(speedups)]
+    row["memory_ratio_rss"] = row["scratchlm"]["tree_rss_mb"] / row["hf"]["tree_rss_mb"]
+    row["memory_ratio_pss"] = row["scratchlm"]["tree_pss_mb"] / row["hf"]["tree_pss_mb"]
+    return row
+
+
+def summary_line(row: dict) -> dict:
+    return {
+        "speedup": round(row["speedup"], 2),
+        "hf_s": round(row["hf"]["command_s"], 2),
+        "ours_s": round(row["scratchlm"]["command_s"], 2),
+        "hf_mb": round(row["hf"]["tree_rss_mb"]),
+        "ours_mb": round(row["scratchlm"]["tree_rss_mb"]),
+    }
+
+
+def bench_all_encoders(report: dict) -> None:
     # encoding: the first ~2 MB of each corpus (HF's single-call encode is slow on very long strings)
     text = "".join(Path(f).read_text() for f in corpus_files("tinystories_5mb"))[:ENCODE_CHARS]
     report["encode"]["tinystories_2mb"] = bench_encode(text, [d for d in text.split("\n\n") if d])
@@ -211,34 +374,57 @@ def main(argv: list[str] | None = None) -> None:
     for rows in report["encode"].values():  # the pure-Python reference: its own sample, a plain ratio
         tt, ref = rows["tiktoken gpt2"], rows["scratchlm pure-Python reference"]
         ref["single_vs_tiktoken"], ref["batch_vs_tiktoken"] = ref["single_MBps"] / tt["single_MBps"], None
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "tokenizer.json").write_text(json.dumps(report, indent=2))
-    (RESULTS / "tokenizer.md").write_text(markdown(report))
-    print(markdown(report))
 
 
-def markdown(r: dict) -> str:
+def markdown(r: dict, args: argparse.Namespace | None = None) -> str:
     m = r["machine"]
+    command = "python benchmarks/tokenizer.py"
+    if args is not None and args.train_only:
+        command += f" --train-only --sizes {args.sizes} --repeats {args.repeats}"
     lines = [
-        "# Tokenizer benchmark",
+        "# Tokenizer benchmark" if r["encode"] else "# BPE training: scratchlm vs HF tokenizers",
         "",
-        f"Command: `python benchmarks/tokenizer.py` | {m['cpu']}, {m['cores']} cores, {m['platform']}, "
+        f"Command: `{command}` | {m['cpu']}, {m['cores']} cores, {m['platform']}, "
         f"Python {m['python']}, torch {m['torch']}, tokenizers {m['tokenizers']}, tiktoken {m['tiktoken']}, "
-        f"load average at start {m['loadavg_at_start'][0]:.1f}",
+        f"load average (1 min) {m['loadavg_at_start'][0]:.1f} at start, "
+        f"{m.get('loadavg_at_end', [float('nan')])[0]:.1f} at end",
         "",
-        f"## BPE training (vocab {r['vocab_size']}, {r['cores']} cores, best of runs)",
+        f"## BPE training (vocab {r['vocab_size']}, {r['cores']} cores, {r['repeats']} alternating rounds)",
         "",
-        "| corpus | MB | HF BpeTrainer wall s | scratchlm wall s | ratio | HF CPU s | scratchlm CPU s "
-        "| HF peak RSS MB | scratchlm peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Wall time of the whole command (median and range over rounds); speed-up = HF's time / ours in the "
+        "same round (median, range); peak memory = the largest sampled sum of RSS over the process tree "
+        "(PSS, which counts pages shared by forked workers once, in brackets; the trainer process alone "
+        "after the slash).",
+        "",
+        "| corpus | MB | HF BpeTrainer s | scratchlm s | speed-up | HF CPU s | scratchlm CPU s "
+        "| HF peak MB | scratchlm peak MB | memory ours/HF |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for corpus, row in r["train"].items():
         hf, us = row["hf"], row["scratchlm"]
         lines.append(
-            f"| {corpus} | {hf['bytes'] / 1e6:.1f} | {hf['wall_s']:.2f} | {us['wall_s']:.2f} | "
-            f"{row['wall_ratio']:.2f}x | {hf['cpu_s']:.2f} | {us['cpu_s']:.2f} | {hf['peak_rss_mb']:.0f} | "
-            f"{us['peak_rss_mb']:.0f} |"
+            f"| {corpus} | {row['bytes'] / 1e6:.1f} | {_s(hf)} | {_s(us)} | {row['speedup']:.2f}x "
+            f"({row['speedup_range'][0]:.2f}-{row['speedup_range'][1]:.2f}) | {hf['cpu_s']:.1f} | "
+            f"{us['cpu_s']:.1f} | {hf['tree_rss_mb']:.0f} ({hf['tree_pss_mb']:.0f}) | "
+            f"{us['tree_rss_mb']:.0f} ({us['tree_pss_mb']:.0f}) / {us['peak_rss_mb']:.0f} | "
+            f"{row['memory_ratio_rss']:.2f} ({row['memory_ratio_pss']:.2f}) |"
         )
+    mixed = {c: row for c, row in r["train"].items() if c.startswith("mixed_")}
+    if len(mixed) > 1:
+        lines += [
+            "",
+            "Growth with corpus size (mixed corpora; seconds per MB of input, median rounds):",
+            "",
+            "| corpus | HF s/MB | scratchlm s/MB |",
+            "|---|---|---|",
+        ]
+        for corpus, row in mixed.items():
+            mb = row["bytes"] / 1e6
+            lines.append(
+                f"| {corpus} | {row['hf']['command_s'] / mb:.3f} | {row['scratchlm']['command_s'] / mb:.3f} |"
+            )
+    if not r["encode"]:
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         "## Encoding throughput (GPT-2 vocabulary, MB/s of UTF-8 input; medians of 7 round-robin rounds, "
@@ -256,6 +442,11 @@ def markdown(r: dict) -> str:
                 f"| {corpus} | {name} | {row['single_MBps']:.1f} | {row['single_vs_tiktoken']:.2f}x | {batch} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _s(side: dict) -> str:
+    lo, hi = side["command_s_range"]
+    return f"{side['command_s']:.2f} ({lo:.2f}-{hi:.2f})"
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
-"""BPE training: exact merges (hand example, brute-force reference), workers, specials, streaming, errors."""
+"""BPE training: exact merges (hand example, brute-force reference, both merge paths), workers, specials,
+streaming, errors."""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import pytest
 
+from scratchlm.corpus import builtin_corpus
 from scratchlm.errors import DataError, TokenizerError
-from scratchlm.tokenizer import train_bpe, train_bpe_from_iterator
+from scratchlm.tokenizer import bpe, pretokenize, train_bpe, train_bpe_from_iterator
 from scratchlm.tokenizer.bpe import learn_merges
 from scratchlm.tokenizer.pretokenize import GPT2_PATTERN, count_pretokens, iter_file_chunks, parallel_count
 
@@ -187,3 +190,57 @@ def test_each_file_is_a_document(tmp_path):
     tok = train_bpe([tmp_path / "a.txt", tmp_path / "b.txt"] * 3, 270, num_workers=2, progress=False)
     learned = {tok.token_bytes(a) + tok.token_bytes(b) for a, b in tok.merges}
     assert learned == {b"xy", b"zw"}
+
+
+def _mixed_text(shared_data, chars: int) -> str:
+    """Prose, captions in three languages, code and runs of repeated bytes: every kind of pair update."""
+    parts = [
+        (shared_data / "tinyshakespeare.txt").read_text()[:chars],
+        (shared_data / "multi30k/train.de").read_text()[:chars],
+        (shared_data / "multi30k/train.fr").read_text()[:chars],
+        "\n".join(p.read_text(errors="replace") for p in builtin_corpus().train.paths[:8])[:chars],
+        " aaaa aaaaa abab ababab aaabaaab =========== ----  日本語日本語 😀😀😀" * 40,
+    ]
+    return "\n".join(parts)
+
+
+def test_array_and_python_merge_paths_agree_with_brute_force(shared_data, monkeypatch):
+    # a merge at few positions runs in Python, at many on arrays: force each path for every merge
+    counts = count_pretokens([_mixed_text(shared_data, 5_000)], GPT2_PATTERN, [])
+    reference = brute_force_merges(counts, 200)
+    for small in (0, 10**9, 48):
+        monkeypatch.setattr(bpe, "_SMALL", small)
+        merges = learn_merges(counts, 200)
+        vocab = [bytes([x]) for x in range(256)]
+        for a, b in merges:
+            vocab.append(vocab[a] + vocab[b])
+        assert [(vocab[a], vocab[b]) for a, b in merges] == reference, small
+
+
+def test_parallel_counting_equals_one_process(tmp_path, shared_data):
+    # this process and 1 or 2 workers share many small chunks (and take back the queue at the end)
+    text = _mixed_text(shared_data, 60_000)
+    docs = [text[i : i + 20_000] + "<|endoftext|>" for i in range(0, len(text), 20_000)]
+    chunks = [docs[i : i + 2] for i in range(0, len(docs), 2)]
+    serial = parallel_count(iter(chunks), GPT2_PATTERN, ["<|endoftext|>"], num_workers=1)
+    assert serial == count_pretokens(docs, GPT2_PATTERN, ["<|endoftext|>"])
+    for workers in (2, 3):
+        assert parallel_count(iter(chunks), GPT2_PATTERN, ["<|endoftext|>"], num_workers=workers) == serial
+    files = []
+    for i, d in enumerate(docs):
+        files.append(tmp_path / f"{i:03d}.txt")
+        files[-1].write_text(d)
+    one = train_bpe(files, 600, num_workers=1, progress=False, chunk_chars=40_000)
+    two = train_bpe(files, 600, num_workers=2, progress=False, chunk_chars=40_000)
+    assert one.merges == two.merges and len(one.merges) == 600 - 257
+
+
+def _die(*args):
+    os._exit(3)
+
+
+def test_a_dead_worker_is_an_error_not_a_hang(monkeypatch):
+    monkeypatch.setattr(pretokenize, "_count_worker", _die)
+    chunks = ([f"text number {i} " * 200] for i in range(50))
+    with pytest.raises(TokenizerError, match="worker process died"):
+        parallel_count(chunks, GPT2_PATTERN, [], num_workers=2, start_method="fork")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 
 import pytest
@@ -58,3 +59,52 @@ def test_safe_cut_is_a_boundary(text, frac):
     for pattern in PATTERNS:
         whole = regex.findall(pattern, text)
         assert regex.findall(pattern, text[:cut]) + regex.findall(pattern, text[cut:]) == whole
+
+
+# units the counting shortcut cuts without the regex (letters, one ASCII symbol, leading spaces/newlines)
+# and units next to them that must still go through it
+SHORTCUT_UNITS = [
+    "word",
+    " word",
+    "  word",
+    "   word,",
+    "\nWord",
+    "\n\nWord.",
+    " \nword",
+    "\n word!",
+    " \n word;",
+    "\n\n  Été)",
+    " 日本語",
+    "word's",
+    " don't",
+    "x\x1cword",
+    "\x1cword",
+    "word\x1c",
+    "\tword",
+    "\r\nword",
+    " word.\n",
+    " word..",
+    " word1",
+    " 123",
+    " é,",
+    " ,",
+    ",",
+    " \u3000word",
+    "\xa0word",
+    " wörd~",
+    " word€",
+]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=["gpt2", "gpt4"])
+def test_counting_shortcut_is_exact_on_tricky_units(pattern):
+    for unit in SHORTCUT_UNITS:
+        for text in (unit, "a" + unit, unit + " b", unit + "\n"):
+            assert count_pretokens([text], pattern, []) == Counter(regex.findall(pattern, text)), repr(text)
+
+
+def test_isalpha_letters_are_unicode_letters():
+    # the shortcut takes str.isalpha() for the patterns' \p{L}; letters newer than Python's Unicode tables
+    # (isalpha False) just go through the regex
+    letter = regex.compile(r"\p{L}")
+    assert [hex(c) for c in range(sys.maxunicode + 1) if chr(c).isalpha() and not letter.match(chr(c))] == []

@@ -6,22 +6,26 @@ with the next id, and rewrites the pre-tokens that contain the pair. Ties go to 
 greatest pair of byte strings, ``max((bytes_a, bytes_b))`` (the GPT-2 / CS336 convention).
 Special tokens get the ids after the merges, so ``id order == merge priority`` (what tiktoken needs).
 
-Why it is fast (see docs/tokenizer.md):
-- a pre-token is stored once with its count (``words[i]`` = list of ids, ``freqs[i]``), never per occurrence;
-- ``where[pair]`` indexes the words that contain a pair, so a merge touches only those words;
-- pair counts are updated by the difference between a word's old and new pairs;
+Why it is fast and small (see docs/tokenizer.md; ``scratchlm.reference.bpe`` is the one-screen version):
+- a pre-token is stored once with its count, never per occurrence, as a linked list of token ids in flat
+  int32 arrays (``_PairTable``: 16 bytes per byte of the unique pre-tokens, no Python object per word);
+- ``where[pair]`` holds the positions where a pair starts, so a merge touches only those;
+- pair counts are updated by the difference between the old and new neighbours of each merged position,
+  position by position in Python for a small merge, with numpy on all positions at once for a large one;
 - the best pair comes from a max-heap with lazy invalidation: an old pair's count can only go down, so a
   popped entry whose count is stale is pushed back with its current count and the next one is tried.
+Positions are int32: up to 2 G bytes of *unique* pre-tokens (30 MB of mixed text has 0.8 M).
 """
 
 from __future__ import annotations
 
+import array
 import heapq
 import os
 import sys
-from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from scratchlm.errors import DataError, TokenizerError
 from scratchlm.tokenizer.pretokenize import (
@@ -34,6 +38,9 @@ from scratchlm.tokenizer.pretokenize import (
     resolve_pattern,
 )
 from scratchlm.tokenizer.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # numpy is imported where it is used: forked pre-tokenizer workers stay small
+    import numpy as np
 
 Pair = tuple[int, int]
 
@@ -88,24 +95,30 @@ def learn_merges(word_counts: dict[str, int], num_merges: int, progress: bool = 
     Returns:
         ``[(left_id, right_id), ...]`` in merge order.
     """
-    words: list[list[int]] = []
-    freqs: list[int] = []
-    for word, count in word_counts.items():
-        ids = list(_utf8(word))
-        if len(ids) >= 2:  # a single byte has no pair: it can never be merged
-            words.append(ids)
-            freqs.append(count)
+    return learn_merges_from_arrays(*pretoken_arrays(word_counts), num_merges, progress)
 
-    pair_counts: dict[Pair, int] = defaultdict(int)
-    where: dict[Pair, set[int]] = defaultdict(set)
-    for i, (w, f) in enumerate(zip(words, freqs)):
-        for p in zip(w, w[1:]):
-            pair_counts[p] += f
-            where[p].add(i)
 
+def pretoken_arrays(word_counts: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(data, lengths, freqs)``: the pre-tokens' UTF-8 bytes back to back (uint8, shape (L,)), the byte
+    length of each and its count (int64, shape (W,) both). About 1/10 of the dict's memory."""
+    import numpy as np
+
+    encoded = [_utf8(w) for w in word_counts]
+    lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+    freqs = np.fromiter(word_counts.values(), np.int64, len(encoded))
+    data = np.frombuffer(b"".join(encoded), np.uint8)
+    return data, lengths, freqs
+
+
+def learn_merges_from_arrays(
+    data: np.ndarray, lengths: np.ndarray, freqs: np.ndarray, num_merges: int, progress: bool = False
+) -> list[Pair]:
+    """:func:`learn_merges` on pre-tokens given as arrays: ``data`` (uint8, shape (L,)) = their UTF-8 bytes
+    back to back, ``lengths`` (shape (W,)) = bytes of each pre-token, ``freqs`` (shape (W,)) = its count."""
+    table = _PairTable(data, lengths, freqs)
     token_bytes = [bytes([x]) for x in range(256)]
     rev = [_reversed_key(t) for t in token_bytes]
-    heap = [(-c, rev[a], rev[b], a, b) for (a, b), c in pair_counts.items()]
+    heap = [_heap_entry(c, rev[k >> _SHIFT] + rev[k & _LOW], k) for k, c in table.counts.items()]
     heapq.heapify(heap)
 
     bar = None
@@ -114,25 +127,24 @@ def learn_merges(word_counts: dict[str, int], num_merges: int, progress: bool = 
 
         bar = tqdm(total=num_merges, desc="bpe merges", unit="merge", mininterval=0.5)
     merges: list[Pair] = []
+    counts = table.counts
     while len(merges) < num_merges and heap:
-        neg, _, _, a, b = heapq.heappop(heap)
-        pair = (a, b)
-        count = pair_counts.get(pair, 0)
-        if count <= 0:
+        entry = heapq.heappop(heap)
+        key = int.from_bytes(entry[-8:], "big")
+        count = counts.get(key, 0)
+        if count <= 0:  # merged already, or no occurrence left
             continue
-        if count != -neg:  # stale: the count went down since this entry was pushed
-            heapq.heappush(heap, (-count, rev[a], rev[b], a, b))
+        if count != _MAX_COUNT - int.from_bytes(entry[:8], "big"):  # stale: the count went down since
+            heapq.heappush(heap, _heap_entry(count, entry[8:-8], key))
             continue
-
+        a, b = key >> _SHIFT, key & _LOW
         new = len(token_bytes)
         token_bytes.append(token_bytes[a] + token_bytes[b])
         rev.append(_reversed_key(token_bytes[new]))
-        merges.append(pair)
+        merges.append((a, b))
         # pairs containing the new token are the only ones whose count went up: push them once
-        for p in _apply_merge(pair, new, words, freqs, pair_counts, where):
-            c = pair_counts[p]
-            if c > 0:
-                heapq.heappush(heap, (-c, rev[p[0]], rev[p[1]], p[0], p[1]))
+        for k, c in table.merge(key, new):
+            heapq.heappush(heap, _heap_entry(c, rev[k >> _SHIFT] + rev[k & _LOW], k))
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -140,74 +152,247 @@ def learn_merges(word_counts: dict[str, int], num_merges: int, progress: bool = 
     return merges
 
 
-def _apply_merge(
-    pair: Pair,
-    new: int,
-    words: list[list[int]],
-    freqs: list[int],
-    pair_counts: dict[Pair, int],
-    where: dict[Pair, set[int]],
-) -> list[Pair]:
-    """Replace ``pair`` = (a, b) by ``new`` (left to right, non-overlapping) in every word containing it.
+def _heap_entry(count: int, reversed_pair: bytes, key: int) -> bytes:
+    """The heap key of a pair as one bytes object: the (min-)heap pops the highest count first, then the
+    greatest pair of byte strings. Same order as ``(-count, rev_a, rev_b, key)`` (a reversed key ends in a
+    terminator that occurs nowhere else in it, so ``rev_a + rev_b`` compares like the tuple), at half the
+    memory and with one memcmp per comparison."""
+    return (_MAX_COUNT - count).to_bytes(8, "big") + reversed_pair + key.to_bytes(8, "big")
 
-    Only the neighbours of each merged occurrence change: ``x a b y`` -> ``x new y`` turns the pairs
-    (x, a), (b, y) into (x, new), (new, y), each weighted by the word's count. In a run ``a b a b`` the
-    middle pair (b, a) becomes (new, new). Returns the pairs that contain ``new`` (sorted, so the heap
-    and therefore the merges are deterministic).
+
+_MAX_COUNT = (1 << 63) - 1
+# the pair (a, b) is the int key a << 32 | b: one Python int per pair, and arrays of keys are plain int64
+_SHIFT = 32
+_LOW = (1 << _SHIFT) - 1
+# a merge at no more than this many positions runs element by element in Python: the array path makes ~70
+# numpy calls of ~1.5 us whatever their size, one position costs ~2.5 us in Python (measured: 30 MB of text)
+_SMALL = 48
+
+
+class _PairTable:
+    """The unique pre-tokens as linked lists of token ids in flat arrays, with pair counts and a pair index.
+
+    Position ``i`` of the pre-tokens' bytes laid end to end holds ``sym[i]`` (a token id; -1 once merged
+    into its left neighbour), ``nxt[i]`` / ``prv[i]`` (the next / previous live position of the same
+    pre-token, -1 at its ends) and ``freq[i]`` (how often its pre-token occurs). Merging ``a b`` at ``i``
+    sets ``sym[i] = new`` and unlinks the right half, so nothing ever moves. Shapes: (L,), L = total bytes
+    of the unique pre-tokens (about 0.8 M for 30 MB of mixed text).
+
+    ``counts[key]`` = Σ freq over the live occurrences of the pair (pairs at 0 are dropped), and
+    ``where[key]`` = the ascending positions where it started when it appeared (int32 bytes: 33 bytes of
+    overhead per pair, where an array object would take 112). A pair (u, v) only ever
+    appears in the merge that creates max(u, v) (a merge writes the new id and links nodes to it), so
+    ``where`` is written once per pair; positions that went stale since are skipped when it is merged.
     """
-    a, b = pair
-    same = 1 + (a == b)  # how many `a`s one merged occurrence consumes
-    # pairs containing `new` cannot be in `where` yet: index them here, add them to `where` at the end
-    new_where: dict[Pair, set[int]] = defaultdict(set)
-    for i in where.pop(pair, ()):
-        w = words[i]
-        left_a = w.count(a)  # `a`s not yet looked at: bounds the index() loop without exceptions
-        n = len(w)
-        out: list[int] = []
-        merged: list[int] = []  # positions of `new` in out
-        j = 0
-        while left_a:  # find occurrences with list.index (C speed), copy the stretches in between
-            k = w.index(a, j)
-            if k + 1 < n and w[k + 1] == b:
-                out.extend(w[j:k])
-                merged.append(len(out))
-                out.append(new)
-                j = k + 2
-                left_a -= same
-            else:
-                out.extend(w[j : k + 1])
-                j = k + 1
-                left_a -= 1
-        if not merged:  # stale index entry: the word lost the pair in an earlier merge
-            continue
-        out.extend(w[j:])
-        f = freqs[i]
-        m = len(out)
-        for q in merged:
-            if q > 0:
-                left = out[q - 1]
-                old = (b, a) if left == new else (left, a)
-                pair_counts[old] -= f
-                p = (left, new)
-                pair_counts[p] += f
-                new_where[p].add(i)
-            if q + 1 < m and out[q + 1] != new:
-                right = out[q + 1]
-                pair_counts[(b, right)] -= f
-                p = (new, right)
-                pair_counts[p] += f
-                new_where[p].add(i)
-        words[i] = out
-    pair_counts.pop(pair, None)
-    where.update(new_where)
-    return sorted(new_where)
+
+    def __init__(self, data: np.ndarray, lengths: np.ndarray, freqs: np.ndarray) -> None:
+        import numpy as np
+
+        keep = lengths >= 2  # a single byte has no pair: it can never be merged
+        if not keep.all():
+            data = data[np.repeat(keep, lengths)]
+            lengths, freqs = lengths[keep], freqs[keep]
+        size = len(data)
+        ends = np.cumsum(lengths) - 1  # last position of each pre-token
+        self.sym = data.astype(np.int32)
+        # a count needs int64 only if one pre-token occurs over 2^31 times
+        big = len(freqs) and int(freqs.max()) >= 2**31
+        self.freq = np.repeat(freqs.astype(np.int64 if big else np.int32), lengths)
+        self.nxt = np.arange(1, size + 1, dtype=np.int32)
+        self.nxt[ends] = -1
+        self.prv = np.arange(-1, size - 1, dtype=np.int32)
+        self.prv[ends[:-1] + 1] = -1
+        # the same memory read and written as Python ints, for the merges done element by element
+        self.views = tuple(memoryview(x) for x in (self.sym, self.nxt, self.prv, self.freq))
+        self.counts: dict[int, int] = {}
+        self.where: dict[int, bytes] = {}
+
+        starts = np.arange(size, dtype=np.int32)[self.nxt >= 0]  # the positions where a pair starts
+        byte_pairs = (data[starts].astype(np.uint16) << 8) | data[starts + 1]  # (a, b) as a * 256 + b
+        order = np.argsort(byte_pairs, kind="stable")  # of 16-bit keys: a radix sort
+        starts, byte_pairs = starts[order], byte_pairs[order]
+        del order
+        first = _group_starts(byte_pairs)
+        keys = byte_pairs[first].astype(np.int64)
+        self._index(((keys >> 8) << _SHIFT) | (keys & 0xFF), first, starts, self.freq[starts])
+        release_freed_memory()
+
+    def _index(self, keys: np.ndarray, first: np.ndarray, positions: np.ndarray, weights: np.ndarray) -> list:
+        """Record new pairs: ``positions`` / ``weights`` sorted by pair, the pair ``keys[g]`` owning the run
+        that starts at ``first[g]``. Returns ``[(key, count), ...]``."""
+        import numpy as np
+
+        totals = np.add.reduceat(weights, first, dtype=np.int64).tolist()
+        bounds = (first * 4).tolist()
+        bounds.append(len(positions) * 4)
+        packed = positions.astype(np.int32).tobytes()
+        added = list(zip(keys.tolist(), totals))
+        for g, (key, total) in enumerate(added):
+            self.counts[key] = total
+            self.where[key] = packed[bounds[g] : bounds[g + 1]]
+        return added
+
+    def _decrease(self, merged: int, key: int, by: int) -> None:
+        """Lower the count of an existing pair, dropping it at 0 (the merged pair itself is gone already)."""
+        if key == merged:
+            return
+        count = self.counts[key] - by
+        if count:
+            self.counts[key] = count
+        else:
+            del self.counts[key]
+            self.where.pop(key, None)
+
+    def merge(self, key: int, new: int) -> list[tuple[int, int]]:
+        """Replace every occurrence of the pair ``key`` = (a, b) by ``new``, left to right in each pre-token.
+
+        Only the neighbours of a merged occurrence change: ``x a b y`` -> ``x new y`` turns the pairs
+        (x, a), (b, y) into (x, new), (new, y), each weighted by the pre-token's count; in a run ``a b a b``
+        the middle (b, a) becomes (new, new). Returns the new pairs with their counts.
+        """
+        import numpy as np
+
+        positions = np.frombuffer(self.where.pop(key), np.int32)
+        del self.counts[key]
+        if len(positions) <= _SMALL:
+            return self._merge_few(key, positions.tolist(), new)
+        return self._merge_many(key, positions, new)
+
+    def _merge_few(self, key: int, positions: list[int], new: int) -> list[tuple[int, int]]:
+        """:meth:`merge` one occurrence at a time (positions ascending, so runs merge left to right)."""
+        sym, nxt, prv, freq = self.views
+        a, b = key >> _SHIFT, key & _LOW
+        lost: dict[int, int] = {}
+        gained: dict[int, list[int]] = {}  # new pair -> [count, position, position, ...]
+        for p in positions:
+            if sym[p] != a:
+                continue  # stale: merged since the pair appeared here
+            n = nxt[p]
+            if n < 0 or sym[n] != b:
+                continue
+            f = freq[p]
+            y = nxt[n]
+            sym[p] = new
+            sym[n] = -1
+            nxt[p] = y
+            if y >= 0:
+                prv[y] = p
+            x = prv[p]
+            if x >= 0:
+                left = sym[x]
+                if left == new:  # x merged just before: (b, a) -> (new, new)
+                    old, pair = (b << _SHIFT) | a, (new << _SHIFT) | new
+                else:
+                    old, pair = (left << _SHIFT) | a, (left << _SHIFT) | new
+                lost[old] = lost.get(old, 0) + f
+                _gain(gained, pair, f, x)
+            if y >= 0:
+                right = sym[y]
+                z = nxt[y]
+                if right != a or z < 0 or sym[z] != b:  # else y merges next and counts (new, new) itself
+                    old = (b << _SHIFT) | right
+                    lost[old] = lost.get(old, 0) + f
+                    _gain(gained, (new << _SHIFT) | right, f, p)
+        for old, f in lost.items():
+            self._decrease(key, old, f)
+        added = []
+        for pair, (count, *where) in gained.items():
+            self.counts[pair] = count
+            self.where[pair] = array.array("i", where).tobytes()
+            added.append((pair, count))
+        return added
+
+    def _merge_many(self, key: int, positions: np.ndarray, new: int) -> list[tuple[int, int]]:
+        """:meth:`merge` with array operations over all occurrences at once (int32 positions, shape (P,))."""
+        import numpy as np
+
+        sym, nxt, prv, freq = self.sym, self.nxt, self.prv, self.freq
+        a, b = key >> _SHIFT, key & _LOW
+        p = positions[sym[positions] == a]
+        n = nxt[p]
+        live = n >= 0
+        live[live] = sym[n[live]] == b
+        p, n = p[live], n[live]
+        if a == b and len(p) > 1:  # a run a a a a: occurrences overlap; keep every other one, from the left
+            chained = np.zeros(len(p), dtype=bool)
+            chained[1:] = prv[p[1:]] == p[:-1]
+            if chained.any():
+                i = np.arange(len(p))
+                run_start = np.maximum.accumulate(np.where(chained, 0, i))
+                keep = (i - run_start) % 2 == 0
+                p, n = p[keep], n[keep]
+        f = freq[p]
+        y = nxt[n]
+        sym[p] = new
+        sym[n] = -1
+        nxt[p] = y
+        has_y = y >= 0
+        y, p_y, f_y = y[has_y], p[has_y], f[has_y]
+        prv[y] = p_y
+        x = prv[p]  # read after relinking: in a b a b the second occurrence's left is the first's new
+        has_x = x >= 0
+        x, f_x = x[has_x], f[has_x]
+        left = sym[x].astype(np.int64)
+        right = sym[y].astype(np.int64)
+        alone = right != new  # else y merged too, and its left side counts (new, new)
+        right, p_y, f_y = right[alone], p_y[alone], f_y[alone]
+
+        old = np.concatenate(
+            (np.where(left == new, (b << _SHIFT) | a, (left << _SHIFT) | a), (b << _SHIFT) | right)
+        )
+        weights = np.concatenate((f_x, f_y))
+        order = np.argsort(old)
+        old, lost = old[order], weights[order]
+        first = _group_starts(old)
+        for k, f in zip(old[first].tolist(), np.add.reduceat(lost, first, dtype=np.int64).tolist()):
+            self._decrease(key, k, f)
+
+        gained = np.concatenate(((left << _SHIFT) | new, (new << _SHIFT) | right))
+        order = np.argsort(gained, kind="stable")  # stable: positions stay ascending within a pair
+        gained = gained[order]
+        first = _group_starts(gained)
+        return self._index(gained[first], first, np.concatenate((x, p_y))[order], weights[order])
+
+
+def release_freed_memory() -> None:
+    """Give memory that was freed back to the OS (glibc only; elsewhere nothing happens).
+
+    glibc keeps freed blocks of a few MB (numpy temporaries) in its heap once it has raised its mmap threshold
+    after freeing a large block, so the resident memory keeps their pages; ``malloc_trim`` returns them.
+    Measured on 30 MB of text: 16 MB given back after building the pair table, in about 1 ms.
+    """
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(AttributeError, OSError, TypeError):  # not glibc
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+def _gain(gained: dict[int, list[int]], pair: int, count: int, position: int) -> None:
+    entry = gained.get(pair)
+    if entry is None:
+        gained[pair] = [count, position]
+    else:
+        entry[0] += count
+        entry.append(position)
+
+
+def _group_starts(sorted_keys: np.ndarray) -> np.ndarray:
+    """Indices where a new value starts in a sorted array (shape (G,), G = distinct values)."""
+    import numpy as np
+
+    if not len(sorted_keys):
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1])))
 
 
 def _build(
     counts: dict[str, int], vocab_size: int, special_tokens: Sequence[str], pat: str, progress: bool
 ) -> Tokenizer:
     num_merges = vocab_size - 256 - len(special_tokens)
-    merges = learn_merges(counts, num_merges, progress=progress)
+    arrays = pretoken_arrays(counts)
+    counts.clear()  # the arrays hold the same in a tenth of the memory
+    merges = learn_merges_from_arrays(*arrays, num_merges, progress=progress)
     if len(merges) < num_merges:  # every pre-token is a single token already: nothing left to merge
         print(
             f"scratchlm: the training text allows only {len(merges)} merges, so vocab_size is "

@@ -16,10 +16,10 @@ from __future__ import annotations
 import codecs
 import multiprocessing
 import os
+import queue
 import re
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from functools import partial
 from pathlib import Path
 
 import regex
@@ -231,27 +231,99 @@ def special_splitter(special_tokens: Iterable[str]) -> regex.Pattern | None:
     return regex.compile("|".join(regex.escape(s) for s in specials))
 
 
-def count_pretokens(texts: Sequence[str], pattern: str, special_tokens: Sequence[str]) -> Counter[str]:
-    """Count the pre-tokens of ``texts`` (each a document); special tokens are dropped, not counted.
+class PretokenCounter:
+    """Adds up pre-token counts over texts (each a document); special tokens are dropped, not counted.
 
-    Runs in worker processes: a top-level function with picklable arguments (spawn-safe).
+    With the gpt2/gpt4 pattern the text is first cut into whitespace-delimited units (see ``_UNIT_PATTERNS``)
+    with the stdlib ``re``; the units of each :meth:`add` call are counted, and each *unique* unit is cut
+    into pre-tokens once. Most units are cut without the regex, by what both patterns do with them:
+
+    - ``body`` = letters (``str.isalpha`` is exactly ``\\p{L}``, tested), optionally followed by one ASCII
+      symbol: the letters are one pre-token (`` ?\\p{L}++``), the symbol another;
+    - before the body, spaces (and for gpt2 newlines) W: one space joins the letters (`` ?\\p{L}``); a
+      longer W gives ``W[:-1]`` (``\\s+(?!\\S)``), then its last character joins the letters if it is a
+      space, else is a pre-token of its own (``\\s``).
+
+    The rest (digits, contractions, other whitespace, ...) go through the regex; tests compare the counts
+    with the regex on whole texts. Any other pattern runs on the text directly.
     """
-    pat = regex.compile(covering_pattern(pattern))
-    splitter = special_splitter(special_tokens)
-    unit_pattern = _UNIT_PATTERNS.get(pattern)
-    finder = re.compile(unit_pattern).findall if unit_pattern else partial(match_pieces, pat)
-    counts: Counter[str] = Counter()
-    for text in texts:
-        pieces = splitter.split(text) if splitter is not None else (text,)
-        for piece in pieces:
-            counts.update(finder(piece))
-    if unit_pattern is None:
-        return counts
-    pretokens: Counter[str] = Counter()
-    for unit, n in counts.items():
-        for piece in match_pieces(pat, unit):
-            pretokens[piece] += n
-    return pretokens
+
+    def __init__(self, pattern: str, special_tokens: Sequence[str]) -> None:
+        self.pattern = regex.compile(covering_pattern(pattern))
+        self.splitter = special_splitter(special_tokens)
+        unit_pattern = _UNIT_PATTERNS.get(pattern)
+        self.find_units = re.compile(unit_pattern).findall if unit_pattern else None
+        # leading whitespace the shortcut handles: gpt4 keeps newlines apart from what follows them
+        self.lead_ws = " \n" if pattern == GPT2_PATTERN else " "
+        self.counts: Counter[str] = Counter()
+
+    def add(self, texts: Iterable[str]) -> None:
+        """Count the pre-tokens of ``texts``."""
+        units: Counter[str] = Counter()
+        for text in texts:
+            for piece in self.splitter.split(text) if self.splitter is not None else (text,):
+                if self.find_units is None:
+                    units.update(match_pieces(self.pattern, piece))
+                    continue
+                for part in _unit_slices(piece):  # the list of units of a slice is small
+                    units.update(self.find_units(part))
+        if self.find_units is None:
+            self.counts.update(units)
+            return
+        counts = self.counts
+        get = counts.get
+        findall = self.pattern.findall  # the gpt2/gpt4 patterns have no capturing group
+        lead_ws = self.lead_ws
+        for unit, n in units.items():
+            body = unit.lstrip(lead_ws)
+            symbol = None
+            if not body.isalpha():
+                symbol = body[-1:]
+                if not (
+                    body[:-1].isalpha() and symbol.isascii() and not symbol.isalnum() and not symbol.isspace()
+                ):
+                    for pretoken in findall(unit):  # the general case
+                        counts[pretoken] = get(pretoken, 0) + n
+                    continue
+                body = body[:-1]
+            lead = len(unit) - len(body) - (symbol is not None)
+            if lead:
+                if lead > 1:
+                    ws = unit[: lead - 1]
+                    counts[ws] = get(ws, 0) + n
+                if unit[lead - 1] == " ":
+                    body = " " + body
+                else:
+                    ws = unit[lead - 1]
+                    counts[ws] = get(ws, 0) + n
+            counts[body] = get(body, 0) + n
+            if symbol is not None:
+                counts[symbol] = get(symbol, 0) + n
+
+
+_SLICE_CHARS = 1 << 16
+
+
+def _unit_slices(text: str) -> Iterator[str]:
+    """``text`` in slices of about 64K characters, cut before a space that follows a non-space: a unit
+    boundary in both unit patterns (the non-space ends a unit, the space starts one)."""
+    start = 0
+    while len(text) - start > _SLICE_CHARS:
+        cut = text.find(" ", start + _SLICE_CHARS)
+        while cut > 0 and text[cut - 1].isspace():  # isspace is wider than \s: then it is a non-space
+            cut = text.find(" ", cut + 1)
+        if cut < 0:
+            break
+        yield text[start:cut]
+        start = cut
+    yield text[start:] if start else text
+
+
+def count_pretokens(texts: Iterable[str], pattern: str, special_tokens: Sequence[str]) -> Counter[str]:
+    """Count the pre-tokens of ``texts`` (each a document); special tokens are dropped, not counted."""
+    counter = PretokenCounter(pattern, special_tokens)
+    counter.add(texts)
+    return counter.counts
 
 
 def _safe_cut(buf: str) -> int:
@@ -353,31 +425,126 @@ def parallel_count(
     num_workers: int | None = None,
     start_method: str | None = None,
 ) -> Counter[str]:
-    """Sum :func:`count_pretokens` over ``chunks`` using ``num_workers`` processes (None = all cores).
+    """Count the pre-tokens of ``chunks`` (lists of documents) on ``num_workers`` cores (None = all).
 
-    ``start_method``: multiprocessing start method (None = the platform default; "spawn" works too).
+    This process and ``num_workers - 1`` worker processes each add chunks into their own
+    :class:`PretokenCounter`: a chunk goes to the workers' bounded queue while it has room (at most 2 per
+    worker wait, so the input is streamed, never held whole) and is counted here when it is full. Each
+    worker streams its totals through a pipe once, at the end, and they are added here. One process fewer than cores
+    saves that process's memory (a worker holds the counts of its share of the corpus), and this process
+    would otherwise sit idle. ``start_method``: multiprocessing start method (None = the platform
+    default; "spawn" works too).
     """
     if num_workers is not None and (type(num_workers) is not int or num_workers < 0):
         raise TokenizerError(
             f"num_workers must be a whole number >= 1 (got {num_workers!r}); None (or 0) uses all cores"
         )
     num_workers = num_workers or available_cores()
-    job = partial(count_pretokens, pattern=pattern, special_tokens=list(special_tokens))
-    total: Counter[str] = Counter()
+    counter = PretokenCounter(pattern, special_tokens)
     if num_workers <= 1:
         for chunk in chunks:
-            total.update(job(chunk))
-        return total
-    with multiprocessing.get_context(start_method).Pool(num_workers) as pool:
-        # at most 2 chunks per worker in flight: the input is streamed, never queued whole
-        pending: deque = deque()
+            counter.add(chunk)
+        return counter.counts
+    ctx = multiprocessing.get_context(start_method)
+    tasks = ctx.Queue(maxsize=2 * (num_workers - 1))
+    pipes = [ctx.Pipe(duplex=False) for _ in range(num_workers - 1)]  # (receive here, send there)
+    workers = [
+        ctx.Process(target=_count_worker, args=(tasks, send, pattern, list(special_tokens)), daemon=True)
+        for _, send in pipes
+    ]
+    for w in workers:
+        w.start()
+    for _, send in pipes:
+        send.close()  # the worker holds the only sending end: its death reads as end of file here
+    try:
         for chunk in chunks:
-            pending.append(pool.apply_async(job, (chunk,)))
-            if len(pending) >= 2 * num_workers:
-                total.update(pending.popleft().get())
-        while pending:
-            total.update(pending.popleft().get())
-    return total
+            try:
+                tasks.put_nowait(chunk)
+            except queue.Full:  # the workers are busy: count this one here
+                counter.add(chunk)
+                _check_workers(workers)
+        while True:  # the input is read: take back what still waits, so no worker is left with a backlog
+            try:
+                chunk = tasks.get_nowait()
+            except queue.Empty:
+                break
+            counter.add(chunk)
+        for _ in workers:
+            _put(tasks, None, workers)
+        for (receive, _), w in zip(pipes, workers):
+            _receive_counts(receive, w, counter.counts)
+        for w in workers:
+            w.join()
+        return counter.counts
+    finally:
+        for w in workers:
+            if w.is_alive():
+                w.terminate()
+                w.join()
+        tasks.cancel_join_thread()  # after an error, chunks nobody reads must not block this process's exit
+
+
+_SEND_ITEMS = 20_000  # (pre-token, count) items per message: neither side ever holds a pickle of the whole
+
+
+def _count_worker(tasks, conn, pattern: str, special_tokens: list[str]) -> None:
+    """Worker process: count the chunks of ``tasks`` until None, then send the counts over ``conn`` as
+    ``("part", items)`` messages and a last ``("done", items)`` (or ``("error", message)``). ``send``
+    blocks while the pipe is full, so the counts stream to the parent instead of piling up here."""
+    try:
+        counter = PretokenCounter(pattern, special_tokens)
+        while (chunk := tasks.get()) is not None:
+            counter.add(chunk)
+        batch: list[tuple[str, int]] = []
+        for item in counter.counts.items():
+            batch.append(item)
+            if len(batch) == _SEND_ITEMS:
+                conn.send(("part", batch))
+                batch = []
+        conn.send(("done", batch))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
+
+
+def _check_workers(workers: list) -> None:
+    dead = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+    if dead:
+        raise TokenizerError(
+            f"a pre-tokenizer worker process died (exit code {dead[0]}; -9 is usually the out-of-memory "
+            "killer); retry with fewer workers (num_workers / --workers) or on a machine with more memory"
+        )
+
+
+def _put(tasks, item, workers: list) -> None:
+    """Put ``item`` on the bounded task queue, waiting while the workers are busy, never on a dead worker."""
+    while True:
+        try:
+            tasks.put(item, timeout=0.5)
+            return
+        except queue.Full:
+            _check_workers(workers)
+
+
+def _receive_counts(conn, worker, counts: Counter[str]) -> None:
+    """Add a worker's counts, message by message, into ``counts``; its exception or death is raised here."""
+    get = counts.get
+    while True:
+        while not conn.poll(0.5):
+            _check_workers([worker])
+        try:
+            status, payload = conn.recv()
+        except EOFError:  # it exited without a last message
+            worker.join(1.0)
+            _check_workers([worker])
+            raise TokenizerError("a pre-tokenizer worker process ended without its counts; retry") from None
+        if status == "error":
+            raise TokenizerError(f"pre-tokenization failed in a worker process: {payload}")
+        for pretoken, n in payload:
+            counts[pretoken] = get(pretoken, 0) + n
+        if status == "done":
+            return
 
 
 def _replace_and_count(err: UnicodeDecodeError) -> tuple[str, int]:
