@@ -116,6 +116,25 @@ def make_loaders(
     return train, val_loader
 
 
+def micro_steps(cfg: Config, world_size: int = 1) -> int:
+    """Micro-batches per optimizer step on each rank: tokens_per_step / (batch_size * context * world_size).
+
+    1 if tokens_per_step is unset (one micro-batch per rank). ConfigError if they do not divide among ranks.
+    """
+    tc = cfg.train
+    if tc.tokens_per_step is None:
+        return 1
+    micro = tc.batch_size * cfg.model.context_length
+    total = tc.tokens_per_step // micro
+    if total % world_size:
+        raise ConfigError(
+            f"train.tokens_per_step={tc.tokens_per_step} is {total} micro-batches of batch_size*"
+            f"context_length={micro}, which do not divide among {world_size} ranks; use a multiple "
+            f"of {micro * world_size}"
+        )
+    return total // world_size
+
+
 def apply_token_budget(cfg: Config, world_size: int = 1, verbose: bool = True) -> Config:
     """``cfg`` with ``train.max_steps`` set by the token budget ``data.max_tokens`` (if set).
 
@@ -123,8 +142,6 @@ def apply_token_budget(cfg: Config, world_size: int = 1, verbose: bool = True) -
     the run takes ``max_tokens // tokens_per_step`` steps (replacing ``train.max_steps``), having seen
     ``max_tokens`` tokens exactly when it divides (never more); the lr schedule runs over those steps.
     """
-    from scratchlm.train.trainer import micro_steps
-
     budget = cfg.data.max_tokens
     if budget is None:
         return cfg

@@ -28,10 +28,11 @@ from scratchlm.config import Config
 from scratchlm.device import resolve_device, resolve_dtype
 from scratchlm.errors import ConfigError
 from scratchlm.model import build_model, describe_params
+from scratchlm.train.batches import micro_steps
 from scratchlm.train.memory import apply_memory_options
 from scratchlm.train.metrics import peak_flops
 from scratchlm.train.optim import build_optimizers, param_groups, set_lr
-from scratchlm.train.trainer import micro_steps, train_step
+from scratchlm.train.step import train_step
 
 # measure with fewer rows when one micro-batch would take more than this many FLOPs (CPU: ~seconds)
 _MEASURE_FLOPS_BUDGET = {"cpu": 3e11, "mps": 3e12, "cuda": 1e30}
@@ -46,7 +47,7 @@ def _vocab_size(cfg: Config) -> tuple[int, str]:
     text (reads it, writes nothing); a BPE tokenizer already trained on these sources is read from the
     cache; else ``tokenizer.vocab_size``, which BPE training reaches exactly.
     """
-    from scratchlm.pipeline import SEQ2SEQ_SPECIALS, cached_tokenizer_path, training_sources
+    from scratchlm.data.sources import SEQ2SEQ_SPECIALS, cached_tokenizer_path, training_sources
     from scratchlm.tokenizer import CharTokenizer, load_tokenizer
 
     tk = cfg.tokenizer

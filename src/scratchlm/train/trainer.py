@@ -45,12 +45,12 @@ import torch
 
 from scratchlm.config import Config
 from scratchlm.device import resolve_dtype
-from scratchlm.errors import ConfigError
 from scratchlm.model import build_model
 from scratchlm.model.attention_choice import resolve_attention
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train import distributed as dist
-from scratchlm.train.batches import apply_token_budget, batch_tokens, make_loaders, shard_meta
+from scratchlm.train.batches import apply_token_budget, batch_tokens, make_loaders, micro_steps, shard_meta
+from scratchlm.train.dryrun import check_memory
 from scratchlm.train.evaluate import truncate_samples
 from scratchlm.train.init_from import init_model
 from scratchlm.train.memory import apply_memory_options, fit_micro_batch
@@ -81,25 +81,6 @@ class TrainState:
     # train losses of the steps since the last evaluation (its train_loss is their mean): saved, so that
     # a resumed run reports the same train_loss as one never stopped
     eval_losses: list[float] = dataclasses.field(default_factory=list)
-
-
-def micro_steps(cfg: Config, world_size: int = 1) -> int:
-    """Micro-batches per optimizer step on each rank: tokens_per_step / (batch_size * context * world_size).
-
-    1 if tokens_per_step is unset (one micro-batch per rank). ConfigError if they do not divide among ranks.
-    """
-    tc = cfg.train
-    if tc.tokens_per_step is None:
-        return 1
-    micro = tc.batch_size * cfg.model.context_length
-    total = tc.tokens_per_step // micro
-    if total % world_size:
-        raise ConfigError(
-            f"train.tokens_per_step={tc.tokens_per_step} is {total} micro-batches of batch_size*"
-            f"context_length={micro}, which do not divide among {world_size} ranks; use a multiple "
-            f"of {micro * world_size}"
-        )
-    return total // world_size
 
 
 def seed_everything(seed: int) -> None:
@@ -146,8 +127,6 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
     tc, ec = cfg.train, cfg.eval
     accum = micro_steps(cfg, world.size)
     seed_everything(tc.seed)
-    from scratchlm.train.dryrun import check_memory  # (dryrun imports this module)
-
     sharded = world.size if tc.parallel in ("fsdp", "zero1") else 1
     check_memory(cfg, device, dtype, sharded)  # a far too large model: one line, not an allocator traceback
     cfg = dataclasses.replace(cfg, model=resolve_attention(cfg.model, tc.batch_size, device, dtype))
