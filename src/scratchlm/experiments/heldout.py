@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scratchlm import fileio
 from scratchlm.errors import DataError
 from scratchlm.train.metrics import read_metrics
 
@@ -112,5 +113,5 @@ def score_test_set(
         f.write(json.dumps(record) + "\n")
     (run_dir / "eval").mkdir(exist_ok=True)
     hyp = run_dir / "eval" / f"test_{Path(src).stem}_beam{beams}.hyp"
-    hyp.write_text("".join(h + "\n" for h in result["hypotheses"]), encoding="utf-8")
+    fileio.write_text(hyp, "".join(h + "\n" for h in result["hypotheses"]))
     return record

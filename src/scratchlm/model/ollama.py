@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from scratchlm import fileio
 from scratchlm.errors import ConfigError
 from scratchlm.tokenizer.chat_template import ChatTemplate, chat_template_of
 
@@ -85,7 +86,4 @@ def export_ollama(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike,
     text = modelfile(tokenizer, model.config.context_length)  # checks the template before writing
     out.mkdir(parents=True, exist_ok=True)
     export_gguf(model, tokenizer, out / GGUF_NAME, dtype=dtype)
-    tmp = out / "Modelfile.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out / "Modelfile")
-    return out / "Modelfile"
+    return fileio.write_text(out / "Modelfile", text)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from scratchlm import fileio
 from scratchlm.errors import ConfigError
 from scratchlm.model.hf import _LLAMA_LAYER, _gpt2_compatible, _half_from_interleaved, _llama_compatible
 
@@ -120,10 +121,7 @@ def export_peft_adapters(model: torch.nn.Module, out_dir: str | os.PathLike) -> 
     tensors, config = peft_adapters(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "adapter_model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "adapter_model.safetensors")
-    tmp = out / "adapter_config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, out / "adapter_config.json")
+    with fileio.atomic_path(out / "adapter_model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    fileio.write_text(out / "adapter_config.json", json.dumps(config, indent=2) + "\n")
     return out

@@ -32,7 +32,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from scratchlm import fileio
 from scratchlm.config import Config, LoRAConfig
 from scratchlm.errors import CheckpointError, ConfigError
 from scratchlm.reference import lora as reference_lora
@@ -200,9 +200,8 @@ def load_base(
         state = _read_base(path)
         model.load_state_dict(state, strict=True)
     elif write:
-        tmp = path.with_name(path.name + ".tmp")
-        save_weights(model.state_dict(), tmp)
-        os.replace(tmp, path)
+        with fileio.atomic_path(path) as tmp:
+            save_weights(model.state_dict(), tmp)
     elif not training:
         raise CheckpointError(
             f"{path} is missing: it holds the frozen base weights this LoRA run's adapters were trained on; "
