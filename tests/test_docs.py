@@ -342,7 +342,9 @@ class Page:
 
     def _make(self, argv: list[str], cmd: Command) -> None:
         # -o: the set-up targets count as done (this suite runs in the environment they build)
-        recipe = self._bash(f"make -n -o .venv/.core -o .venv/.dev {argv[1]}", cmd).strip().splitlines()
+        # --no-print-directory: under `make test` (CI) this make is nested and would print "Entering directory"
+        make = f"make -n --no-print-directory -o .venv/.core -o .venv/.dev {argv[1]}"
+        recipe = self._bash(make, cmd).strip().splitlines()
         if argv[1] == "test":  # the suite running itself: check the recipe resolves, do not recurse
             assert recipe[0].startswith(".venv/bin/ruff check") and ".venv/bin/pytest" in recipe[-1], recipe
             return
