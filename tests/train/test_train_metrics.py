@@ -73,3 +73,34 @@ def test_no_bar_when_the_console_is_not_a_terminal(tmp_path, capsys):
         "step 20/20: loss 2.5000 lr 1.00e-03 gnorm 0.50 tok/s 1,000 mfu n/a",
         "step 20: val loss 2.0000, ppl 7.39",
     ]
+
+
+def test_start_line_says_up_to_for_seq2seq_token_batches(tmp_path):
+    """A seq2seq run batched by data.batch_tokens takes up to that many padded tokens a step, not rows x context
+    (the start line said 8,192 tokens/step for 2,000-token batches)."""
+    import dataclasses
+
+    import torch
+
+    from scratchlm.config import load_config
+    from scratchlm.model import build_model
+    from scratchlm.train.metrics import start_line
+
+    cfg = load_config(
+        None,
+        [
+            "preset=cpu-tiny",
+            "model.arch=seq2seq",
+            "model.vocab_size=64",
+            "data.batch_tokens=2000",
+            "train.max_steps=10",
+        ],
+    )
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    line = start_line(cfg, model, torch.device("cpu"), torch.float32, tmp_path, 2000)
+    assert "up to 2,000 tokens/step x 10 steps = up to 20K tokens" in line, line
+    gpt = load_config(None, ["preset=cpu-tiny", "train.max_steps=4"])
+    with torch.device("meta"):
+        model = build_model(dataclasses.replace(gpt.model, vocab_size=64))
+    assert "up to" not in start_line(gpt, model, torch.device("cpu"), torch.float32, tmp_path, 128)

@@ -174,7 +174,11 @@ def start_line(
     from scratchlm.model import describe_params
 
     tc = cfg.train
-    budget = f"{tokens_per_step:,} tokens/step x {tc.max_steps:,} steps = {_si(tokens_per_step * tc.max_steps)} tokens"
+    up_to = "up to " if cfg.model.arch == "seq2seq" and cfg.data.batch_tokens else ""  # padded token batches
+    budget = (
+        f"{up_to}{tokens_per_step:,} tokens/step x {tc.max_steps:,} steps = "
+        f"{up_to}{_si(tokens_per_step * tc.max_steps)} tokens"
+    )
     if tc.max_time:
         budget += f", or {tc.max_time:g} s"
     precision = "float32" if dtype == torch.float32 else f"{str(dtype).removeprefix('torch.')} autocast"

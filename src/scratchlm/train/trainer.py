@@ -163,7 +163,9 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
 
     data_meta = None if cfg.data.stream else shard_meta(data_dir)  # (bits per byte needs shard meta)
     if world.is_main:  # one line; the resolved config is for --dry-run and --verbose
-        tokens_per_step = accum * tc.batch_size * cfg.model.context_length * world.size
+        # seq2seq token batches hold up to data.batch_tokens padded tokens (source + target), not rows x context
+        rows = cfg.data.batch_tokens if cfg.model.arch == "seq2seq" and cfg.data.batch_tokens else None
+        tokens_per_step = accum * world.size * (rows or tc.batch_size * cfg.model.context_length)
         print(start_line(cfg, model, device, dtype, run_dir, tokens_per_step), flush=True)
     # warmup longer than the budget: said at once for max_steps, after 5 timed steps for max_time
     warmup_said = world.is_main and bool(warn_if(warmup_warning(tc, state.step)))
