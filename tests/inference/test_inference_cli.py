@@ -118,6 +118,21 @@ def test_generate_prints_prompt_and_greedy_completion(run_dir, lm, capsys):
     assert "".join(lm.stream("def ", temperature=0, max_new_tokens=12)) == expected
 
 
+def test_generate_int8_decodes_with_int8_weights(run_dir, capsys, monkeypatch):
+    """--int8: every matmul of the loaded model is an int8 Linear, and generation still works end to end."""
+    import scratchlm.inference.quantize as quantize
+
+    models = []
+    original = quantize.quantize_int8
+    monkeypatch.setattr(quantize, "quantize_int8", lambda m: models.append(original(m)) or m)
+    args = ["generate", str(run_dir), "--prompt", "def ", "--temperature", "0", "--max-new-tokens", "8"]
+    assert main([*args, "--device", "cpu", "--int8", "--stats"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("def ") and "8 new tokens" in err
+    assert len(models) == 1 and not any(isinstance(m, torch.nn.Linear) for m in models[0].modules())
+    assert any(isinstance(m, quantize.Int8Linear) for m in models[0].modules())
+
+
 def test_sample_alias_and_seed(run_dir, capsys):
     args = [
         "sample",
@@ -316,6 +331,7 @@ def test_translate_prompts_file_to_jsonl(seq2seq_run_dir, tmp_path):
         (["--stop-token-id", "5"], "error: --stop-token-id does not apply to"),
         (["--num-samples", "2"], "error: --num-samples is for decoder runs"),
         (["--context", "slide"], "error: --context is for decoder runs"),
+        (["--int8"], "error: --int8 is for decoder runs"),
         (["--beams", "0"], "error: --beams must be >= 1"),
         (["--length-penalty=-1"], "error: --length-penalty must be a finite number >= 0"),
         (["--prompt", ""], "error: a seq2seq run translates a source text"),

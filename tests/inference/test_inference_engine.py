@@ -212,9 +212,63 @@ def test_batch_rows_equal_solo_rows_when_the_window_fills(tok, context):
         assert all(r.new_tokens == 30 for r in batch) and engine.last_stats.slides >= 2
 
 
+def test_a_fixed_shape_decode_step_gives_the_logits_of_the_growing_cache(tok):
+    """cache.slot set: the new k, v go to that slot and attention runs over all max_len slots, masked."""
+    model = tiny_gpt(tok.vocab_size).eval()
+    ids = torch.tensor([[5, 9, 200, 17, 3, 44]])
+    with torch.inference_mode():
+        grow, fixed = model.make_cache(1, max_len=16), model.make_cache(1, max_len=16)
+        model(ids[:, :4], cache=grow), model(ids[:, :4], cache=fixed)
+        for t in (4, 5):
+            want, _ = model(ids[:, t : t + 1], cache=grow)
+            fixed.slot = torch.tensor([t])
+            keys = torch.arange(16)[None] <= t  # (1, 16): the slots filled, this one included
+            got, _ = model(ids[:, t : t + 1], cache=fixed, positions=torch.tensor([[t]]), attention_mask=keys)
+            fixed.slot, fixed.length = None, t + 1  # the caller advances (the model did not)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="needs positions and attention_mask"):
+            fixed.slot = torch.tensor([6])
+            model(ids[:, :1], cache=fixed)
+
+
+@pytest.mark.parametrize("context", ["slide", "stop"])
+def test_the_compiled_engine_path_gives_the_eager_tokens(tok, context):
+    """Engine(compile=True)'s fixed-shape decoding, run here without the compiler (the same model as the
+    'compiled' step): padded batches, window slides and stops all give the eager path's tokens."""
+    model = tiny_gpt(tok.vocab_size, context_length=16)
+    eager, fixed = Engine(model, tok), Engine(model, tok)
+    fixed._compiled = model  # the fixed-shape path, without torch.compile's minutes (slow test below)
+    options = dict(max_new_tokens=30, temperature=0, context=context, stop_token_ids=[])
+    for prompts in (["the quick brown"], ["the quick brown", "x", "hello there"]):
+        want = eager.generate(prompts, **options)
+        got = fixed.generate(prompts, **options)
+        assert [(r.token_ids, r.finish_reason) for r in got] == [(r.token_ids, r.finish_reason) for r in want]
+    assert fixed.last_stats.compile_seconds > 0  # a batch of 3 is a new shape: its first step is counted
+    fixed.generate(["the quick brown", "x", "hello there"], **options)
+    assert fixed.last_stats.compile_seconds == 0 and fixed.last_stats.decode_steps > 0
+
+
+def test_compile_time_is_reported_apart_and_warned_about_when_it_does_not_pay():
+    from scratchlm.inference.engine import GenerationStats
+
+    short = GenerationStats(
+        batch_size=1, new_tokens=8, decode_seconds=0.05, compile_seconds=20.0, decode_steps=6
+    )
+    assert "torch.compile took 20.0s" in short.compile_note()
+    assert "compile 20.0s" in short.summary() and "(120.0 tok/s)" in short.summary()
+    assert short.seconds == pytest.approx(20.05)
+    long = GenerationStats(batch_size=1, new_tokens=9000, decode_seconds=30.0, compile_seconds=20.0)
+    assert long.compile_note() is None
+
+
 @pytest.mark.slow
 def test_compiled_decode_step_gives_the_same_tokens(tok):
-    model = tiny_gpt(tok.vocab_size)
-    eager = Engine(model, tok).generate(["hello", "the"], max_new_tokens=12, temperature=0)
-    compiled = Engine(model, tok, compile=True).generate(["hello", "the"], max_new_tokens=12, temperature=0)
-    assert [r.token_ids for r in compiled] == [r.token_ids for r in eager]
+    model = tiny_gpt(tok.vocab_size, context_length=32)
+    engine = Engine(model, tok, compile=True)
+    for prompts, n in ((["hello", "the"], 12), (["hello"], 40)):  # padded; slides past the window
+        eager = Engine(model, tok).generate(prompts, max_new_tokens=n, temperature=0, context="slide")
+        compiled = engine.generate(prompts, max_new_tokens=n, temperature=0, context="slide")
+        assert [r.token_ids for r in compiled] == [r.token_ids for r in eager]
+        assert engine.last_stats.compile_seconds > 0  # each batch size compiles once
+    engine.generate(["the"], max_new_tokens=12, temperature=0)
+    assert engine.last_stats.compile_seconds == 0  # the same shape: no compilation

@@ -133,7 +133,18 @@ def _add_common(p: argparse.ArgumentParser, chat_defaults: bool = False) -> None
     r = p.add_argument_group("run")
     r.add_argument("--which", choices=("best", "latest"), default="best", help="checkpoint to load")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    r.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    r.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (fixed shapes; its compile time, tens of seconds on a CPU, is "
+        "reported apart and pays off over long generations and chats)",
+    )
+    r.add_argument(
+        "--int8",
+        action="store_true",
+        help="int8 weights with one scale per output row (CPU, float32 runs): a quarter of the bytes read "
+        "per token; the logits move slightly (benchmarks/results/decode_cpu.md, docs/generation.md)",
+    )
     r.add_argument("--stats", action="store_true", help="print tokens/s after generating (to stderr)")
 
 
@@ -176,6 +187,13 @@ def _load(args: argparse.Namespace):
 def _engine(args: argparse.Namespace, lm):
     from scratchlm.inference.engine import CLI_NAMES, Engine
 
+    if args.int8:
+        from scratchlm.inference.quantize import quantize_int8
+
+        try:
+            quantize_int8(lm.model)
+        except ValueError as e:
+            raise GenerationError(str(e)) from None
     engine = Engine(lm.model, lm.tokenizer, compile=args.compile)
     engine.option_names = CLI_NAMES  # hints name --context / --max-new-tokens, not Python keywords
     _check_stop_token_ids(args, engine.vocab_size)
@@ -264,6 +282,9 @@ def run_generate(args: argparse.Namespace) -> int:
                 if len(prompts) * args.num_samples > 1:
                     print("-" * 40)
     _write_rows(args, rows)
+    note = engine.last_stats.compile_note() if args.compile else None
+    if note and len(prompts) <= args.batch_size:
+        print(f"warning: {note}", file=sys.stderr)
     if args.stats:
         if len(prompts) <= args.batch_size:
             print(engine.last_stats.summary(), file=sys.stderr)
@@ -336,6 +357,7 @@ def _translate(args: argparse.Namespace, lm, prompts: list[str]) -> tuple[list[d
         ("--num-samples", args.num_samples != 1),
         ("--context", args.context is not None),
         ("--compile", args.compile),
+        ("--int8", args.int8),
     ]:
         if unused:
             raise GenerationError(

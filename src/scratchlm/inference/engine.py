@@ -40,6 +40,15 @@ window. Rows whose own window still has room are then re-prefilled whole, withou
 row slides or stops exactly when it would alone.
 
 An empty prompt starts after one end-of-text token (documents are separated by it in training).
+
+Compiled decoding (``compile=True``): the one-token decode step runs through ``torch.compile`` with fixed
+shapes. The KV cache is sized to a bucket (the next power of two >= 64 that holds prompt + new tokens,
+at most ``context_length``; the whole window when sliding), the new token's keys and values are written
+at a tensor slot and the step attends over every slot with a mask (model/cache.py), so one compilation
+serves every step of every request of the same batch size and bucket. The first step of each new shape
+compiles (tens of seconds on a CPU); :class:`GenerationStats` counts it as ``compile_seconds``, apart from
+``decode_seconds``, and :meth:`GenerationStats.compile_note` says when it cost more than the decode it
+sped up (one short generation does not pay for it; a chat or a server does).
 """
 
 from __future__ import annotations
@@ -106,11 +115,30 @@ class GenerationStats:
     new_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    compile_seconds: float = 0.0  # the first compiled step of a new shape (compile=True), not in decode
+    decode_steps: int = 0  # (B, 1) forwards timed in decode_seconds
     slides: int = 0
 
     @property
     def seconds(self) -> float:
-        return self.prefill_seconds + self.decode_seconds
+        return self.prefill_seconds + self.decode_seconds + self.compile_seconds
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens per second of the decode steps alone (B per step; the prefill and compilation out)."""
+        if self.decode_seconds <= 0 or self.decode_steps == 0:
+            return 0.0
+        return self.batch_size * self.decode_steps / self.decode_seconds
+
+    def compile_note(self) -> str | None:
+        """A warning when torch.compile took longer than the decode it sped up; None otherwise."""
+        if self.compile_seconds <= self.decode_seconds:
+            return None
+        return (
+            f"torch.compile took {self.compile_seconds:.1f}s, more than the {self.decode_seconds:.2f}s of "
+            f"decoding it sped up: --compile pays for itself over long or repeated generations (chat, the "
+            "server), not one short sample"
+        )
 
     @property
     def tokens_per_second(self) -> float:
@@ -122,6 +150,8 @@ class GenerationStats:
             f"{self.new_tokens} new tokens ({self.batch_size} rows) in {self.seconds:.2f}s: "
             f"{self.tokens_per_second:.1f} tok/s; prefill {self.prompt_tokens} tokens in "
             f"{self.prefill_seconds * 1e3:.0f} ms, decode {self.decode_seconds:.2f}s"
+            + (f" ({self.decode_tokens_per_second:.1f} tok/s)" if self.decode_tokens_per_second else "")
+            + (f", compile {self.compile_seconds:.1f}s" if self.compile_seconds else "")
             + (f", {self.slides} window slides" if self.slides else "")
         )
 
@@ -149,8 +179,8 @@ class _Row:
 class Engine:
     """Generates text with a decoder-only model (``scratchlm.model.gpt.GPT``) and its tokenizer.
 
-    ``compile=True`` runs the one-token decode step through ``torch.compile`` (dynamic shapes: the cache
-    grows every step); the prefill stays eager. Speed only, never needed for correctness.
+    ``compile=True`` runs the one-token decode step through ``torch.compile`` with fixed shapes (module
+    docstring, "Compiled decoding"); the prefill stays eager. Speed only, never needed for correctness.
     """
 
     def __init__(
@@ -173,7 +203,8 @@ class Engine:
         self.context_length: int = model.config.context_length
         self.vocab_size: int = model.config.vocab_size
         self.eot_id: int | None = getattr(tokenizer, "eot_id", None)
-        self._decode_forward = torch.compile(model, dynamic=True) if compile else model
+        self._compiled = torch.compile(model, dynamic=False) if compile else None
+        self._compiled_shapes: set[tuple] = set()  # (B, cache length, dtype) steps already compiled
         self._token_bytes: list[bytes] | None = None
         self.last_stats = GenerationStats()
         self.option_names = PYTHON_NAMES  # the CLI sets CLI_NAMES, so hints name the flags a user types
@@ -339,6 +370,7 @@ class Engine:
             mask[b, L - len(s) :] = True
         idx = idx.to(self.device)
         cache.reset()
+        cache.slot = None  # the prefill appends at cache.length (a compiled decode step sets a slot)
         if bool(mask.all()):
             logits, _ = self.model(idx, cache=cache)
             return logits[:, -1].float(), None, None
@@ -378,6 +410,37 @@ class Engine:
         stats.slides += slid
         return seqs
 
+    def _fixed_shape_state(self, cache, full_mask, positions) -> tuple[torch.Tensor, torch.Tensor]:
+        """After a prefill, the tensors a compiled decode step updates in place: the key mask (B, max_len)
+        bool (the filled, unpadded slots) and the next token's positions (B, 1) long."""
+        B, filled = cache.batch_size, cache.length
+        key_mask = torch.zeros(B, cache.max_len, dtype=torch.bool, device=self.device)
+        if full_mask is None:
+            key_mask[:, :filled] = True
+            positions = torch.full((B, 1), filled, dtype=torch.long, device=self.device)
+        else:
+            key_mask[:, :filled] = full_mask[:, :filled]
+        cache.slot = torch.full((1,), filled, dtype=torch.long, device=self.device)
+        return key_mask, positions.clone()
+
+    def _compiled_step(self, idx, cache, key_mask, positions, stats: GenerationStats) -> torch.Tensor:
+        """One fixed-shape decode step through the compiled model: idx (B, 1) -> logits (B, 1, V).
+        Writes slot ``cache.length``; the first step of a new shape is timed as compilation."""
+        key_mask[:, cache.length] = True
+        shape = (cache.batch_size, cache.max_len, cache.k[0].dtype)
+        first = shape not in self._compiled_shapes
+        t0 = time.perf_counter()
+        out, _ = self._compiled(idx, cache=cache, positions=positions, attention_mask=key_mask)
+        if first:
+            self._compiled_shapes.add(shape)
+            stats.compile_seconds += time.perf_counter() - t0
+        else:
+            stats.decode_steps += 1
+        cache.length += 1
+        cache.slot += 1
+        positions += 1
+        return out
+
     @torch.inference_mode()
     def _run(self, rows: list[_Row], params: SamplingParams, context: str | None) -> Iterator[None]:
         """Generate into ``rows`` in place; yields after every step (streaming reads the rows then)."""
@@ -387,9 +450,10 @@ class Engine:
             batch_size=B, prompt_tokens=sum(len(r.prompt_ids) for r in rows)
         )
         longest = max(len(r.prompt_ids) for r in rows)
-        cache = self.model.make_cache(
-            B, max_len=min(ctx, longest + params.max_new_tokens) if context != "slide" else ctx
-        )
+        max_len = min(ctx, longest + params.max_new_tokens) if context != "slide" else ctx
+        if self._compiled is not None:  # few shapes, so that one compilation serves many requests
+            max_len = min(ctx, max(64, 1 << (max_len - 1).bit_length()))
+        cache = self.model.make_cache(B, max_len=max_len)
         stop_ids = set(
             params.stop_token_ids
             if params.stop_token_ids is not None
@@ -409,6 +473,7 @@ class Engine:
         t0 = time.perf_counter()
         logits, full_mask, positions = self._prefill_rows(rows, [r.prompt_ids for r in rows], cache)
         stats.prefill_seconds = time.perf_counter() - t0
+        fixed = self._fixed_shape_state(cache, full_mask, positions) if self._compiled is not None else None
         t0 = time.perf_counter()
         ones = torch.ones(B, 1, device=dev)
         for step in range(params.max_new_tokens):
@@ -442,15 +507,21 @@ class Engine:
                 if seqs is None:
                     break
                 logits, full_mask, positions = self._prefill_rows(rows, seqs, cache)
+                if fixed is not None:
+                    fixed = self._fixed_shape_state(cache, full_mask, positions)
                 continue
             idx = next_tokens[:, None]  # (B, 1)
-            if full_mask is None:
-                out, _ = self._decode_forward(idx, cache=cache)
+            if fixed is not None:
+                out = self._compiled_step(idx, cache, *fixed, stats)
+            elif full_mask is None:
+                out, _ = self.model(idx, cache=cache)
             else:
-                out, _ = self._decode_forward(
+                out, _ = self.model(
                     idx, cache=cache, positions=positions, attention_mask=full_mask[:, : cache.length + 1]
                 )
                 positions = positions + 1
+            if fixed is None:
+                stats.decode_steps += 1
             for r in rows:
                 r.window += 1
             logits = out[:, -1].float()
@@ -458,5 +529,5 @@ class Engine:
             if r.finish_reason is None:
                 r.finish("length")
         stats.new_tokens = sum(len(r.new_ids) for r in rows)
-        stats.decode_seconds = time.perf_counter() - t0
+        stats.decode_seconds = time.perf_counter() - t0 - stats.compile_seconds
         yield  # the final flush (incomplete UTF-8 -> U+FFFD) reaches streams too

@@ -9,6 +9,12 @@ append T new entries per forward instead of recomputing the whole prefix (O(T) w
 The model calls ``update(layer, k_new, v_new)`` in every layer, which writes slots [length, length + T) and
 returns the filled prefix, then ``advance(T)`` once after the last layer.
 ``reorder(indices)`` selects batch rows (beam search keeps the surviving beams' histories).
+
+Fixed-shape decoding (a compiled decode step, ``Engine(compile=True)``): set ``slot`` to a (1,) long tensor
+holding the slot of the next token. ``update`` then writes there (an index_put_: no Python int in
+the graph) and returns all ``max_len`` slots, so every step has the same shapes and torch.compile traces it
+once; the caller masks the slots not filled yet (``attention_mask``), advances ``slot`` and ``length``
+itself, and the model does not call ``advance``.
 """
 
 from __future__ import annotations
@@ -34,13 +40,19 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.max_len = max_len
         self.length = 0  # tokens stored (same for every row; left padding keeps rows aligned)
+        self.slot: torch.Tensor | None = None  # (1,) long: fixed-shape decoding (module docstring)
 
     @property
     def batch_size(self) -> int:
         return self.k[0].shape[0]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, Hkv, T, D) at slots [length, length + T); return slots [0, length + T)."""
+        """Write k, v (B, Hkv, T, D) at slots [length, length + T); return slots [0, length + T).
+        With ``slot`` set (T == 1): write at slot ``slot`` and return every slot [0, max_len)."""
+        if self.slot is not None:
+            self.k[layer][:, :, self.slot] = k  # index_put_: compiled in place
+            self.v[layer][:, :, self.slot] = v
+            return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} tokens > max_len {self.max_len}; make a larger cache")

@@ -127,8 +127,13 @@ class GPT(nn.Module):
         attention_mask (B, S) bool, S = cache.length + T: True = real token (keys to attend to).
         """
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        S = start + T
+        if cache is not None and cache.slot is not None:  # fixed-shape decode step (model/cache.py)
+            if positions is None or attention_mask is None:
+                raise ValueError("a KVCache with slot set needs positions and attention_mask (B, max_len)")
+            start, S = -1, cache.max_len  # keys: every slot, the unfilled ones masked by attention_mask
+        else:
+            start = cache.length if cache is not None else 0
+            S = start + T
         if positions is None:
             if self.wpe is not None and self.config.context_length < S:
                 raise ValueError(
@@ -154,7 +159,7 @@ class GPT(nn.Module):
             causal = True
         for i, block in enumerate(self.blocks):
             x = block(x, rope=rope, mask=mask, causal=causal, cache=cache, layer=i)
-        if cache is not None:
+        if cache is not None and cache.slot is None:
             cache.advance(T)
         x = self.ln_f(x)
         if targets is not None and self.loss_chunk_rows and self.training:  # no (B, T, V) logits at all
