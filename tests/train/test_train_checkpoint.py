@@ -164,6 +164,38 @@ def test_failed_save_leaves_previous_intact(tmp_path, monkeypatch):
     assert ckpt.find_checkpoint(tmp_path) == good
 
 
+def test_a_file_fsync_failure_fails_the_save_and_a_directory_einval_does_not(tmp_path, monkeypatch):
+    """ENOSPC reported late, at fsync, means the bytes may not be on disk: the new checkpoint must not
+    replace the previous one. A directory that cannot be fsync-ed (EINVAL on some file systems) is fine."""
+    import errno
+    import os
+    import stat
+
+    model, opts = setup()
+    good = save(tmp_path, 1, model, opts)
+    real_fsync = os.fsync
+
+    def late_enospc(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(ckpt.os, "fsync", late_enospc)
+    with pytest.raises(CheckpointError, match="No space left on device.*intact"):
+        save(tmp_path, 2, model, opts)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["LATEST", "step_00000001"]
+    assert ckpt.find_checkpoint(tmp_path) == good
+
+    def dirs_cannot_fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(ckpt.os, "fsync", dirs_cannot_fsync)
+    assert save(tmp_path, 2, model, opts) == root / "step_00000002"
+
+
 def test_failed_best_update_leaves_previous_best_intact(tmp_path, monkeypatch):
     model, opts = setup()
     first = save(tmp_path, 1, model, opts)

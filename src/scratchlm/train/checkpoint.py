@@ -22,6 +22,7 @@ everything else is JSON.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -85,7 +86,9 @@ def save_checkpoint(
         writing = final / "state.json"
         _write_json(tmp / "state.json", {**state, "step": step, "files": files})
         for f in (*FILES, "state.json"):
+            writing = final / f
             _fsync(tmp / f)
+        writing = final
         _fsync(tmp)
         if final.exists():  # re-saving the same step (e.g. after a resume): swap, then drop the old one
             old = root / f".old-{name}-{os.getpid()}"
@@ -378,11 +381,15 @@ def _sha256(path: Path) -> str:
 
 
 def _fsync(path: Path) -> None:
+    """Flush a file or a directory entry to disk. A file's error raises (ENOSPC or EIO here means its bytes
+    may not be on disk, so the checkpoint must not replace the previous one); a directory's EINVAL or
+    ENOTSUP, from file systems that cannot fsync directories, is ignored."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:  # some file systems do not fsync directories
-        pass
+    except OSError as e:
+        if not (path.is_dir() and e.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
     finally:
         os.close(fd)
 
