@@ -13,8 +13,8 @@ Timed, each variant once per round, rounds alternating so that a load change hit
 - ``scratchlm f32 eager``: ``Engine(model, tok)``, the default path;
 - ``scratchlm f32 compiled``: ``Engine(model, tok, compile=True)`` (a fixed-shape decode step through
   torch.compile; its compilation happens in a warm-up before the rounds and is reported apart);
-- ``scratchlm int8 compiled``: the same after ``quantize_int8`` (inference/quantize.py: int8 weights, one
-  scale per output row);
+- ``scratchlm int8 eager`` and ``int8 compiled``: the same after ``quantize_int8`` (inference/quantize.py:
+  int8 weights, one scale per output row; ``--int8`` on the command line);
 - ``llama.cpp f32`` and ``llama.cpp q8_0``: ``Llama.eval`` one token at a time and an argmax of its logits.
 Decode tokens/s excludes the prompt's prefill on both sides (ScratchLM: ``GenerationStats.decode_seconds``,
 which also excludes compilation; llama.cpp: the wall time of the one-token evals). Every side runs with
@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     variants = {"scratchlm f32 eager": scratchlm_decoder(eager, prompt, n)}
     variants["scratchlm f32 compiled"] = scratchlm_decoder(compiled, prompt, n)
     int8_model = quantize_int8(make_model(tok.vocab_size, n_layer, d_model, 512))
+    variants["scratchlm int8 eager"] = scratchlm_decoder(Engine(int8_model, tok), prompt, n)
     int8 = Engine(int8_model, tok, compile=True)
     variants["scratchlm int8 compiled"] = scratchlm_decoder(int8, prompt, n)
 
