@@ -96,7 +96,7 @@ def test_checkpoint_on_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp
     assert ckpt.latest_checkpoint(tmp_path) == first
 
     monkeypatch.undo()  # now the disk fills while LATEST is replaced: the new step exists, LATEST is old
-    monkeypatch.setattr(fileio.os, "fsync", _enospc)
+    monkeypatch.setattr(fileio, "fsync_file", _enospc)  # the atomic writer's fsync (LATEST), not the step's
     with pytest.raises(CheckpointError, match="LATEST: No space left on device"):
         ckpt.save_checkpoint(tmp_path, 3, model, {}, {"step": 3}, keep_last=3)
     assert (tmp_path / "checkpoints" / "LATEST").read_text() == "step_00000001\n"
