@@ -125,6 +125,8 @@ class GPT(nn.Module):
         positions (B, T) long: position ids (default cache.length + arange(T)); left-padded batches pass
             their own so that each row's first real token is position 0.
         attention_mask (B, S) bool, S = cache.length + T: True = real token (keys to attend to).
+        A cache with ``slot`` set (fixed-shape decoding, model/cache.py) needs positions and an attention_mask
+        over all its max_len slots, and is not advanced here.
         """
         B, T = idx.shape
         if cache is not None and cache.slot is not None:  # fixed-shape decode step (model/cache.py)
