@@ -29,8 +29,8 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,27 +42,16 @@ from scratchlm.inference.engine import Engine
 from scratchlm.inference.quantize import quantize_int8
 from scratchlm.model import build_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported: its sibling
+from generation import SHAKESPEARE  # noqa: E402
+from generation import machine as generation_machine  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
-SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def machine(threads: int) -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return dict(
-        cpu=cpu,
-        cores=os.cpu_count(),
-        threads=threads,
-        torch=torch.__version__,
-        python=platform.python_version(),
-        capability=torch.backends.cpu.get_cpu_capability(),
-    )
+    """generation.py's machine description, with this run's thread count and the CPU's vector capability."""
+    return dict(generation_machine(), threads=threads, capability=torch.backends.cpu.get_cpu_capability())
 
 
 def corpus_text() -> str:
