@@ -199,6 +199,11 @@ class TrainConfig:
     log_interval: int = doc(10, "log metrics every N steps")
     ckpt_interval: int = doc(500, "write a checkpoint every N steps (and at the end)")
     keep_last: int = doc(2, "keep this many recent checkpoints (best/ is kept apart)")
+    background_checkpoints: bool = doc(
+        True,
+        "write mid-run checkpoints from a snapshot on a helper thread while training goes on (one process; "
+        "the same files; the last checkpoint is always written before the run returns)",
+    )
     resume: str = doc("auto", "auto (continue the run in run_dir if it has a checkpoint) | never")
     init_from: str | None = doc(
         None, "start from these weights: a HF GPT-2/Llama dir or a ScratchLM run/checkpoint"

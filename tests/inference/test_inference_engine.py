@@ -213,19 +213,21 @@ def test_batch_rows_equal_solo_rows_when_the_window_fills(tok, context):
 
 
 def test_a_fixed_shape_decode_step_gives_the_logits_of_the_growing_cache(tok):
-    """cache.slot set: the new k, v go to that slot and attention runs over all max_len slots, masked."""
+    """cache.slot set: the new k, v go to that slot and attention runs over the mask's S slots: all
+    max_len of them (the unfilled ones masked) or the filled ones only (what the engine passes)."""
     model = tiny_gpt(tok.vocab_size).eval()
-    ids = torch.tensor([[5, 9, 200, 17, 3, 44]])
+    ids = torch.tensor([[5, 9, 200, 17, 3, 44, 8]])
     with torch.inference_mode():
         grow, fixed = model.make_cache(1, max_len=16), model.make_cache(1, max_len=16)
         model(ids[:, :4], cache=grow), model(ids[:, :4], cache=fixed)
-        for t in (4, 5):
+        for t, width in ((4, 16), (5, 6), (6, 16)):
             want, _ = model(ids[:, t : t + 1], cache=grow)
             fixed.slot = torch.tensor([t])
-            keys = torch.arange(16)[None] <= t  # (1, 16): the slots filled, this one included
+            keys = torch.arange(width)[None] <= t  # (1, S): the slots filled, this one included
             got, _ = model(ids[:, t : t + 1], cache=fixed, positions=torch.tensor([[t]]), attention_mask=keys)
             fixed.slot, fixed.length = None, t + 1  # the caller advances (the model did not)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fixed.k[0][:, :, :7], grow.k[0][:, :, :7])  # every step wrote its slot
         with pytest.raises(ValueError, match="needs positions and attention_mask"):
             fixed.slot = torch.tensor([6])
             model(ids[:, :1], cache=fixed)
@@ -263,8 +265,11 @@ def test_compile_time_is_reported_apart_and_warned_about_when_it_does_not_pay():
 
 @pytest.mark.slow
 def test_compiled_decode_step_gives_the_same_tokens(tok):
+    from torch._dynamo.utils import counters
+
     model = tiny_gpt(tok.vocab_size, context_length=32)
     engine = Engine(model, tok, compile=True)
+    graphs = counters["stats"]["unique_graphs"]
     for prompts, n in ((["hello", "the"], 12), (["hello"], 40)):  # padded; slides past the window
         eager = Engine(model, tok).generate(prompts, max_new_tokens=n, temperature=0, context="slide")
         compiled = engine.generate(prompts, max_new_tokens=n, temperature=0, context="slide")
@@ -272,3 +277,5 @@ def test_compiled_decode_step_gives_the_same_tokens(tok):
         assert engine.last_stats.compile_seconds > 0  # each batch size compiles once
     engine.generate(["the"], max_new_tokens=12, temperature=0)
     assert engine.last_stats.compile_seconds == 0  # the same shape: no compilation
+    # one graph per batch size, whatever the number of filled slots (dynamic) or the prompt
+    assert counters["stats"]["unique_graphs"] - graphs == 2

@@ -42,13 +42,14 @@ row slides or stops exactly when it would alone.
 An empty prompt starts after one end-of-text token (documents are separated by it in training).
 
 Compiled decoding (``compile=True``): the one-token decode step runs through ``torch.compile`` with fixed
-shapes. The KV cache is sized to a bucket (the next power of two >= 64 that holds prompt + new tokens,
-at most ``context_length``; the whole window when sliding), the new token's keys and values are written
-at a tensor slot and the step attends over every slot with a mask (model/cache.py), so one compilation
-serves every step of every request of the same batch size and bucket. The first step of each new shape
+shapes. The KV cache holds the whole context window, the new token's keys and values are written at a
+tensor slot, and the step attends over the filled slots, their number marked dynamic (model/cache.py), so
+one compilation serves every step of every request of the same batch size. The first step of each new shape
 compiles (tens of seconds on a CPU); :class:`GenerationStats` counts it as ``compile_seconds``, apart from
 ``decode_seconds``, and :meth:`GenerationStats.compile_note` says when it cost more than the decode it
-sped up (one short generation does not pay for it; a chat or a server does).
+sped up (one short generation does not pay for it; a chat or a server does). Inside the compiled step,
+each Linear of at most 4 rows is a multiply-and-sum that inductor threads (inference/matvec.py: the model's
+nn.Linear layers become ``MatVecLinear``, the same parameters and the same eager forward).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from dataclasses import dataclass, field
 import torch
 
 from scratchlm.errors import GenerationError
+from scratchlm.inference.matvec import use_matvec_linears
 from scratchlm.inference.sampling import (
     SamplingParams,
     build_processors,
@@ -203,7 +205,9 @@ class Engine:
         self.context_length: int = model.config.context_length
         self.vocab_size: int = model.config.vocab_size
         self.eot_id: int | None = getattr(tokenizer, "eot_id", None)
-        self._compiled = torch.compile(model, dynamic=False) if compile else None
+        self._compiled = None
+        if compile:  # the decode step's matrix-vector products threaded (inference/matvec.py)
+            self._compiled = torch.compile(use_matvec_linears(model), dynamic=False)
         self._compiled_shapes: set[tuple] = set()  # (B, cache length, dtype) steps already compiled
         self._token_bytes: list[bytes] | None = None
         self.last_stats = GenerationStats()
@@ -427,10 +431,13 @@ class Engine:
         """One fixed-shape decode step through the compiled model: idx (B, 1) -> logits (B, 1, V).
         Writes slot ``cache.length``; the first step of a new shape is timed as compilation."""
         key_mask[:, cache.length] = True
+        # (B, S): the step attends over the first S slots; S is dynamic, so one trace serves every length
+        visible = key_mask[:, : cache.length + 1].clone(memory_format=torch.contiguous_format)
+        torch._dynamo.maybe_mark_dynamic(visible, 1)
         shape = (cache.batch_size, cache.max_len, cache.k[0].dtype)
         first = shape not in self._compiled_shapes
         t0 = time.perf_counter()
-        out, _ = self._compiled(idx, cache=cache, positions=positions, attention_mask=key_mask)
+        out, _ = self._compiled(idx, cache=cache, positions=positions, attention_mask=visible)
         if first:
             self._compiled_shapes.add(shape)
             stats.compile_seconds += time.perf_counter() - t0
@@ -451,9 +458,11 @@ class Engine:
         )
         longest = max(len(r.prompt_ids) for r in rows)
         max_len = min(ctx, longest + params.max_new_tokens) if context != "slide" else ctx
-        if self._compiled is not None:  # few shapes, so that one compilation serves many requests
-            max_len = min(ctx, max(64, 1 << (max_len - 1).bit_length()))
-        cache = self.model.make_cache(B, max_len=max_len)
+        if self._compiled is not None:  # one shape per batch size: one compilation serves every request
+            max_len = ctx
+        # a compiled step's keys are a view of the first S slots; one spare slot keeps that view from ever
+        # being the whole buffer, which torch.compile would trace a second time (it is contiguous)
+        cache = self.model.make_cache(B, max_len=max_len + (self._compiled is not None))
         stop_ids = set(
             params.stop_token_ids
             if params.stop_token_ids is not None
@@ -502,7 +511,7 @@ class Engine:
                 break
             if counts is not None:
                 counts.scatter_add_(1, next_tokens[:, None], ones)
-            if cache.length >= cache.max_len:  # the cache is full
+            if cache.length >= max_len:  # the window is full
                 seqs = self._next_windows(rows, context, stats)
                 if seqs is None:
                     break

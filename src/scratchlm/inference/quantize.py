@@ -8,11 +8,14 @@ per output row (symmetric, per channel) moves 1 byte per weight instead of 4:
     Q[n, k] = round(W[n, k] / s[n])  in [-127, 127]     (N, K) int8
     y = x W^T  ~=  (x Q^T) * s                         x (M, K) -> y (M, N)
 
-The product runs in torch's own int8 weight kernel (``torch._weight_int8pack_mm``, the CPU kernel of
-gpt-fast's and torchao's int8 weight-only mode) with bfloat16 activations: its float32 variant is a slow
-reference loop, the bfloat16 one is vectorised. So the error has two parts: the rounding of each weight
-(at most s[n] / 2) and of each activation to bfloat16 (8 bits of mantissa); llama.cpp's q8_0 rounds weights
-in blocks of 32 and quantizes activations to 8 bits as well. The measured effect on logits is in
+Eagerly the product runs in torch's own int8 weight kernel (``torch._weight_int8pack_mm``, the CPU kernel
+of gpt-fast's and torchao's int8 weight-only mode) with bfloat16 activations (and a bfloat16 copy of the
+scales): its float32 variant is a slow reference loop, the bfloat16 one is vectorised. So the eager error
+has two parts: the rounding of each weight (at most s[n] / 2) and of each activation to bfloat16 (8 bits of
+mantissa); llama.cpp's q8_0 rounds weights in blocks of 32 and quantizes activations to 8 bits as well.
+Under torch.compile (``--compile``), a product of at most 4 rows is the multiply-and-sum of
+inference/matvec.py instead: float32 activations, the int8 weight converted inside the compiled loop,
+faster than the kernel and only the weights' rounding as error. The measured effect on logits is in
 benchmarks/results/decode_cpu.md and tested in tests/inference/test_quantize.py.
 
 Embeddings stay float32 (a lookup reads one row, not the matrix); a head tied to the embedding gets its own
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from scratchlm.inference.matvec import matvec, use_matvec
 
 
 class Int8Linear(nn.Module):
@@ -38,20 +43,22 @@ class Int8Linear(nn.Module):
         scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (N,)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scales.to(torch.bfloat16))
+        self.register_buffer("scales", scales)  # (N,) float32
+        self.register_buffer("scales_bf16", scales.to(torch.bfloat16), persistent=False)  # the kernel's
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, K)
-        y = torch._weight_int8pack_mm(x2, self.weight, self.scales).to(x.dtype)  # (M, N)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*shape[:-1], self.out_features)
+        if use_matvec(x):  # compiled decoding: float32 activations, int8 converted in the loop
+            y = matvec(x, self.weight) * self.scales
+        else:
+            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, K)
+            y = torch._weight_int8pack_mm(x2, self.weight, self.scales_bf16).to(x.dtype)  # (M, N)
+            y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight this layer computes with: Q * s (N, K)."""
-        return self.weight.float() * self.scales.float()[:, None]
+        return self.weight.float() * self.scales[:, None]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"

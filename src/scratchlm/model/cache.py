@@ -12,9 +12,11 @@ returns the filled prefix, then ``advance(T)`` once after the last layer.
 
 Fixed-shape decoding (a compiled decode step, ``Engine(compile=True)``): set ``slot`` to a (1,) long tensor
 holding the slot of the next token. ``update`` then writes there (an index_put_: no Python int in
-the graph) and returns all ``max_len`` slots, so every step has the same shapes and torch.compile traces it
-once; the caller masks the slots not filled yet (``attention_mask``), advances ``slot`` and ``length``
-itself, and the model does not call ``advance``.
+the graph) and returns the first ``keys`` slots, the width of the step's attention mask: the filled ones
+and the new one. The caller marks that width dynamic (``torch._dynamo.mark_dynamic``), so torch.compile
+traces the step once for every length, and a step reads only the keys it attends to (a full-size read of
+every slot cost a third of an int8 decode step); it masks padding, advances ``slot`` and ``length`` itself,
+and the model does not call ``advance``.
 """
 
 from __future__ import annotations
@@ -46,13 +48,15 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k[0].shape[0]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, keys: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, Hkv, T, D) at slots [length, length + T); return slots [0, length + T).
-        With ``slot`` set (T == 1): write at slot ``slot`` and return every slot [0, max_len)."""
+        With ``slot`` set (T == 1): write at slot ``slot`` and return slots [0, keys) (default max_len)."""
         if self.slot is not None:
             self.k[layer][:, :, self.slot] = k  # index_put_: compiled in place
             self.v[layer][:, :, self.slot] = v
-            return self.k[layer], self.v[layer]
+            return self.k[layer][:, :, :keys], self.v[layer][:, :, :keys]
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} tokens > max_len {self.max_len}; make a larger cache")

@@ -126,13 +126,16 @@ class GPT(nn.Module):
             their own so that each row's first real token is position 0.
         attention_mask (B, S) bool, S = cache.length + T: True = real token (keys to attend to).
         A cache with ``slot`` set (fixed-shape decoding, model/cache.py) needs positions and an attention_mask
-        over all its max_len slots, and is not advanced here.
+        (B, S) over its first S <= max_len slots (the filled ones and the new one: the step attends over
+        those), and is not advanced here.
         """
         B, T = idx.shape
         if cache is not None and cache.slot is not None:  # fixed-shape decode step (model/cache.py)
             if positions is None or attention_mask is None:
-                raise ValueError("a KVCache with slot set needs positions and attention_mask (B, max_len)")
-            start, S = -1, cache.max_len  # keys: every slot, the unfilled ones masked by attention_mask
+                raise ValueError(
+                    "a KVCache with slot set needs positions and attention_mask (B, S <= max_len)"
+                )
+            start, S = -1, attention_mask.shape[1]  # keys: the first S slots, padding masked
         else:
             start = cache.length if cache is not None else 0
             S = start + T

@@ -304,7 +304,8 @@ class Attention(nn.Module):
         mask: bool (B or 1, 1, T, S), True = may attend (already includes causality when given).
         causal: with mask None, the plain causal mask (T == S).
         cache: a KVCache; the new k, v are written at slot cache.length of layer ``layer`` and attention
-               runs over all stored keys (the caller advances cache.length once per model forward).
+               runs over all stored keys (the caller advances cache.length once per model forward); with
+               ``cache.slot`` set, over the mask's S slots (model/cache.py).
         """
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -318,7 +319,8 @@ class Attention(nn.Module):
             q = self.ops.apply_rope(q, *rope, self.rope_style)
             k = self.ops.apply_rope(k, *rope, self.rope_style)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # all keys so far (B, Hkv, S, D)
+            keys = None if mask is None else mask.shape[-1]  # a fixed-shape step attends over S slots
+            k, v = cache.update(layer, k, v, keys)  # all keys so far (B, Hkv, S, D)
             if k.dtype != q.dtype:  # a float32 cache under autocast
                 k, v = k.to(q.dtype), v.to(q.dtype)
         y = self._attend(q, k, v, mask, causal, use_flash=cache is None and mask is None and kv is None)

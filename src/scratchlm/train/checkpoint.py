@@ -17,6 +17,13 @@ none is complete, it raises :class:`CheckpointError` rather than letting the tra
 
 Nothing is unpickled: weights are safetensors, optimizer state is read with ``torch.load(weights_only=True)``,
 everything else is JSON.
+
+Writing in the background (:class:`BackgroundWriter`, ``train.background_checkpoints``): the trainer copies
+the weights and optimizer state (:func:`snapshot`, a copy in host memory) and a helper thread serialises,
+hashes, fsyncs and renames them while training goes on. It writes what a synchronous save writes (tested:
+the weights file byte for byte, the optimizer state tensor for tensor), one write runs at a time, and a
+failed write is raised at the next save or at the end. Only one-process runs do this; ranks of a distributed run write
+synchronously (rank 0 writes and every rank learns the result at once).
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ import pickle
 import random
 import shutil
 import sys
+import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +120,65 @@ def save_checkpoint(
         ) from e
     _prune(root, keep_last, keep=name)
     return final
+
+
+def snapshot(tree: Any) -> Any:
+    """A host-memory copy of ``tree`` (dicts, lists and tuples of tensors and plain values) that later in-place
+    updates of the originals cannot reach (a GPU run keeps no second copy on the device). Every tensor is
+    copied once per storage view, so tensors that were the same view (tied weights under two names) stay
+    one tensor and :func:`save_weights` still stores them once."""
+    clones: dict[tuple, torch.Tensor] = {}
+
+    def copy(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            key = (x.device, x.untyped_storage().data_ptr(), x.storage_offset(), x.shape, x.stride(), x.dtype)
+            if key not in clones:
+                clones[key] = x.detach().to("cpu", copy=True)
+            return clones[key]
+        if isinstance(x, dict):
+            return {k: copy(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return type(x)(copy(v) for v in x)
+        return x  # numbers, strings, None: immutable
+
+    return copy(tree)
+
+
+class BackgroundWriter:
+    """Runs one checkpoint write at a time on a helper thread, so that training goes on meanwhile.
+
+    ``submit(write)`` first waits for the write before it (one in flight, so snapshots never pile up in
+    memory) and raises that write's error, if any; ``wait()`` does the same and returns the last path.
+    The callable must only touch its own snapshot (:func:`snapshot`), never live tensors.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._result: Path | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, write: Callable[[], Path]) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                self._result = write()
+            except BaseException as e:  # raised in the training thread by the next wait()
+                self._error = e
+
+        # not a daemon: an interpreter that exits still lets a started write finish (or it stays a .tmp dir)
+        self._thread = threading.Thread(target=run, name="checkpoint-writer")
+        self._thread.start()
+
+    def wait(self) -> Path | None:
+        """Block until the write in flight is done; raise its error, else return its checkpoint path."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return self._result
 
 
 def save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:

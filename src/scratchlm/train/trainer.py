@@ -32,6 +32,7 @@ run that was never stopped (CPU, ``train.deterministic=true``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import time
@@ -186,8 +187,12 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
     interval_tokens, interval_time, stopped = 0, 0.0, None
     losses = state.eval_losses  # train losses since the last evaluation (restored on resume)
 
-    def save(improved: bool) -> Path:
-        """Every rank gathers (FSDP / ZeRO-1 shards, RNG states); rank 0 writes; all get its path or error."""
+    # mid-run checkpoints of one process are written from a snapshot on a helper thread (checkpoint.py)
+    writer = ckpt.BackgroundWriter() if tc.background_checkpoints and world.size == 1 else None
+
+    def save(improved: bool, final: bool) -> Path | None:
+        """Every rank gathers (FSDP / ZeRO-1 shards, RNG states); rank 0 writes; all get its path or error.
+        With ``writer``, a checkpoint that is not the run's last goes to the background: returns None."""
         weights, optimizer = dist.full_model_state(model), dist.full_optimizer_state(model, optimizers)
         if tc.lora.rank:  # only the adapters, and where their base is
             from scratchlm.train.adapters import base_record, lora_state
@@ -197,29 +202,34 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
             lora_record = {}
         rng, loaders = zip(*dist.all_gather_objects((ckpt.capture_rng(), train_loader.state_dict())))
         per_rank = {"rng_per_rank": list(rng), "loader_per_rank": list(loaders)} if world.size > 1 else {}
+        optimizer_state = {"optimizers": optimizer, "scaler": scaler.state_dict() if scaler else {}}
+        meta = {
+            "train_state": dataclasses.asdict(state),
+            "loader": loaders[0],  # a stream's position differs per rank, shards' does not
+            "rng": rng[0],
+            **per_rank,
+            **lora_record,
+            "schedule": {"name": tc.schedule, "step": state.step},
+            "versions": ckpt.library_versions(),
+        }
+        step, background = state.step, writer is not None and not final
+        if background:  # this step's values, out of reach of the steps that run while it is written
+            weights, optimizer_state = ckpt.snapshot((weights, optimizer_state))
+            meta = json.loads(json.dumps(meta))
 
         def write() -> Path:
-            path = ckpt.save_checkpoint(
-                run_dir,
-                state.step,
-                weights,
-                {"optimizers": optimizer, "scaler": scaler.state_dict() if scaler else {}},
-                {
-                    "train_state": dataclasses.asdict(state),
-                    "loader": loaders[0],  # a stream's position differs per rank, shards' does not
-                    "rng": rng[0],
-                    **per_rank,
-                    **lora_record,
-                    "schedule": {"name": tc.schedule, "step": state.step},
-                    "versions": ckpt.library_versions(),
-                },
-                keep_last=tc.keep_last,
-            )
+            path = ckpt.save_checkpoint(run_dir, step, weights, optimizer_state, meta, keep_last=tc.keep_last)
             if improved:
                 ckpt.save_best(run_dir, path)
             return path
 
-        return dist.on_main(write)
+        if writer is None:
+            return dist.on_main(write)
+        if background:
+            writer.submit(write)  # raises the previous background write's error, if it failed
+            return None
+        writer.wait()
+        return write()
 
     with StopRequest() as stop:
         try:
@@ -241,6 +251,8 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                 )
                 dt = time.perf_counter() - t0
                 if not math.isfinite(loss) or (scaler is None and not math.isfinite(grad_norm)):
+                    if writer is not None:  # the last good checkpoint it names is on disk first
+                        writer.wait()
                     on_non_finite(loss, grad_norm, state, tc.max_nan_skips, run_dir, logger)
                     continue
                 # one all-reduce for what every rank must agree on: tokens of all ranks, a signal on any
@@ -313,7 +325,7 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
                     ):
                         stopped = stopped or "early_stopping"
                 if improved or stopped or at_end or state.step % tc.ckpt_interval == 0:
-                    path = save(improved)
+                    path = save(improved, final=bool(stopped or at_end))
                     if stopped == "interrupted":
                         logger.message(f"checkpoint {path}; resume with `scratchlm train --resume {run_dir}`")
             reason = stopped or "max_steps"
@@ -321,6 +333,8 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
             logger.log(stop_record(state.step, reason, detail))
         finally:
             logger.close()
+            if writer is not None:
+                _finish_background_write(writer)
 
     if world.is_main:
         if tc.average_last and cfg.model.arch == "seq2seq":
@@ -339,6 +353,16 @@ def _train(cfg: Config, run_dir: Path, tokenizer: Any, data_dir: Path | None, wo
         "stopped_reason": reason,
         "stop_detail": detail,
     }
+
+
+def _finish_background_write(writer: ckpt.BackgroundWriter) -> None:
+    """Let a checkpoint still being written finish before the run returns. Normally the last save waited
+    for it already; here the loop left early with an error, so a failed write is only a warning (the
+    error in flight is the one to report; the previous checkpoint is intact either way)."""
+    try:
+        writer.wait()
+    except Exception as e:
+        warnings.warn(f"a background checkpoint write also failed: {e}", stacklevel=2)
 
 
 def warn_if(message: str | None) -> str | None:
