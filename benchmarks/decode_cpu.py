@@ -11,8 +11,9 @@ with the reason, where it is not installed).
 
 Timed, each variant once per round, rounds alternating so that a load change hits every variant alike:
 - ``scratchlm f32 eager``: ``Engine(model, tok)``, the default path;
-- ``scratchlm f32 compiled``: ``Engine(model, tok, compile=True)`` (a fixed-shape decode step through
-  torch.compile; its compilation happens in a warm-up before the rounds and is reported apart);
+- ``scratchlm f32 compiled``: ``Engine(model, tok, compile=True)`` (the decode step through torch.compile,
+  with threaded multiply-and-sum products, inference/matvec.py; its compilation happens in a warm-up
+  before the rounds and is reported apart);
 - ``scratchlm int8 eager`` and ``int8 compiled``: the same after ``quantize_int8`` (inference/quantize.py:
   int8 weights, one scale per output row; ``--int8`` on the command line);
 - ``llama.cpp f32`` and ``llama.cpp q8_0``: ``Llama.eval`` one token at a time and an argmax of its logits.
@@ -261,7 +262,7 @@ def write(report: dict, out: Path) -> None:
     il = report["int8_logits"]
     md += [
         "",
-        "Compilation (once per batch size and cache length, not in the figures above): "
+        "Compilation (once per batch size, not in the figures above): "
         + ", ".join(f"{k} {v} s" for k, v in report["compile_seconds"].items())
         + ".",
         "",

@@ -14,6 +14,12 @@ Measured on the CPU: greedy decoding of 256 new tokens (no early stop: HF ``min_
 ``--repeats`` runs, tokens/s = batch * new tokens / wall time (prefill included). Then our engine with the
 KV cache vs greedy decoding by full recomputation (one forward over the whole sequence per token) for 512
 new tokens at batch 1. Both sides run with the same number of torch threads (``--threads``, default 1).
+
+At batch 1 a third column: llama.cpp (llama-cpp-python, as the slow GGUF test uses) on the same weights,
+exported by ``scratchlm export``'s GGUF writer in float32, greedy (an argmax of its logits per token), timed
+the same way with the same thread count; skipped, with the reason in the report, where it is not installed
+(``pip install llama-cpp-python gguf``). benchmarks/decode_cpu.py measures decoding alone against llama.cpp
+on a larger model.
 """
 
 from __future__ import annotations
@@ -97,6 +103,40 @@ def recompute_greedy(model, ids: list[int], n: int) -> list[int]:
     return seq[0, len(ids) :].tolist()
 
 
+def llama_cpp_greedy(model, tok, threads: int, workdir: str):
+    """(generate(prompt ids, n) -> n greedy token ids through llama.cpp on ``model``'s weights as GGUF f32,
+    None) or (None, the reason llama.cpp is skipped)."""
+    try:
+        import llama_cpp
+        import numpy as np
+
+        from scratchlm.model.gguf import export_gguf
+    except ImportError as e:
+        return None, f"llama.cpp not measured: {e} (pip install llama-cpp-python gguf)"
+    path = export_gguf(model, tok, Path(workdir) / "model-f32.gguf", dtype="f32")
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=model.config.context_length,
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=True,
+        verbose=False,
+    )
+
+    def generate(prompt: list[int], n: int) -> list[int]:
+        llm.reset()
+        llm.eval(prompt)
+        out: list[int] = []
+        while True:
+            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            if len(out) == n:
+                return out
+            llm.eval([out[-1]])
+
+    return generate, None
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, default=256)
@@ -168,6 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
         return [r.token_ids for r in results]
 
     compiled = Engine(model, tok, compile=True) if args.compile else None
+    gguf_dir = tempfile.TemporaryDirectory()
+    llama_cpp, skipped = llama_cpp_greedy(model, tok, torch.get_num_threads(), gguf_dir.name)
 
     report: dict = dict(
         machine=machine(),
@@ -180,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         new_tokens=args.new_tokens,
         repeats=args.repeats,
+        llama_cpp_skipped=skipped,
         rows=[],
     )
     prompts = [tok.encode(line)[:24] for line in lines[100:108]]
@@ -212,6 +255,16 @@ def main(argv: list[str] | None = None) -> dict:
             row["hf_tok_s_2"] = round(B * args.new_tokens / t_hf, 1)
             row["compiled_tok_s"] = round(B * args.new_tokens / t_comp, 1)
             row["compiled_speedup"] = round(t_hf / t_comp, 2)
+        if B == 1 and llama_cpp is not None:  # llama.cpp at batch 1, against ours in the same rounds
+            row["llama_cpp_tokens_agree"] = llama_cpp(batch[0], 32) == ours(batch, 32)[0]
+            fns = [lambda b=batch: llama_cpp(b[0], args.new_tokens), lambda b=batch: ours(b, args.new_tokens)]
+            if compiled is not None:
+                fns.append(lambda b=batch: ours(b, args.new_tokens, compiled))
+            times = best_times(fns, args.repeats)
+            row["llama_cpp_tok_s"] = round(args.new_tokens / times[0], 1)
+            row["vs_llama_cpp"] = round(times[0] / times[1], 2)
+            if compiled is not None:
+                row["compiled_vs_llama_cpp"] = round(times[0] / times[2], 2)
         report["rows"].append(row)
         print(row, flush=True)
 
@@ -265,13 +318,28 @@ def main(argv: list[str] | None = None) -> dict:
             f"{r['compiled_tokens_agree']} | {r['compile_warmup_s']} s |"
             for r in report["rows"]
         ]
+    md += [""]
+    llama_rows = [r for r in report["rows"] if "llama_cpp_tok_s" in r]
+    if llama_rows:
+        r = llama_rows[0]
+        md += [
+            "Against llama.cpp on the same weights (GGUF f32 from `scratchlm export`, greedy, batch 1, the same "
+            f"thread count, ScratchLM re-timed in the same rounds): llama.cpp {r['llama_cpp_tok_s']} tok/s; "
+            f"ScratchLM eager {r['vs_llama_cpp']}x of it"
+            + (f", compiled {r['compiled_vs_llama_cpp']}x" if "compiled_vs_llama_cpp" in r else "")
+            + f" (same first 32 tokens: {r['llama_cpp_tokens_agree']}). "
+            "Decoding alone on a larger model: benchmarks/results/decode_cpu.md.",
+            "",
+        ]
+    else:
+        md += [f"llama.cpp: {skipped or 'not measured (no batch-1 row)'}", ""]
     md += [
-        "",
         f"KV cache vs full recomputation, batch 1, {n} new tokens: {c['cache_tok_s']} vs "
         f"{c['recompute_tok_s']} tok/s = **{c['speedup']}x** (same tokens: {c['greedy_tokens_agree']})",
         "",
     ]
     out.with_suffix(".md").write_text("\n".join(md))
+    gguf_dir.cleanup()
     return report
 
 

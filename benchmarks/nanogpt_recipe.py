@@ -153,7 +153,7 @@ def nanogpt_worker(args: argparse.Namespace) -> None:
     import torch
 
     started = time.time()
-    torch.manual_seed(1337)
+    torch.manual_seed(args.seed)
     T, B, it_max = NANOGPT["block_size"], NANOGPT["batch_size"], args.iters
     data_dir, out = Path(args.data_dir), Path(args.run_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -372,11 +372,86 @@ def run_nanogpt(args, work: Path, data_dir: Path, env: dict, tag: str, peer: str
     run_dir = work / f"{peer}-{tag}"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "nanogpt", "--data-dir", str(data_dir)]
     cmd += ["--run-dir", str(run_dir), "--iters", str(args.iters), "--eval-interval", str(args.eval_interval)]
-    cmd += ["--eval-iters", str(args.eval_iters)]
+    cmd += ["--eval-iters", str(args.eval_iters), "--seed", str(args.seed)]
     row = {"peer": peer, **timed(cmd, env, work / f"{peer}-{tag}.log", run_dir / "ckpt.pt")}
     row.update(json.loads((run_dir / "summary.json").read_text()))
     row["val_loss_full"] = score_nanogpt(run_dir, data_dir)
     return row
+
+
+def profile_step(out: Path, steps: int = 20, timed: int = 100, warmup: int = 30) -> dict[str, float]:
+    """Where one ScratchLM training step of this recipe goes, by operator (torch.profiler's self CPU time):
+    the matrix products (mm/addmm/bmm: the floor both sides share, as nanoGPT runs the same shapes), the
+    attention kernel, GELU, LayerNorm, AdamW and the rest. Random tokens, the config's model, optimizer and
+    clipping; fp32 on torch's default threads. Returns {where: ms per step} (the table's rows)."""
+    import torch
+    from torch.profiler import profile
+
+    from scratchlm.config import load_config
+    from scratchlm.model import build_model
+    from scratchlm.train.optim import build_optimizers
+
+    cfg = load_config(CONFIG, [f"data.source={DATA}"])
+    cfg.model.vocab_size = 65  # Tiny Shakespeare's characters
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    optimizers = build_optimizers(model, cfg.train)
+    B, T = cfg.train.batch_size, cfg.model.context_length
+    x, y = torch.randint(0, 65, (B, T)), torch.randint(0, 65, (B, T))
+
+    def step() -> None:
+        _, loss = model(x, targets=y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(timed):
+        step()
+    ms = (time.perf_counter() - start) * 1000 / timed
+    with profile() as prof:
+        for _ in range(steps):
+            step()
+    per_op = {e.key: e.self_cpu_time_total / steps / 1000 for e in prof.key_averages()}  # ms per step
+    total = sum(per_op.values())
+    groups = {
+        "matrix products (mm, addmm, bmm)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+        "attention (SDPA, forward + backward)": tuple(k for k in per_op if "scaled_dot_product" in k),
+        "GELU (exact, forward + backward)": ("aten::gelu", "aten::gelu_backward"),
+        "LayerNorm (forward + backward)": ("aten::native_layer_norm", "aten::native_layer_norm_backward"),
+        "AdamW (fused)": ("aten::_fused_adamw_",),
+    }
+    rows = [(name, sum(per_op.get(k, 0.0) for k in keys)) for name, keys in groups.items()]
+    rows.append(("the rest (elementwise, clipping, autograd, views)", total - sum(ms_ for _, ms_ in rows)))
+    n_mm = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "wpe" not in n)
+    gflop = 6 * n_mm * B * T / 1e9  # forward + backward of every matrix product but attention's
+    mm_ms = rows[0][1]
+    lines = [
+        "# ScratchLM's training step on nanoGPT's CPU recipe, by operator",
+        "",
+        "Command: `python benchmarks/nanogpt_recipe.py --profile-step`  ",
+        f"Machine: {machine()['cpu']}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}; load average (1 min) {os.getloadavg()[0]:.1f}  ",
+        f"Step: batch {B} x {T}, {cfg.model.n_layer} layers x {cfg.model.d_model}, fp32, forward + backward + "
+        f"clipping + AdamW; {ms:.1f} ms per step timed over {timed} steps, profiled over {steps}.",
+        "",
+        "| where | ms per step | share |",
+        "|---|---:|---:|",
+        *(f"| {name} | {t:.1f} | {t / total:.0%} |" for name, t in rows),
+        f"| **profiled total** | **{total:.1f}** | |",
+        "",
+        f"The matrix products do {gflop:.2f} GFLOP a step: {gflop / mm_ms * 1e3:.0f} GFLOP/s. nanoGPT's loop "
+        "runs the same products, so they bound both; a step cannot be faster than them.",
+        "",
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print("\n".join(lines))
+    return dict(rows)
 
 
 def scratchlm_overrides(args, run_dir: Path) -> list[str]:
@@ -387,6 +462,7 @@ def scratchlm_overrides(args, run_dir: Path) -> list[str]:
         f"data.source={args.data}",
         f"train.run_dir={run_dir}",
         "train.progress=false",
+        f"train.seed={args.seed}",
         *args.scratchlm_override,
     ]
 
@@ -529,13 +605,29 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also run the nanoGPT loop with OMP_NUM_THREADS=1 (separates the thread count from the rest)",
     )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=1337,
+        help="torch seed of both runs (nanoGPT's and ScratchLM's default: 1337); another seed measures how "
+        "far the validation losses move from seed to seed",
+    )
     p.add_argument("--scratchlm-override", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--profile-step",
+        action="store_true",
+        help="instead of the runs: profile ScratchLM's training step on this recipe (torch.profiler, by "
+        "operator) and write nanogpt_step_profile.md",
+    )
     p.add_argument("--worker", choices=["nanogpt"], help=argparse.SUPPRESS)
     p.add_argument("--data-dir", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker == "nanogpt":
         nanogpt_worker(args)
+        return 0
+    if args.profile_step:
+        profile_step(args.out / "nanogpt_step_profile.md")
         return 0
     if not args.data.is_file():
         sys.exit(f"error: {args.data} not found; pass --data PATH to Tiny Shakespeare (../shared/data)")
@@ -564,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(row), flush=True)
     loads = [x for r in rows for x in (r["load_avg_before"], r["load_avg_after"])]
     cores = os.cpu_count() or 1
+    own = max(r["threads"] for r in rows)  # each run alone keeps this many cores busy: its own load
+    under_load = max(loads) > own + 0.5 * cores
     result = {
         "benchmark": "nanogpt_recipe",
         "command": "python benchmarks/nanogpt_recipe.py "
@@ -576,12 +670,12 @@ def main(argv: list[str] | None = None) -> int:
         "scratchlm_overrides": [o for o in scratchlm_overrides(args, Path("RUN")) if "run_dir" not in o],
         "load_avg_min": min(loads),
         "load_avg_max": max(loads),
-        "measured_under_load": max(loads) > 0.5 * cores,
+        "measured_under_load": under_load,
         "load_note": (
             "Measured under load (other jobs shared the cores): absolute times are not this machine's "
             "speed and even ratios are noisy."
-            if max(loads) > 0.5 * cores
-            else "The machine was otherwise idle."
+            if under_load
+            else f"The machine was otherwise idle (the load averages count the runs' own {own} threads)."
         ),
         "summary": summarize(rows, args.rounds),
         "runs": rows,

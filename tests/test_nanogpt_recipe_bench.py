@@ -57,3 +57,15 @@ def test_nanogpt_recipe_tiny(tmp_path, monkeypatch):
     assert s["step_ratio"] == pytest.approx(want_step)
     md = (out / "nanogpt_recipe.md").read_text()
     assert "Wall to wall" in md and "load average" in md.lower() and md.count("| 0 |") == 2
+
+
+def test_profile_step_splits_the_whole_step(tmp_path):
+    """--profile-step: the rows (matrix products, attention, GELU, LayerNorm, AdamW, the rest) add up to the
+    profiled total, none is negative, and the recipe's matrix products and attention kernel are found."""
+    rows = load_bench().profile_step(tmp_path / "profile.md", steps=2, timed=2, warmup=1)
+    assert len(rows) == 6 and all(ms >= 0 for ms in rows.values())
+    assert rows["matrix products (mm, addmm, bmm)"] > 0 and rows["attention (SDPA, forward + backward)"] > 0
+    text = (tmp_path / "profile.md").read_text()
+    total = float(text.split("| **profiled total** | **")[1].split("**")[0])
+    assert total == pytest.approx(sum(rows.values()), abs=0.1)
+    assert "--profile-step" in text and "GFLOP/s" in text

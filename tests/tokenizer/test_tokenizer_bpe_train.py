@@ -235,6 +235,20 @@ def test_parallel_counting_equals_one_process(tmp_path, shared_data):
     assert one.merges == two.merges and len(one.merges) == 600 - 257
 
 
+def test_workers_that_flush_their_counts_often_give_the_same_counts(monkeypatch, shared_data):
+    """A worker sends its counts whenever it holds _FLUSH_ITEMS distinct pre-tokens (its memory stays
+    bounded); here after every chunk, many times over, while this process counts too."""
+    monkeypatch.setattr(pretokenize, "_FLUSH_ITEMS", 50)
+    monkeypatch.setattr(pretokenize, "_SEND_ITEMS", 7)  # several messages per flush
+    text = _mixed_text(shared_data, 120_000)
+    chunks = [[text[i : i + 3_000]] for i in range(0, len(text), 3_000)]
+    serial = parallel_count(iter(chunks), GPT2_PATTERN, [], num_workers=1)
+    for workers in (2, 3):
+        assert (
+            parallel_count(iter(chunks), GPT2_PATTERN, [], num_workers=workers, start_method="fork") == serial
+        )
+
+
 def _die(*args):
     os._exit(3)
 
