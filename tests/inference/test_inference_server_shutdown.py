@@ -80,6 +80,7 @@ def test_serve_stops_cleanly_under_load(run_dir, sig):
     src = Path(scratchlm.__file__).resolve().parents[1]  # the code under test, in the child too
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
     env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONFAULTHANDLER"] = "1"  # a hang below is reported with every thread's traceback
     cmd = [sys.executable, "-m", "scratchlm", "serve", str(run_dir), "--port", "0", "--device", "cpu"]
     cmd += ["--which", "latest", "--max-new-tokens-limit", "100000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
@@ -104,7 +105,18 @@ def test_serve_stops_cleanly_under_load(run_dir, sig):
         t0 = time.monotonic()
         proc.send_signal(sig)
         replies = [read_to_end(s) for s in clients]  # none hangs
-        rc = proc.wait(TIMEOUT)
+        try:
+            rc = proc.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:  # say where it stopped: the server's last words and its threads
+            proc.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER: every thread's traceback on stderr
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            pytest.fail(
+                f"serve did not exit {TIMEOUT} s after {sig!r}; stderr:\n{proc.stderr.read()[-3000:]}"
+            )
         elapsed = time.monotonic() - t0
         err = proc.stderr.read()
     finally:
