@@ -83,7 +83,14 @@ def test_serve_stops_cleanly_under_load(run_dir, sig):
     env["PYTHONFAULTHANDLER"] = "1"  # a hang below is reported with every thread's traceback
     cmd = [sys.executable, "-m", "scratchlm", "serve", str(run_dir), "--port", "0", "--device", "cpu"]
     cmd += ["--which", "latest", "--max-new-tokens-limit", "100000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    proc = subprocess.Popen(  # SIGINT as a terminal's Ctrl-C sends it, even where this suite runs with it
+        cmd,  # ignored (a background job of a non-interactive shell, nohup), which the child would inherit
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     clients: list[socket.socket] = []
     try:
         line = proc.stdout.readline()  # "serving ... on http://127.0.0.1:PORT (Ctrl-C to stop)"
