@@ -14,6 +14,7 @@ result is identical for any ``num_workers``.
 from __future__ import annotations
 
 import codecs
+import functools
 import multiprocessing
 import os
 import queue
@@ -310,11 +311,20 @@ def release_freed_memory() -> None:
     ~20 MB are counts. ``malloc_trim`` hands the free pages back (~1 ms; the allocator's settings stay as
     they were). Called after each counted chunk, and after building the pair table (16 MB at 30 MB of text).
     """
-    import contextlib
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, looked up once (it is called after every chunk); None elsewhere."""
     import ctypes
 
-    with contextlib.suppress(AttributeError, OSError, TypeError):  # not glibc
-        ctypes.CDLL(None).malloc_trim(0)
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):  # not glibc
+        return None
 
 
 _SLICE_CHARS = 1 << 16
