@@ -159,8 +159,8 @@ class Rejecter:
         held.answered, held.deadline = True, time.monotonic() + self.drain_s
         try:
             held.sock.send(self.answer(held.head))
+            self.answered += 1  # before the shutdown: a client that has read to end-of-file sees the count
             held.sock.shutdown(socket.SHUT_WR)
-            self.answered += 1
         except OSError:
             self._drop(held)
 
@@ -175,8 +175,8 @@ class Rejecter:
         try:
             sock.setblocking(False)
             sock.send(self.answer(head))
-            sock.shutdown(socket.SHUT_WR)
             self.answered += 1
+            sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
         finally:
