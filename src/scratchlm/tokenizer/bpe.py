@@ -117,8 +117,7 @@ def learn_merges_from_arrays(
     """:func:`learn_merges` on pre-tokens given as arrays: ``data`` (uint8, shape (L,)) = their UTF-8 bytes
     back to back, ``lengths`` (shape (W,)) = bytes of each pre-token, ``freqs`` (shape (W,)) = its count."""
     table = _PairTable(data, lengths, freqs)
-    token_bytes = [bytes([x]) for x in range(256)]
-    rev = [_reversed_key(t) for t in token_bytes]
+    rev = [_reversed_key(bytes([x])) for x in range(256)]  # of every token id, merged ones appended
     heap = [_heap_entry(c, rev[k >> _SHIFT] + rev[k & _LOW], k) for k, c in table.counts.items()]
     heapq.heapify(heap)
 
@@ -129,23 +128,23 @@ def learn_merges_from_arrays(
         bar = tqdm(total=num_merges, desc="bpe merges", unit="merge", mininterval=0.5)
     merges: list[Pair] = []
     counts = table.counts
+    heappop, heappush = heapq.heappop, heapq.heappush
     while len(merges) < num_merges and heap:
-        entry = heapq.heappop(heap)
+        entry = heappop(heap)
         key = int.from_bytes(entry[-8:], "big")
         count = counts.get(key, 0)
         if count <= 0:  # merged already, or no occurrence left
             continue
         if count != _MAX_COUNT - int.from_bytes(entry[:8], "big"):  # stale: the count went down since
-            heapq.heappush(heap, _heap_entry(count, entry[8:-8], key))
+            heappush(heap, _heap_entry(count, entry[8:-8], key))
             continue
         a, b = key >> _SHIFT, key & _LOW
-        new = len(token_bytes)
-        token_bytes.append(token_bytes[a] + token_bytes[b])
-        rev.append(_reversed_key(token_bytes[new]))
+        new = len(rev)
+        rev.append(rev[a][:-1] + rev[b])  # = _reversed_key(bytes of a + bytes of b)
         merges.append((a, b))
         # pairs containing the new token are the only ones whose count went up: push them once
         for k, c in table.merge(key, new):
-            heapq.heappush(heap, _heap_entry(c, rev[k >> _SHIFT] + rev[k & _LOW], k))
+            heappush(heap, _heap_entry(c, rev[k >> _SHIFT] + rev[k & _LOW], k))
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -233,16 +232,19 @@ class _PairTable:
             self.where[key] = packed[bounds[g] : bounds[g + 1]]
         return added
 
-    def _decrease(self, merged: int, key: int, by: int) -> None:
-        """Lower the count of an existing pair, dropping it at 0 (the merged pair itself is gone already)."""
-        if key == merged:
-            return
-        count = self.counts[key] - by
-        if count:
-            self.counts[key] = count
-        else:
-            del self.counts[key]
-            self.where.pop(key, None)
+    def _decrease(self, merged: int, lost: Iterable[tuple[int, int]]) -> None:
+        """Lower the counts of existing pairs by ``(key, by)`` each, dropping a pair at 0 (the merged pair
+        itself is gone already)."""
+        counts, where = self.counts, self.where
+        for key, by in lost:
+            if key == merged:
+                continue
+            count = counts[key] - by
+            if count:
+                counts[key] = count
+            else:
+                del counts[key]
+                where.pop(key, None)
 
     def merge(self, key: int, new: int) -> list[tuple[int, int]]:
         """Replace every occurrence of the pair ``key`` = (a, b) by ``new``, left to right in each pre-token.
@@ -253,11 +255,11 @@ class _PairTable:
         """
         import numpy as np
 
-        positions = np.frombuffer(self.where.pop(key), np.int32)
+        positions = self.where.pop(key)  # int32 bytes
         del self.counts[key]
-        if len(positions) <= _SMALL:
-            return self._merge_few(key, positions.tolist(), new)
-        return self._merge_many(key, positions, new)
+        if len(positions) <= 4 * _SMALL:
+            return self._merge_few(key, memoryview(positions).cast("i").tolist(), new)
+        return self._merge_many(key, np.frombuffer(positions, np.int32), new)
 
     def _merge_few(self, key: int, positions: list[int], new: int) -> list[tuple[int, int]]:
         """:meth:`merge` one occurrence at a time (positions ascending, so runs merge left to right)."""
@@ -265,6 +267,7 @@ class _PairTable:
         a, b = key >> _SHIFT, key & _LOW
         lost: dict[int, int] = {}
         gained: dict[int, list[int]] = {}  # new pair -> [count, position, position, ...]
+        lost_get = lost.get
         for p in positions:
             if sym[p] != a:
                 continue  # stale: merged since the pair appeared here
@@ -285,21 +288,21 @@ class _PairTable:
                     old, pair = (b << _SHIFT) | a, (new << _SHIFT) | new
                 else:
                     old, pair = (left << _SHIFT) | a, (left << _SHIFT) | new
-                lost[old] = lost.get(old, 0) + f
+                lost[old] = lost_get(old, 0) + f
                 _gain(gained, pair, f, x)
             if y >= 0:
                 right = sym[y]
                 z = nxt[y]
                 if right != a or z < 0 or sym[z] != b:  # else y merges next and counts (new, new) itself
                     old = (b << _SHIFT) | right
-                    lost[old] = lost.get(old, 0) + f
+                    lost[old] = lost_get(old, 0) + f
                     _gain(gained, (new << _SHIFT) | right, f, p)
-        for old, f in lost.items():
-            self._decrease(key, old, f)
+        self._decrease(key, lost.items())
+        counts, where = self.counts, self.where
         added = []
-        for pair, (count, *where) in gained.items():
-            self.counts[pair] = count
-            self.where[pair] = array.array("i", where).tobytes()
+        for pair, (count, *at) in gained.items():
+            counts[pair] = count
+            where[pair] = array.array("i", at).tobytes()
             added.append((pair, count))
         return added
 
@@ -345,8 +348,7 @@ class _PairTable:
         order = np.argsort(old)
         old, lost = old[order], weights[order]
         first = _group_starts(old)
-        for k, f in zip(old[first].tolist(), np.add.reduceat(lost, first, dtype=np.int64).tolist()):
-            self._decrease(key, k, f)
+        self._decrease(key, zip(old[first].tolist(), np.add.reduceat(lost, first, dtype=np.int64).tolist()))
 
         gained = np.concatenate(((left << _SHIFT) | new, (new << _SHIFT) | right))
         order = np.argsort(gained, kind="stable")  # stable: positions stay ascending within a pair
@@ -371,6 +373,11 @@ def _group_starts(sorted_keys: np.ndarray) -> np.ndarray:
     if not len(sorted_keys):
         return np.zeros(0, dtype=np.int64)
     return np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1])))
+
+
+def _import_numpy() -> None:
+    """Import numpy (~0.1 s) while the pre-tokenizer workers count, not after them (see ``parallel_count``)."""
+    import numpy  # noqa: F401
 
 
 def _build(
@@ -435,7 +442,7 @@ def train_bpe(
     chunks = _with_progress(
         iter_file_chunks(paths, special_tokens, chunk_chars), sum(p.stat().st_size for p in paths), progress
     )
-    counts = parallel_count(chunks, pat, special_tokens, num_workers)
+    counts = parallel_count(chunks, pat, special_tokens, num_workers, while_workers_busy=_import_numpy)
     if not counts:
         raise DataError(f"training input ({len(paths)} file(s)) has no text besides special tokens")
     tok = _build(counts, vocab_size, special_tokens, pat, progress)
@@ -456,7 +463,11 @@ def train_bpe_from_iterator(
     check_training_args(vocab_size, special_tokens)
     pat = resolve_pattern(pattern)
     counts = parallel_count(
-        _with_progress(iter_text_chunks(texts), None, progress), pat, special_tokens, num_workers
+        _with_progress(iter_text_chunks(texts), None, progress),
+        pat,
+        special_tokens,
+        num_workers,
+        while_workers_busy=_import_numpy,
     )
     if not counts:
         raise DataError("training texts are empty (or only special tokens); give the tokenizer some text")
