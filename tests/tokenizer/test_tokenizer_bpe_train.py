@@ -249,19 +249,6 @@ def test_workers_that_flush_their_counts_often_give_the_same_counts(monkeypatch,
         )
 
 
-def test_work_while_the_workers_are_busy_runs_once_here_and_changes_no_count(shared_data):
-    """train_bpe imports numpy through ``while_workers_busy``: once, in this process, after the workers were
-    forked (so none of them loads it), and the counts stay those of one process."""
-    text = _mixed_text(shared_data, 60_000)
-    chunks = [[text[i : i + 2_000]] for i in range(0, len(text), 2_000)]
-    serial = parallel_count(iter(chunks), GPT2_PATTERN, [], num_workers=1)
-    calls = []
-    counts = parallel_count(
-        iter(chunks), GPT2_PATTERN, [], num_workers=2, while_workers_busy=lambda: calls.append(os.getpid())
-    )
-    assert counts == serial and calls == [os.getpid()]
-
-
 def _die(*args):
     os._exit(3)
 

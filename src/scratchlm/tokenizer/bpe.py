@@ -375,11 +375,6 @@ def _group_starts(sorted_keys: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1])))
 
 
-def _import_numpy() -> None:
-    """Import numpy (~0.1 s) while the pre-tokenizer workers count, not after them (see ``parallel_count``)."""
-    import numpy  # noqa: F401
-
-
 def _build(
     counts: dict[str, int], vocab_size: int, special_tokens: Sequence[str], pat: str, progress: bool
 ) -> Tokenizer:
@@ -442,7 +437,7 @@ def train_bpe(
     chunks = _with_progress(
         iter_file_chunks(paths, special_tokens, chunk_chars), sum(p.stat().st_size for p in paths), progress
     )
-    counts = parallel_count(chunks, pat, special_tokens, num_workers, while_workers_busy=_import_numpy)
+    counts = parallel_count(chunks, pat, special_tokens, num_workers)
     if not counts:
         raise DataError(f"training input ({len(paths)} file(s)) has no text besides special tokens")
     tok = _build(counts, vocab_size, special_tokens, pat, progress)
@@ -463,11 +458,7 @@ def train_bpe_from_iterator(
     check_training_args(vocab_size, special_tokens)
     pat = resolve_pattern(pattern)
     counts = parallel_count(
-        _with_progress(iter_text_chunks(texts), None, progress),
-        pat,
-        special_tokens,
-        num_workers,
-        while_workers_busy=_import_numpy,
+        _with_progress(iter_text_chunks(texts), None, progress), pat, special_tokens, num_workers
     )
     if not counts:
         raise DataError("training texts are empty (or only special tokens); give the tokenizer some text")

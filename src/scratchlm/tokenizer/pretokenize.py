@@ -20,7 +20,7 @@ import os
 import queue
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import regex
@@ -450,7 +450,6 @@ def parallel_count(
     special_tokens: Sequence[str],
     num_workers: int | None = None,
     start_method: str | None = None,
-    while_workers_busy: Callable[[], object] | None = None,
 ) -> Counter[str]:
     """Count the pre-tokens of ``chunks`` (lists of documents) on ``num_workers`` cores (None = all).
 
@@ -462,9 +461,7 @@ def parallel_count(
     worker a bounded share of them, however many distinct pre-tokens a corpus has. Every process hands its
     freed pages back after each chunk (:func:`release_freed_memory`). One process fewer than cores, since
     this process would otherwise sit idle. ``start_method``: multiprocessing start method (None = the platform
-    default; "spawn" works too). ``while_workers_busy``: called once here, the first time the workers have
-    all the chunks they can take (after they were forked, so they do not inherit what it loads; train_bpe
-    imports numpy there, ~0.1 s taken off the serial part of training).
+    default; "spawn" works too).
     """
     if num_workers is not None and (type(num_workers) is not int or num_workers < 0):
         raise TokenizerError(
@@ -493,9 +490,6 @@ def parallel_count(
             try:
                 tasks.put_nowait(chunk)
             except queue.Full:  # the workers are busy: count this one here
-                if while_workers_busy is not None:
-                    while_workers_busy()
-                    while_workers_busy = None
                 counter.add(chunk)
                 release_freed_memory()
                 _check_workers(workers)
