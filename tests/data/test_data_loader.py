@@ -160,3 +160,40 @@ def test_bad_loader_arguments(data_dir, tmp_path):
 def test_cuda_batches(data_dir):
     x, y = TokenLoader(data_dir, "train", B, T, device="cuda").next_batch()
     assert x.is_cuda and y.is_cuda and torch.equal(x[:, 1:].cpu(), y[:, :-1].cpu())
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7])
+def test_one_pass_and_the_remainder_score_every_target_once(data_dir, batch):
+    """The full batches of one sequential pass, then remainder_batches: each target of each shard (every
+    token but a shard's first) exactly once, each with the tokens before it in its shard as context."""
+    loader = TokenLoader(data_dir, "val", batch, T, mode="sequential")
+    tokens = shard_tokens(data_dir, loader)
+    assert len(tokens) > 1  # several shards, each with a tail
+    scored = [np.zeros(len(t), dtype=np.int64) for t in tokens]
+    for step in range(loader.batches_per_epoch):
+        for i, off in loader.batch_starts(step):
+            scored[i][off + 1 : off + T + 1] += 1
+    windows = loader.remainder_windows()
+    assert windows and all(skip < length <= T for _, _, length, skip in windows)
+    for i, start, length, skip in windows:
+        scored[i][start + 1 + skip : start + 1 + length] += 1
+    for counts in scored:
+        assert counts[0] == 0 and (counts[1:] == 1).all()
+    # the batches hold those windows: x the context, y the next tokens, the targets scored before -100
+    rows = [(x[r], y[r]) for x, y in loader.remainder_batches() for r in range(len(x))]
+    assert len(rows) == len(windows) and all(len(x) <= batch for x, _ in loader.remainder_batches())
+    order = {}  # batches group the windows by length, keeping their order within a length
+    for w in windows:
+        order.setdefault(w[2], []).append(w)
+    for (x, y), (i, start, length, skip) in zip(rows, [w for ws in order.values() for w in ws]):
+        np.testing.assert_array_equal(x.numpy(), tokens[i][start : start + length])
+        expect = tokens[i][start + 1 : start + length + 1].copy()
+        expect[:skip] = -100
+        np.testing.assert_array_equal(y.numpy(), expect)
+
+
+def test_remainder_needs_one_sequential_rank(data_dir):
+    for kw in (dict(mode="random"), dict(mode="sequential", doc_aligned=True), dict(world_size=2)):
+        kw.setdefault("mode", "sequential")
+        with pytest.raises(DataError, match="sequential, not doc-aligned loader on one rank"):
+            TokenLoader(data_dir, "val", B, T, **kw).remainder_windows()

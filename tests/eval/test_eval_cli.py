@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from scratchlm.cli import main
 from scratchlm.config import load_run_config
@@ -72,27 +71,41 @@ def _eval_json(run_dir, capsys, *extra):
     return json.loads(captured.out), captured.err
 
 
-def test_eval_scores_the_whole_split_once_and_equals_the_final_evaluation(run_dir, capsys):
+def test_eval_scores_every_token_of_the_split_once(run_dir, capsys):
+    """The whole split: one pass of full batches, which the run's last evaluation scored too (eval.batches
+    capped at one pass), then the windows they leave out; every token but a shard's first is a target."""
+    from scratchlm.api import load
+    from scratchlm.eval import evaluate_lm
+
     loader = _val_loader(run_dir)
     whole = loader.batches_per_epoch
     assert whole >= 2  # the test means something: more than one batch
     result, err = _eval_json(run_dir, capsys)
     assert err == ""
-    assert result["batches"] == whole and result["whole_split"]
-    assert result["tokens"] == whole * loader.B * loader.T
-    # the run's last evaluation covered the whole split (eval.batches capped at one pass): the same number
+    assert result["batches"] == whole and result["whole_split"] and result["remainder_windows"] >= 1
+    assert result["tokens"] == loader.num_tokens - len(loader.shards) > whole * loader.B * loader.T
+    # = the run's last evaluation (the full batches, a mean of equal-sized batch means) combined, token
+    # weighted, with the loss over the windows the full batches leave out
     final = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in final if r["kind"] == "eval"][-1]
-    assert result["loss"] == pytest.approx(final["val_loss"], rel=1e-5, abs=1e-6)
+    rest = evaluate_lm(load(run_dir, which="latest", device="cpu").model, loader.remainder_batches())
+    full_tokens = whole * loader.B * loader.T
+    assert rest["tokens"] + full_tokens == result["tokens"]
+    combined = (final["val_loss"] * full_tokens + rest["loss"] * rest["tokens"]) / result["tokens"]
+    assert result["loss"] == pytest.approx(combined, rel=1e-5, abs=1e-6)
 
-    # documents: every document with a scored target token; documents end with end-of-text, so that is the
-    # end-of-text tokens among the targets plus the document the last target is in (when it is not one)
+    # documents: every document with a target token; documents end with end-of-text, so over the whole
+    # split that is each shard's end-of-text tokens, plus its last document when that one is not ended
+    import numpy as np
+
     from scratchlm.tokenizer import load_tokenizer
 
     eot_id = load_tokenizer(run_dir / "tokenizer.json").eot_id
-    targets = torch.cat([loader.next_batch()[1].flatten() for _ in range(whole)])
-    expected = int((targets == eot_id).sum()) + int(targets[-1] != eot_id)
-    assert result["documents"] == expected > 1
+    documents = 0
+    for s in loader.shards:
+        tokens = np.fromfile(loader.data_dir / s["file"], dtype=loader.dtype)
+        documents += int((tokens == eot_id).sum()) + int(tokens[-1] != eot_id)
+    assert result["documents"] == documents > 1
 
 
 def test_eval_batches_is_a_subset_capped_at_one_pass(run_dir, capsys):
@@ -113,7 +126,17 @@ def test_eval_says_what_it_scored(run_dir, capsys):
     assert main(["eval", str(run_dir), "--which", "latest", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     loader = _val_loader(run_dir)
-    whole = loader.batches_per_epoch
-    tokens = whole * loader.B * loader.T
-    assert f"scored {tokens:,} of the val split's {loader.num_tokens:,} tokens, " in out
-    assert f"documents (the whole split: {whole} batches of {loader.B} x {loader.T})" in out
+    whole, windows = loader.batches_per_epoch, len(loader.remainder_windows())
+    tokens, shards = loader.num_tokens - len(loader.shards), len(loader.shards)
+    first = "its first" if shards == 1 else f"the first of each of its {shards} shards"
+    assert (
+        f"scored {tokens:,} of the val split's {loader.num_tokens:,} tokens (all but {first}, which " in out
+    )
+    assert (
+        f"documents (the whole split: {whole} batches of {loader.B} x {loader.T}, then the {windows} " in out
+    )
+    assert main(["eval", str(run_dir), "--which", "latest", "--device", "cpu", "--batches", "1"]) == 0
+    out = capsys.readouterr().out
+    part = loader.B * loader.T
+    assert f"scored {part:,} of the val split's {loader.num_tokens:,} tokens, " in out
+    assert f"documents (the first 1 of {whole} batches of {loader.B} x {loader.T})" in out

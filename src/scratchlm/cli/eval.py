@@ -4,6 +4,7 @@ seq2seq run, loss, perplexity, sacreBLEU and chrF of its translations (``--src F
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import warnings
 from pathlib import Path
@@ -31,8 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--batches",
         type=int,
         default=None,
-        help="score only the first N batches (default: the whole split, once; more than the split holds is "
-        "capped at one pass)",
+        help="score only the first N batches (default: the whole split once, every token with the tokens "
+        "before it as context: one pass of full batches, then the windows they leave out; N at or above the "
+        "split's batches is the whole split)",
     )
     p.add_argument("--batch-size", type=int, help="rows per batch (default: the run's train.batch_size)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
@@ -93,7 +95,7 @@ def run_eval(args: argparse.Namespace) -> int:
         mode="sequential",
         device=lm.device,
     )
-    whole = loader.batches_per_epoch  # one pass over the split (the last < T tokens of a shard are left out)
+    whole = loader.batches_per_epoch  # full batches in one pass; the remainder windows score what they leave
     n = whole if args.batches is None else min(args.batches, whole)
     if args.batches is not None and args.batches > whole:
         warnings.warn(
@@ -101,15 +103,20 @@ def run_eval(args: argparse.Namespace) -> int:
             f"{loader.B} x {loader.T} tokens); scoring the whole split once",
             stacklevel=2,
         )
-    documents = _documents_scored(loader, n)
+    whole_split = n == whole
+    documents = _documents_scored(loader, n, whole_split)
     dtype = resolve_dtype(cfg.train.dtype, lm.device)
     batches = (loader.next_batch() for _ in range(n))
+    remainder = len(loader.remainder_windows()) if whole_split else 0
+    if whole_split:  # the windows after the last full batch and each shard's last < T targets
+        batches = itertools.chain(batches, loader.remainder_batches())
     result = evaluate_lm(lm.model, batches, token_byte_lengths(lm.tokenizer), dtype=dtype)
     result.update(
         checkpoint=str(lm.checkpoint),
         split=args.split,
         batches=n,
-        whole_split=n == whole,
+        remainder_windows=remainder,
+        whole_split=whole_split,
         documents=documents,
         split_tokens=loader.num_tokens,
     )
@@ -117,30 +124,43 @@ def run_eval(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         print(f"checkpoint: {lm.checkpoint}")
-        scope = "the whole split" if n == whole else f"the first {n} of {whole} batches"
-        print(
-            f"scored {int(result['tokens']):,} of the {args.split} split's {loader.num_tokens:,} tokens, "
-            f"{documents:,} documents ({scope}: {n} batches of {loader.B} x {loader.T})"
-        )
+        tokens, shards = int(result["tokens"]), len(loader.shards)
+        docs = f"{documents:,} document{'s' if documents != 1 else ''}"
+        if whole_split:
+            first = "its first" if shards == 1 else f"the first of each of its {shards} shards"
+            print(
+                f"scored {tokens:,} of the {args.split} split's {loader.num_tokens:,} tokens (all but {first}, "
+                f"which has no context), {docs} (the whole split: {n} batches of {loader.B} x {loader.T}, "
+                f"then the {remainder} window{'s' if remainder != 1 else ''} they leave out)"
+            )
+        else:
+            print(
+                f"scored {tokens:,} of the {args.split} split's {loader.num_tokens:,} tokens, {docs} "
+                f"(the first {n} of {whole} batches of {loader.B} x {loader.T})"
+            )
         print(f"loss: {result['loss']:.4f} nats/token   perplexity: {result['perplexity']:.2f}")
         if "bits_per_byte" in result:
             print(f"bits per byte: {result['bits_per_byte']:.4f}")
     return 0
 
 
-def _documents_scored(loader, batches: int) -> int:
-    """How many documents have at least one target token among the first ``batches`` sequential batches.
+def _documents_scored(loader, batches: int, whole_split: bool) -> int:
+    """How many documents have at least one target token among the first ``batches`` sequential batches
+    (``whole_split``: among all targets of the split).
 
     Sequential windows tile each shard from offset 0, so the targets scored in a shard are positions
-    ``1 .. end`` (``end`` = its last window's start + T), and document d (starting at ``s_d``) has one
-    of them exactly when ``s_d <= end``: a count of document starts, read from the shard's ``.idx``.
+    ``1 .. end`` (``end`` = its last window's start + T, or its last token for the whole split), and
+    document d (starting at ``s_d``) has one of them exactly when ``s_d <= end``: a count of document
+    starts, read from the shard's ``.idx``.
     """
     import numpy as np
 
     from scratchlm.data.shards import read_doc_starts
 
     end: dict[int, int] = {}
-    for step in range(batches):
+    if whole_split:
+        end = {i: int(s["tokens"]) - 1 for i, s in enumerate(loader.shards)}
+    for step in range(0 if whole_split else batches):
         for shard, offset in loader.batch_starts(step):
             end[shard] = max(end.get(shard, 0), offset + loader.T)
     return sum(

@@ -5,7 +5,8 @@ A *window* is ``T + 1`` consecutive tokens of one shard starting at a *start*; `
 
 * ``mode="random"`` (nanoGPT): any offset; each batch draws B starts uniformly.
 * ``mode="sequential"``: offsets ``0, T, 2T, ...`` of each shard, read in order, so an epoch reads every
-  token once (the last ``< T`` tokens of a shard are skipped); then the next epoch starts over.
+  token once (the last ``< T`` tokens of a shard are skipped; ``remainder_batches`` scores them and the
+  windows after the last full batch, for ``scratchlm eval``); then the next epoch starts over.
 * ``doc_aligned=True``: starts are document starts (from the ``.idx`` files), plus ``T``-strided
   continuation points inside documents longer than ``T`` so that no text is lost. A row that starts in a
   short document runs on into the next ones (packing); it never starts mid-document otherwise.
@@ -24,6 +25,7 @@ per document, doc_aligned mode) are held in RAM.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,17 +156,64 @@ class TokenLoader:
         """x, y: (B, T) int64 on ``device``, y[i, t] = x[i, t + 1] (the next token). Advances the state."""
         starts = self.batch_starts(self.step)
         self.step += 1
-        buf = np.empty((self.B, self.T + 1), dtype=np.int64)
-        maps: dict[int, np.memmap] = {}  # opened for this batch only (keeps the resident set flat)
+        w = self._read_windows(starts, self.T)
+        return self._to_device(w[:, :-1].contiguous(), w[:, 1:].contiguous())
+
+    def remainder_windows(self) -> list[tuple[int, int, int, int]]:
+        """The windows that score what one pass of full batches leaves out (sequential mode, one rank).
+
+        One pass (:attr:`batches_per_epoch` batches) scores the targets of ``B * batches_per_epoch``
+        T-strided windows. Left out are the windows after the last full batch (fewer than B) and, in each
+        shard, its last targets (fewer than T). Returned as ``(shard, start, length, skip)``: x =
+        ``tokens[start : start + length]``, y = the tokens one further, of which the first ``skip`` were
+        scored already. A shard's last targets come in a window that ends at the shard's end, so they get
+        the context a full window gives (a shard shorter than ``T + 1`` tokens is one shorter window). With
+        the full batches, every target of the split (every token but the first of each shard) is scored once.
+        """
+        if self.mode != "sequential" or self.doc_aligned or self.world_size != 1:
+            raise DataError("remainder_windows needs a sequential, not doc-aligned loader on one rank")
+        T = self.T
+        left = np.arange(self.batches_per_epoch * self.B, self.num_starts)
+        shard = np.searchsorted(self._cum, left, side="right") - 1
+        out = [(i, off, T, 0) for i, off in zip(shard.tolist(), ((left - self._cum[shard]) * T).tolist())]
+        for i, s in enumerate(self.shards):
+            n = int(s["tokens"])
+            scored = int(self._cum[i + 1] - self._cum[i]) * T  # targets 1 .. scored are in full windows
+            if n - 1 > scored:
+                start = max(0, n - 1 - T)
+                out.append((i, start, n - 1 - start, scored - start))  # targets start+1 .. n-1
+        return out
+
+    def remainder_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`remainder_windows` as (x, y) batches of at most B windows of one length, each (rows,
+        length); the targets scored already are -100 (``ignore_index`` of cross_entropy)."""
+        by_length: dict[int, list[tuple[int, int, int]]] = {}
+        for i, start, length, skip in self.remainder_windows():
+            by_length.setdefault(length, []).append((i, start, skip))
+        for length, windows in by_length.items():
+            for j in range(0, len(windows), self.B):
+                group = windows[j : j + self.B]
+                w = self._read_windows([(i, start) for i, start, _ in group], length)
+                x, y = w[:, :-1].contiguous(), w[:, 1:].clone()
+                for row, (_, _, skip) in enumerate(group):
+                    y[row, :skip] = -100
+                yield self._to_device(x, y)
+
+    def _read_windows(self, starts: list[tuple[int, int]], length: int) -> torch.Tensor:
+        """(len(starts), length + 1) int64: ``length + 1`` tokens of shard ``i`` from ``offset``, per start;
+        every id checked against the vocabulary. Shards are opened for this call only (flat resident set)."""
+        buf = np.empty((len(starts), length + 1), dtype=np.int64)
+        maps: dict[int, np.memmap] = {}
         for row, (i, off) in enumerate(starts):
             if i not in maps:
                 maps[i] = np.memmap(self.data_dir / self.shards[i]["file"], dtype=self.dtype, mode="r")
-            window = maps[i][off : off + self.T + 1]
+            window = maps[i][off : off + length + 1]
             shards.check_ids(window, self.id_limit, f"shard '{self.data_dir / self.shards[i]['file']}'")
             buf[row] = window
         del maps
-        w = torch.from_numpy(buf)
-        x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
+        return torch.from_numpy(buf)
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type == "cuda":
             return (
                 x.pin_memory().to(self.device, non_blocking=True),

@@ -62,7 +62,9 @@ def evaluate_metrics(
     ``j * world_size + rank``). Every rank runs ``ceil(batches / world_size)`` forwards (FSDP needs all
     ranks in each); a last-round batch past ``batches`` is not counted. The same values on every rank.
     ``batches`` beyond one pass over sequential shards is capped at one pass (it wrapped around and
-    scored tokens twice), so an ``eval.batches`` that covers the split gives ``scratchlm eval``'s number.
+    scored tokens twice). An ``eval.batches`` that covers the split scores the full batches of
+    ``scratchlm eval``'s pass; that command also scores the windows they leave out (fewer than B windows,
+    and each shard's last < T targets: ``TokenLoader.remainder_batches``).
     """
     loader = make_val_loader()
     per_pass = getattr(loader, "batches_per_epoch", None)  # sequential shards: never score a token twice
