@@ -76,7 +76,11 @@ def machine() -> dict:
 
 @torch.no_grad()
 def full_val_loss(run_dir: Path) -> tuple[float, int]:
-    """Mean loss of the run's latest weights over every sequential window of its validation split (fp32)."""
+    """Mean loss of the run's latest weights over every token of its validation split (fp32): one pass of
+    sequential windows, then the windows it leaves out (``TokenLoader.remainder_batches``), as
+    ``scratchlm eval`` scores it. Returns (loss, tokens scored)."""
+    import itertools
+
     from scratchlm.config import load_run_config
     from scratchlm.data.loader import TokenLoader
     from scratchlm.model import build_model
@@ -89,10 +93,11 @@ def full_val_loss(run_dir: Path) -> tuple[float, int]:
     T = cfg.model.context_length
     loader = TokenLoader(cfg.data.data_dir, split="val", batch_size=16, context_length=T, mode="sequential")
     total, n = 0.0, 0
-    for _ in range(loader.batches_per_epoch):
-        x, y = loader.next_batch()
-        total += model(x, y)[1].item() * y.numel()
-        n += y.numel()
+    one_pass = (loader.next_batch() for _ in range(loader.batches_per_epoch))
+    for x, y in itertools.chain(one_pass, loader.remainder_batches()):
+        scored = int((y != -100).sum())  # the remainder's targets scored before are -100
+        total += model(x, y)[1].item() * scored
+        n += scored
     return total / n, n
 
 
