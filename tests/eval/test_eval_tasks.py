@@ -101,7 +101,8 @@ def test_batched_scores_equal_one_forward_per_candidate(tok):
 
 
 def test_batch_layout_right_padding_and_targets(tok):
-    idx, targets = encode_choices(tok, ITEMS[0].context, ITEMS[0].endings, 64)
+    idx, targets, owner = encode_choices(tok, ITEMS[0].context, ITEMS[0].endings, 64)
+    assert owner.tolist() == [0, 1, 2, 3]  # every ending fits: one row each
     ctx = tok.encode(ITEMS[0].context)
     for k, ending in enumerate(ITEMS[0].endings):
         end = tok.encode(" " + ending)
@@ -135,11 +136,12 @@ def test_left_truncation_to_the_context_window(tok):
     model = tiny_gpt(tok.vocab_size, context_length=C, seed=2)
     item = MultipleChoiceItem(
         "The lady lifts the weight. " * 4,
-        ["he starts pulling up roofing on a roof.", "a", "roof", "The lady"],
+        ["he starts pulling up", "a", "roof", "The lady"],  # each ending fits the window (see the next test)
         0,
     )
-    idx, targets = encode_choices(tok, item.context, item.endings, C)
-    assert idx.shape[1] <= C
+    assert max(len(tok.encode(" " + e)) for e in item.endings) <= C
+    idx, targets, owner = encode_choices(tok, item.context, item.endings, C)
+    assert idx.shape[1] <= C and owner.tolist() == [0, 1, 2, 3]
     got = score_item(model, tok, item, token_byte_lengths(tok))
     ref = brute_force_scores(model, tok, item, C)
     torch.testing.assert_close(got["acc"], torch.tensor(ref["acc"]), rtol=1e-4, atol=1e-4)
@@ -166,6 +168,35 @@ class BigramOracle(nn.Module):
 
     def forward(self, idx, targets=None):
         return self.log_table[idx], None
+
+
+def test_an_ending_longer_than_the_window_is_scored_on_every_token(tok):
+    """An ending of more than C tokens goes in several rows: with a bigram model, whose scores do not depend
+    on how much context it sees, they add up to the score of the whole ending; each target has at least
+    C // 2 tokens before it, and a model with learned positions (which refuses more than C) runs on them."""
+    C = 8
+    ending = "he starts pulling up roofing on a roof. The lady lifts the weight."
+    item = MultipleChoiceItem("The lady", [ending, "a", ending[:20], "The lady lifts"], 0)
+    ctx, end = tok.encode(item.context), tok.encode(" " + ending)
+    assert len(end) > 3 * C
+    idx, targets, owner = encode_choices(tok, item.context, item.endings, C)
+    assert idx.shape[1] <= C and (owner == 0).sum() >= 6 and (owner == 1).sum() == 1
+    # the rows of ending 0 score each of its tokens once, in order, each after >= C // 2 real tokens
+    scored = [
+        t for r in (owner == 0).nonzero().flatten().tolist() for t in targets[r][targets[r] != -100].tolist()
+    ]
+    assert scored == end
+    for r in (owner == 0).nonzero().flatten().tolist():
+        first = int((targets[r] != -100).nonzero()[0])
+        assert first + 1 >= C // 2 or idx[r, 0] == ctx[0]  # inputs before the first target (or all of seq)
+    oracle = BigramOracle(tok, TEXTS + [item.context + " " + e for e in item.endings], context_length=C)
+    got = score_item(oracle, tok, item, token_byte_lengths(tok))
+    for k, e in enumerate(item.endings):
+        seq = ctx + tok.encode(" " + e)
+        want = sum(float(oracle.log_table[a, b]) for a, b in zip(seq[len(ctx) - 1 :], seq[len(ctx) :]))
+        assert float(got["acc"][k]) == pytest.approx(want, rel=1e-5)
+        assert float(got["acc"][k] / got["acc_norm"][k]) == pytest.approx(len((" " + e).encode()))
+    score_item(tiny_gpt(tok.vocab_size, context_length=C), tok, item, token_byte_lengths(tok))
 
 
 def test_oracle_model_gets_every_item_right():

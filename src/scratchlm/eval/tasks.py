@@ -20,8 +20,11 @@ tokens, the leading space included.
 
 Batching: the K candidates of an item are right-padded into one (K, T) batch; padding inputs are token 0
 and padding targets -100, and since attention is causal a real position never sees the padding after it.
-Truncation: a sequence longer than ``context_length + 1`` tokens loses tokens from the left (the oldest
-context); an ending longer than the whole window keeps only its last ``context_length`` tokens scored.
+Long inputs: a sequence longer than ``context_length + 1`` tokens loses tokens from the left (the oldest
+context). An ending longer than the window itself is scored in several rows of one window each, every
+token of it with at least ``context_length // 2`` tokens before it (the rows' sums are added), so every
+ending is scored on all its tokens: keeping only its last tokens would compare sums over different
+numbers of tokens across the candidates.
 """
 
 from __future__ import annotations
@@ -112,28 +115,52 @@ def _parse_hellaswag(line: str, where: str) -> MultipleChoiceItem:
 
 def encode_choices(
     tokenizer, context: str, endings: Sequence[str], context_length: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token batch of the K candidate continuations of ``context``.
 
-    Returns ``idx`` (K, T) long and ``targets`` (K, T) long with T <= context_length: row k holds
-    ``context + " " + endings[k]`` as inputs shifted by one; targets are the ending's tokens at the
-    positions that predict them and -100 elsewhere (context and right padding). Left-truncated to fit.
+    Returns ``idx`` (R, T) long, ``targets`` (R, T) long with T <= context_length, and ``owner`` (R,) long,
+    the candidate of each row. Row r holds inputs of ``context + " " + endings[owner[r]]`` and, as
+    targets, the ending's tokens at the positions that predict them, -100 elsewhere (context and right
+    padding). An ending that fits the window is one row (R = K when all fit), its context cut from the
+    left to fit; a longer one is several rows (:func:`_ending_rows`).
     """
     ctx_ids = tokenizer.encode(context) or [tokenizer.eot_id]  # an empty context starts after end-of-text
-    rows, targets = [], []
-    for ending in endings:
-        end_ids = tokenizer.encode(" " + ending)
-        seq = (ctx_ids + end_ids)[-(context_length + 1) :]
-        n_end = min(len(end_ids), len(seq) - 1)  # ending tokens that still have something before them
-        rows.append(seq[:-1])
-        targets.append([-100] * (len(seq) - 1 - n_end) + seq[-n_end:])
+    rows, targets, owner = [], [], []
+    for k, ending in enumerate(endings):
+        for x, y in _ending_rows(ctx_ids + tokenizer.encode(" " + ending), len(ctx_ids), context_length):
+            rows.append(x)
+            targets.append(y)
+            owner.append(k)
     T = max(len(r) for r in rows)
     idx = torch.zeros(len(rows), T, dtype=torch.long)
     tgt = torch.full((len(rows), T), -100, dtype=torch.long)
     for k, (r, t) in enumerate(zip(rows, targets)):
         idx[k, : len(r)] = torch.tensor(r, dtype=torch.long)
         tgt[k, : len(t)] = torch.tensor(t, dtype=torch.long)
-    return idx, tgt
+    return idx, tgt, torch.tensor(owner, dtype=torch.long)
+
+
+def _ending_rows(seq: list[int], first: int, T: int) -> list[tuple[list[int], list[int]]]:
+    """(inputs, targets) rows of at most T tokens that score ``seq[first:]`` (the ending) given all before it.
+
+    If the ending has at most T tokens: one row, the last ``T + 1`` tokens of ``seq`` (the oldest context
+    dropped). Otherwise rows from the end backwards, each scoring the ``T // 2`` targets before where the
+    last one stopped, with the T tokens before its last target as inputs: every ending token is a target
+    once, with at least ``T // 2`` tokens (or all of ``seq``) before it.
+    """
+    if len(seq) - first <= T:
+        window = seq[-(T + 1) :]
+        n = len(seq) - first
+        return [(window[:-1], [-100] * (len(window) - 1 - n) + window[-n:])]
+    stride = max(T // 2, 1)
+    rows = []
+    end = len(seq)  # targets seq[lo:end] in this row
+    while end > first:
+        lo = max(first, end - stride)
+        start = max(0, end - 1 - T)  # inputs seq[start:end - 1], targets seq[start + 1:end]
+        rows.append((seq[start : end - 1], [-100] * (lo - start - 1) + seq[lo:end]))
+        end = lo
+    return rows[::-1]
 
 
 @torch.no_grad()
@@ -144,8 +171,8 @@ def score_choices(
     token_bytes: torch.Tensor,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
-    """Log-likelihood of each row's targets: idx, targets (K, T) -> ``sum`` (K,) nats, ``tokens`` (K,),
-    ``bytes`` (K,) (UTF-8 bytes of the scored tokens, from ``token_bytes`` (V,))."""
+    """Log-likelihood of each row's targets: idx, targets (R, T) -> ``sum`` (R,) nats, ``tokens`` (R,),
+    ``bytes`` (R,) (UTF-8 bytes of the scored tokens, from ``token_bytes`` (V,))."""
     device = next(model.parameters()).device
     idx, targets = idx.to(device), targets.to(device)
     with autocast(device, dtype):
@@ -170,8 +197,10 @@ def score_item(
 ) -> dict[str, torch.Tensor]:
     """The three scores (K,) of an item's endings, keyed by the accuracy they feed: ``acc`` (sum of
     log-probabilities), ``acc_norm`` (per byte), ``acc_token`` (per token). The prediction is the argmax."""
-    idx, targets = encode_choices(tokenizer, item.context, item.endings, model.config.context_length)
-    s = score_choices(model, idx, targets, token_bytes, dtype)
+    idx, targets, owner = encode_choices(tokenizer, item.context, item.endings, model.config.context_length)
+    rows = score_choices(model, idx, targets, token_bytes, dtype)
+    K = len(item.endings)  # a long ending's rows add up
+    s = {name: torch.zeros(K, dtype=v.dtype).index_add_(0, owner, v) for name, v in rows.items()}
     return {
         "acc": s["sum"],
         "acc_norm": s["sum"] / s["bytes"].clamp(min=1),
