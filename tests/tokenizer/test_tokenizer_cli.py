@@ -76,7 +76,7 @@ def test_train_char(tmp_path, corpus):
     [
         (["--input", "MISSING", "--vocab-size", "300"], "does not exist"),
         (["--input", "EMPTY", "--vocab-size", "300"], "empty"),
-        (["--input", "DATA", "--vocab-size", "100"], "too small"),
+        (["--input", "DATA", "--vocab-size", "100"], "= 257 at least; raise --vocab-size"),  # the flag
         (["--input", "DATA", "--vocab-size", "300", "--special", "<|a|>", "<|a|>"], "twice"),
         (["--input", "DATA", "--vocab-size", "300", "--pattern", "(unclosed"], "valid regex"),
     ],

@@ -98,9 +98,11 @@ def _read_text(path: str) -> str:
 def run_train(args: argparse.Namespace) -> int:
     from scratchlm.corpus import FileSource
     from scratchlm.tokenizer import CharTokenizer
-    from scratchlm.tokenizer.bpe import _collect_files, train_bpe_on_source
+    from scratchlm.tokenizer.bpe import _collect_files, check_training_args, train_bpe_on_source
 
     specials = DEFAULT_SPECIALS if args.special is None else args.special
+    if args.kind != "char":
+        check_training_args(args.vocab_size, specials, option="--vocab-size")  # before reading any input
     if args.workers is not None and args.workers < 1:
         raise DataError(f"--workers must be 1 or more (got {args.workers}); leave it out to use all cores")
     source = _input_source(args.input, args.text_field)

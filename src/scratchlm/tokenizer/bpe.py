@@ -75,14 +75,17 @@ def _with_progress(chunks: Iterable[list[str]], total: int | None, enabled: bool
             bar.update(sum(len(t) for t in chunk))
 
 
-def check_training_args(vocab_size: int, special_tokens: Sequence[str]) -> None:
-    """Raise TokenizerError for a duplicate/empty special token or a vocab_size below 256 + specials."""
+def check_training_args(
+    vocab_size: int, special_tokens: Sequence[str], option: str = "tokenizer.vocab_size"
+) -> None:
+    """Raise TokenizerError for a duplicate/empty special token or a vocab_size below 256 + specials;
+    ``option`` is the setting the message tells the user to raise (the config key, or a CLI flag)."""
     check_special_tokens(special_tokens)
     minimum = 256 + len(special_tokens)
     if vocab_size < minimum:
         raise TokenizerError(
             f"vocab_size={vocab_size} is too small: it needs 256 byte tokens + {len(special_tokens)} special "
-            f"token(s) = {minimum} at least; raise tokenizer.vocab_size"
+            f"token(s) = {minimum} at least; raise {option}"
         )
 
 
