@@ -83,6 +83,7 @@ def full_val_loss(run_dir: Path) -> tuple[float, int]:
 
     from scratchlm.config import load_run_config
     from scratchlm.data.loader import TokenLoader
+    from scratchlm.eval import evaluate_lm
     from scratchlm.model import build_model
     from scratchlm.train.checkpoint import find_checkpoint, load_model_state
 
@@ -92,13 +93,9 @@ def full_val_loss(run_dir: Path) -> tuple[float, int]:
     model.eval()
     T = cfg.model.context_length
     loader = TokenLoader(cfg.data.data_dir, split="val", batch_size=16, context_length=T, mode="sequential")
-    total, n = 0.0, 0
     one_pass = (loader.next_batch() for _ in range(loader.batches_per_epoch))
-    for x, y in itertools.chain(one_pass, loader.remainder_batches()):
-        scored = int((y != -100).sum())  # the remainder's targets scored before are -100
-        total += model(x, y)[1].item() * scored
-        n += scored
-    return total / n, n
+    result = evaluate_lm(model, itertools.chain(one_pass, loader.remainder_batches()))
+    return result["loss"], int(result["tokens"])
 
 
 def run(name: str, overrides: list[str], config: Path, workdir: Path) -> dict:

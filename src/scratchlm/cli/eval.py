@@ -107,8 +107,9 @@ def run_eval(args: argparse.Namespace) -> int:
     documents = _documents_scored(loader, n, whole_split)
     dtype = resolve_dtype(cfg.train.dtype, lm.device)
     batches = (loader.next_batch() for _ in range(n))
-    remainder = len(loader.remainder_windows()) if whole_split else 0
+    remainder = 0
     if whole_split:  # the windows after the last full batch and each shard's last < T targets
+        remainder = len(loader.remainder_windows())
         batches = itertools.chain(batches, loader.remainder_batches())
     result = evaluate_lm(lm.model, batches, token_byte_lengths(lm.tokenizer), dtype=dtype)
     result.update(
@@ -160,9 +161,10 @@ def _documents_scored(loader, batches: int, whole_split: bool) -> int:
     end: dict[int, int] = {}
     if whole_split:
         end = {i: int(s["tokens"]) - 1 for i, s in enumerate(loader.shards)}
-    for step in range(0 if whole_split else batches):
-        for shard, offset in loader.batch_starts(step):
-            end[shard] = max(end.get(shard, 0), offset + loader.T)
+    else:
+        for step in range(batches):
+            for shard, offset in loader.batch_starts(step):
+                end[shard] = max(end.get(shard, 0), offset + loader.T)
     return sum(
         int(np.searchsorted(read_doc_starts(loader.data_dir, loader.shards[i]), e, side="right"))
         for i, e in end.items()
